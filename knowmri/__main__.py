@@ -1,0 +1,7 @@
+"""`python -m knowmri` runs the command line."""
+
+import sys
+
+from knowmri.cli import main
+
+sys.exit(main())

@@ -1,0 +1,240 @@
+"""The `knowmri` command line (SPEC §7): models, datasets, methods, match, diagnose, localize, enhance, serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> str:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def _params(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """`method.name=value` pairs -> {method: {name: value}} (values parsed as JSON when they can be)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        method, dot, name = key.partition(".")
+        if not sep or not dot or not method or not name:
+            raise ValueError(f"--param {item!r}: expected METHOD.NAME=VALUE, e.g. causal_tracing.samples=3")
+        try:
+            parsed: Any = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out.setdefault(method, {})[name] = parsed
+    return out
+
+
+def _sample_from_args(args: argparse.Namespace) -> Any:
+    import knowmri as km
+
+    given = [args.dataset is not None, args.prompt is not None, args.text is not None]
+    if sum(given) != 1:
+        raise ValueError("give exactly one input: --dataset NAME [--index I], --prompt TEXT, or --text 'free text'")
+    if args.dataset:
+        ds = km.load_dataset(args.dataset, path=getattr(args, "path", None))
+        if not len(ds):
+            raise ValueError(f"the dataset {args.dataset!r} is empty")
+        if not -len(ds) <= args.index < len(ds):
+            raise ValueError(f"--index {args.index} is out of range: {args.dataset} has {len(ds)} records")
+        return ds[args.index]
+    if args.text:
+        return km.from_text(args.text)
+    fields: dict[str, Any] = {"prompt": args.prompt}
+    if args.subject:
+        fields["triple_subject"] = args.subject
+    if args.target:
+        fields["ground_truth"] = args.target
+    return km.Sample(fields)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    import knowmri as km
+    from knowmri.models.arch import arch_specs
+
+    presets = km.presets()
+    if args.json:
+        _print_json({"presets": presets, "families": sorted(arch_specs())})
+        return 0
+    print(_table([[p["name"], "yes" if p["installed"] else "no", p["title"]] for p in presets], ["preset", "installed", "model"]))
+    print("\nsupported families: " + ", ".join(sorted(arch_specs())))
+    print("also: a Hugging Face hub id, a local model folder, or a .gguf file")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    import knowmri as km
+
+    methods = km.methods()
+    if args.json:
+        _print_json(methods)
+        return 0
+    print(_table([[m["name"], " / ".join(m["path"]), ",".join(m["requires_keys"]), ",".join(m["requires_capabilities"])]
+                  for m in methods], ["method", "path", "keys", "capabilities"]))
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    import knowmri as km
+
+    items = km.datasets()
+    if args.json:
+        _print_json(items)
+        return 0
+    print(_table([[d["name"], d.get("size", ""), ",".join(d.get("keys") or d.get("support_keys") or [])] for d in items],
+                 ["dataset", "built-in records", "keys"]))
+    return 0
+
+
+def cmd_match(args: argparse.Namespace) -> int:
+    import knowmri as km
+
+    if args.dataset and not args.index_given:
+        target: Any = km.load_dataset(args.dataset)
+    else:
+        target = _sample_from_args(args)
+    model = km.load_model(args.model) if args.model else None
+    results = [m.to_dict() for m in km.match(target, model, estimate=model is not None)]
+    if args.json:
+        _print_json(results)
+        return 0
+    print(_table([[m["name"], "yes" if m["eligible"] else "no", " / ".join(m["path"]), "; ".join(m["reasons"])] for m in results],
+                 ["method", "eligible", "path", "why not"]))
+    return 0
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    import knowmri as km
+
+    from knowmri.methods.base import get_method
+
+    sample = _sample_from_args(args)
+    params = _params(args.param or [])
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    for name in [*(methods or []), *params]:
+        get_method(name)  # fail on an unknown method before loading the model
+    model = km.load_model(args.model, device=args.device, dtype=args.dtype)
+    report = km.diagnose(sample, model, methods=methods, params=params, progress=not args.json and sys.stderr.isatty() or args.progress)
+    if args.out:
+        report.save(args.out)
+    if args.json:
+        print(report.to_json())
+    else:
+        print(report.summary())
+        if args.out:
+            print(f"\nreport written to {os.path.join(args.out, 'index.html')}")
+    failed = [n for n, r in report.results.items() if r.status == "error"]
+    return 1 if failed and len(failed) == len(report.results) else 0
+
+
+def cmd_localize(args: argparse.Namespace) -> int:
+    from knowmri.localize.cli import run_localize
+
+    return run_localize(args)
+
+
+def cmd_enhance(args: argparse.Namespace) -> int:
+    from knowmri.localize.cli import run_enhance
+
+    return run_enhance(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from knowmri.server.app import serve
+
+    return serve(host=args.host, port=args.port, token=args.token) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="knowmri", description="Reveal and interpret the knowledge mechanisms of LLMs.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_input(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--dataset", help="a built-in dataset name or a data file")
+        sp.add_argument("--path", help="the full public data file for a built-in dataset")
+        sp.add_argument("--index", type=int, default=0, help="record index in the dataset")
+        sp.add_argument("--prompt", help="the prompt text")
+        sp.add_argument("--subject", help="the subject, as it appears in the prompt")
+        sp.add_argument("--target", help="the expected answer (ground truth), e.g. ' Paris'")
+        sp.add_argument("--text", help="free text, e.g. 'The Eiffel Tower is located in Paris'")
+
+    for name, fn, help_ in (("models", cmd_models, "list presets and supported families"),
+                            ("methods", cmd_methods, "list methods"), ("datasets", cmd_datasets, "list built-in datasets")):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--json", action="store_true")
+        sp.set_defaults(func=fn)
+
+    sp = sub.add_parser("match", help="which methods apply to an input (and why others do not)")
+    with_input(sp)
+    sp.add_argument("--model", help="also check the model's capabilities")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_match)
+
+    sp = sub.add_parser("diagnose", help="run methods on one input and write a report")
+    with_input(sp)
+    sp.add_argument("--model", default="smollm2-135m", help="preset, hub id, folder or .gguf (default smollm2-135m)")
+    sp.add_argument("--methods", help="comma-separated method names (default: every eligible one)")
+    sp.add_argument("--param", action="append", metavar="METHOD.NAME=VALUE", help="override a hyper-parameter")
+    sp.add_argument("--out", help="directory for report.json and index.html")
+    sp.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    sp.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    sp.add_argument("--json", action="store_true", help="print report.json to stdout")
+    sp.add_argument("--progress", action="store_true", help="show progress even when not on a terminal")
+    sp.set_defaults(func=cmd_diagnose)
+
+    for name, fn in (("localize", cmd_localize), ("enhance", cmd_enhance)):
+        sp = sub.add_parser(name, help=f"{name} capability neurons over a dataset")
+        sp.add_argument("--model", default="smollm2-135m")
+        sp.add_argument("--dataset", required=True)
+        sp.add_argument("--path", help="the full public data file")
+        sp.add_argument("--samples", type=int, default=None)
+        sp.add_argument("--top-k", type=int, default=None)
+        sp.add_argument("--epochs", type=int, default=None)
+        sp.add_argument("--out")
+        sp.add_argument("--device", choices=["cpu", "cuda"], default=None)
+        sp.add_argument("--json", action="store_true")
+        sp.set_defaults(func=fn)
+
+    sp = sub.add_parser("serve", help="start the web UI")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--token", default=os.environ.get("KNOWMRI_TOKEN"), help="required when binding a non-loopback address")
+    sp.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if hasattr(args, "index"):
+        raw = list(argv) if argv is not None else sys.argv[1:]
+        args.index_given = "--index" in raw
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("knowmri: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one clear line, never a bare traceback (unless --debug)
+        if args.debug:
+            traceback.print_exc()
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        kind = "" if isinstance(err, (ValueError, FileNotFoundError, KeyError)) else f"{type(err).__name__}: "
+        print(f"knowmri: error: {kind}{message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""`diagnose`: run the eligible methods on one sample and gather their results in a Report."""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from knowmri.matching import match
+from knowmri.methods.base import MethodResult, RunContext, get_method
+from knowmri.report.report import Report
+from knowmri.sample import as_sample
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, float, str], None]
+
+
+def diagnose(sample: Any, model: Any, methods: list[str] | str | None = None, params: dict[str, dict] | None = None,
+             progress: bool | Progress = True, seed: int = 0, consensus: bool = True) -> Report:
+    """Run methods on one sample (all eligible ones when `methods` is None) and return a Report.
+
+    `params` maps a method name to overrides of its hyper-parameters. A method that fails yields a
+    result with status "error" and its message; the others still run. `progress` is True (a bar
+    on stderr), False, or a callback `(method, fraction, message)`.
+    """
+    from knowmri.models.loading import load_model
+
+    if isinstance(model, str):
+        model = load_model(model)
+    sample = as_sample(sample)
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    params = dict(params or {})
+    matches = {m.name: m for m in match(sample, model)}
+    if methods is not None:
+        for name in methods:
+            get_method(name)  # unknown names fail before any work
+        unknown = set(params) - set(matches)
+        if unknown:
+            raise ValueError(f"parameters given for unknown method(s): {', '.join(sorted(unknown))}")
+    selected = methods if methods is not None else [n for n, m in matches.items() if m.eligible]
+    report = Report(model=model.info(), sample=sample.to_dict())
+    cache: dict = {}
+    bar = _progress_bar(len(selected)) if progress is True else None
+    callback = progress if callable(progress) else None
+    for i, name in enumerate(selected):
+        method = get_method(name)
+        m = matches[name]
+        if not m.eligible:
+            result = MethodResult(method=name, path=list(method.path), status="skipped",
+                                  error="; ".join(m.reasons), summary="Not applicable: " + "; ".join(m.reasons) + ".")
+            report.results[name] = result
+            continue
+
+        def step(fraction: float, message: str, _name: str = name, _i: int = i) -> None:
+            if callback is not None:
+                callback(_name, fraction, message)
+            if bar is not None:
+                bar.set_postfix_str(f"{_name} {fraction:.0%}", refresh=False)
+                bar.n = _i + fraction
+                bar.refresh()
+
+        report.results[name] = run_method(method, model, sample, params.get(name), RunContext(step, cache, seed), seed)
+        step(1.0, "done")
+    if bar is not None:
+        bar.close()
+    if consensus:
+        report.build_consensus(model=model, sample=sample)
+    return report
+
+
+def run_method(method: Any, model: Any, sample: Any, overrides: dict | None, ctx: RunContext, seed: int = 0) -> MethodResult:
+    """Run one method, turning any failure into a result with status "error" (never raising)."""
+    start = time.perf_counter()
+    try:
+        params = method.Params.from_dict(overrides)
+    except ValueError as err:
+        return MethodResult(method=method.name, path=list(method.path), status="error", error=str(err),
+                            summary=f"Failed: {err}")
+    try:
+        torch.manual_seed(seed)
+        result = method.run(model, sample, params, ctx)
+        result.params = params.to_dict()
+    except Exception as err:  # one failing method never sinks a report
+        log.debug("method %s failed:\n%s", method.name, traceback.format_exc())
+        message = str(err) or type(err).__name__
+        result = MethodResult(method=method.name, path=list(method.path), status="error",
+                              error=f"{type(err).__name__}: {message}" if not isinstance(err, ValueError) else message,
+                              params=params.to_dict(), summary=f"Failed: {message}")
+    result.seconds = round(time.perf_counter() - start, 4)
+    return result
+
+
+def _progress_bar(total: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="knowmri", unit="method", leave=False)

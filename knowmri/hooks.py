@@ -1,0 +1,260 @@
+"""The hooks engine: read, replace, add to, scale or ablate any canonical site, batched.
+
+Canonical sites, shared by every method (layer `l` is 0-based):
+
+    embed                      token embeddings (the output of the embedding module)  [B, T, d_model]
+    blocks.{l}.resid_pre       the residual stream entering block l                   [B, T, d_model]
+    blocks.{l}.resid_post      the residual stream leaving block l                    [B, T, d_model]
+    blocks.{l}.attn.out        the attention's contribution (before the residual add) [B, T, d_model]
+    blocks.{l}.attn.heads      per-head outputs, the input of the output projection   [B, T, H, d_head]
+    blocks.{l}.mlp.out         the MLP's contribution (before the residual add)       [B, T, d_model]
+    blocks.{l}.mlp.neurons     the MLP's hidden units, the input of the down proj.    [B, T, d_mlp]
+    final_norm                 the output of the final norm                           [B, T, d_model]
+
+For seq2seq models, blocks are the decoder's. Hooks exist only inside `Hooks` (a context
+manager) and are removed on exit, whatever happens.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+Index = int | Sequence[int] | slice | torch.Tensor | None
+Edit = Callable[[torch.Tensor], torch.Tensor | None]
+
+_SITE = re.compile(r"^blocks\.(\d+)\.(resid_pre|resid_post|attn\.out|attn\.heads|mlp\.out|mlp\.neurons)$")
+SITE_KINDS = ("resid_pre", "resid_post", "attn.out", "attn.heads", "mlp.out", "mlp.neurons")
+
+
+def site(layer: int, kind: str) -> str:
+    """The canonical site name for a layer and kind, e.g. site(3, "mlp.neurons")."""
+    if kind not in SITE_KINDS:
+        raise ValueError(f"unknown site kind {kind!r}; expected one of {', '.join(SITE_KINDS)}")
+    return f"blocks.{layer}.{kind}"
+
+
+@dataclass
+class _Target:
+    module: nn.Module
+    before: bool  # hook the module's input (True) or its output (False)
+    shape: str  # "plain", "heads" or "flat"
+    layer: int | None
+
+
+class Capture:
+    """What a `read` saw in the last forward pass (`value`), detached unless asked for gradients."""
+
+    def __init__(self, site_name: str) -> None:
+        self.site = site_name
+        self.value: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        shape = None if self.value is None else tuple(self.value.shape)
+        return f"Capture({self.site!r}, shape={shape})"
+
+
+def _as_index(idx: Index, device: torch.device) -> torch.Tensor | slice:
+    if idx is None:
+        return slice(None)
+    if isinstance(idx, slice):
+        return idx
+    if isinstance(idx, int):
+        return torch.tensor([idx], device=device)
+    if isinstance(idx, torch.Tensor):
+        return idx.to(device=device, dtype=torch.long)
+    return torch.tensor(list(idx), dtype=torch.long, device=device)
+
+
+def select(x: torch.Tensor, rows: Index = None, positions: Index = None, units: Index = None, *, paired: bool = False) -> tuple:
+    """An index tuple into a canonical [B, T, ...] tensor.
+
+    `units` indexes the last axis (neurons, model dims) or, for per-head sites, the head axis.
+    With `paired=True`, `rows` and `positions` are equal-length lists of (row, position) pairs.
+    """
+    r, p, u = (_as_index(i, x.device) for i in (rows, positions, units))
+    unit_axis = 2 if x.dim() == 4 else x.dim() - 1
+    if paired:
+        if not isinstance(r, torch.Tensor) or not isinstance(p, torch.Tensor) or r.shape != p.shape:
+            raise ValueError("paired indexing needs rows and positions of the same length")
+        if isinstance(u, slice):
+            return (r, p)
+        return (r[:, None], p[:, None], u[None, :]) if unit_axis == 2 else (r[:, None], p[:, None], slice(None), u[None, :])
+    parts: list[Any] = [r, p]
+    if not isinstance(u, slice):
+        while len(parts) < unit_axis:
+            parts.append(slice(None))
+        parts.append(u)
+    tensor_axes = [i for i, part in enumerate(parts) if isinstance(part, torch.Tensor)]
+    for k, axis in enumerate(tensor_axes):  # broadcast index tensors into an outer product
+        shape = [1] * len(tensor_axes)
+        shape[k] = -1
+        parts[axis] = parts[axis].view(shape)
+    return tuple(parts)
+
+
+class Hooks:
+    """A context manager that hooks one model's canonical sites for the forward passes inside it.
+
+        with Hooks(model) as h:
+            cap = h.read("blocks.3.mlp.neurons")
+            h.replace("blocks.5.resid_post", clean, positions=[2, 3])
+            logits = model.forward(**enc.inputs())
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self._ops: dict[str, list[Edit]] = {}
+        self._handles: list[Any] = []
+        self._bt: dict[int, tuple[int, int]] = {}
+        self._active = False
+
+    def __enter__(self) -> Hooks:
+        self._active = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook this context registered (also done on exit)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._ops.clear()
+        self._active = False
+
+    # ------------------------------------------------------------------ resolving
+    def target(self, name: str) -> _Target:
+        m = self.model
+        if name == "embed":
+            return _Target(m.embed_module, False, "plain", None)
+        if name == "final_norm":
+            if m.final_norm is None:
+                raise ValueError(f"{m.architecture} has no final norm")
+            return _Target(m.final_norm, False, "plain", None)
+        match = _SITE.match(name)
+        if not match:
+            raise ValueError(f"unknown site {name!r}; sites are embed, final_norm and blocks.<layer>.<{'|'.join(SITE_KINDS)}>")
+        layer, kind = int(match.group(1)), match.group(2)
+        if not 0 <= layer < m.n_layers:
+            raise ValueError(f"site {name!r}: layer {layer} is out of range (the model has {m.n_layers} layers)")
+        if kind == "resid_pre":
+            return _Target(m.layers[layer], True, "plain", layer)
+        if kind == "resid_post":
+            return _Target(m.layers[layer], False, "plain", layer)
+        if kind == "attn.out":
+            return _Target(m.component(layer, "attn_out"), False, "plain", layer)
+        if kind == "attn.heads":
+            return _Target(m.component(layer, "attn_o"), True, "heads", layer)
+        if kind == "mlp.out":
+            return _Target(m.component(layer, "mlp_out"), False, "flat" if m.spec.flat_mlp else "plain", layer)
+        return _Target(m.component(layer, "mlp_down"), True, "flat" if m.spec.flat_mlp else "plain", layer)
+
+    def _ensure(self, name: str) -> list[Edit]:
+        if not self._active:
+            raise RuntimeError("hooks can only be added inside `with Hooks(model) as h:`")
+        if name in self._ops:
+            return self._ops[name]
+        tgt = self.target(name)
+        ops: list[Edit] = []
+        self._ops[name] = ops
+        if tgt.shape == "flat":
+            layer_module = self.model.layers[tgt.layer]
+
+            def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                hidden = args[0] if args else kwargs.get("hidden_states")
+                self._bt[tgt.layer] = (hidden.shape[0], hidden.shape[1])
+
+            self._handles.append(layer_module.register_forward_pre_hook(record, with_kwargs=True))
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            shape = x.shape
+            if tgt.shape == "heads":
+                x = x.view(*shape[:-1], self.model.n_heads, shape[-1] // self.model.n_heads)
+            elif tgt.shape == "flat" and x.dim() == 2:
+                b, t = self._bt[tgt.layer]
+                x = x.view(b, t, shape[-1])
+            for op in ops:
+                out = op(x)
+                if out is not None:
+                    x = out
+            return x.reshape(shape)
+
+        if tgt.before:
+            def pre(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+                if args:
+                    return (run(args[0]), *args[1:]), kwargs
+                key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+                return args, {**kwargs, key: run(kwargs[key])}
+
+            self._handles.append(tgt.module.register_forward_pre_hook(pre, with_kwargs=True))
+        else:
+            def post(module: nn.Module, args: tuple, output: Any) -> Any:
+                if isinstance(output, torch.Tensor):
+                    return run(output)
+                if isinstance(output, tuple):
+                    return (run(output[0]), *output[1:])
+                first = output[0]
+                output[0] = run(first)  # ModelOutput-like
+                return output
+
+            self._handles.append(tgt.module.register_forward_hook(post))
+        return ops
+
+    # ------------------------------------------------------------------ operations
+    def edit(self, name: str, fn: Edit) -> None:
+        """Run `fn` on the site's canonical tensor; its return value (if any) replaces the tensor."""
+        self._ensure(name).append(fn)
+
+    def read(self, name: str, *, grad: bool = False, positions: Index = None, rows: Index = None) -> Capture:
+        """Record the site's value at each forward pass (kept in the graph when `grad`)."""
+        cap = Capture(name)
+
+        def fn(x: torch.Tensor) -> None:
+            value = x[select(x, rows, positions)] if (positions is not None or rows is not None) else x
+            cap.value = value if grad else value.detach()
+
+        self.edit(name, fn)
+        return cap
+
+    def replace(self, name: str, value: torch.Tensor | float, *, rows: Index = None, positions: Index = None,
+                units: Index = None, paired: bool = False) -> None:
+        """Set the selected entries to `value` (broadcast against the selection)."""
+        self.edit(name, _setter(value, rows, positions, units, paired, "set"))
+
+    def add(self, name: str, delta: torch.Tensor | float, *, rows: Index = None, positions: Index = None,
+            units: Index = None, paired: bool = False) -> None:
+        """Add `delta` to the selected entries (e.g. noise, a steering vector)."""
+        self.edit(name, _setter(delta, rows, positions, units, paired, "add"))
+
+    def scale(self, name: str, factor: torch.Tensor | float, *, rows: Index = None, positions: Index = None,
+              units: Index = None, paired: bool = False) -> None:
+        """Multiply the selected entries by `factor` (amplify > 1, suppress < 1)."""
+        self.edit(name, _setter(factor, rows, positions, units, paired, "mul"))
+
+    def ablate(self, name: str, *, rows: Index = None, positions: Index = None, units: Index = None,
+               value: torch.Tensor | float = 0.0) -> None:
+        """Zero the selected entries (or set them to `value`, e.g. a mean activation)."""
+        self.replace(name, value, rows=rows, positions=positions, units=units)
+
+
+def _setter(value: Any, rows: Index, positions: Index, units: Index, paired: bool, how: str) -> Edit:
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        idx = select(x, rows, positions, units, paired=paired)
+        v = value.to(device=x.device, dtype=x.dtype) if isinstance(value, torch.Tensor) else value
+        x = x.clone()
+        if how == "set":
+            x[idx] = v
+        elif how == "add":
+            x[idx] = x[idx] + v
+        else:
+            x[idx] = x[idx] * v
+        return x
+
+    return fn

