@@ -26,7 +26,7 @@ _EXPORTS = {
     "Dataset": "knowmri.data",
     "suggest": "knowmri.data",
     "match": "knowmri.matching",
-    "diagnose": "knowmri.diagnose",
+    "diagnose": "knowmri.diagnosis",
     "Report": "knowmri.report.report",
     "Hooks": "knowmri.hooks",
     "register_method": "knowmri.methods.base",

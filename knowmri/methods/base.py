@@ -70,7 +70,7 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         if isinstance(default, str):
             return str(value)
     except (TypeError, ValueError):
-        raise ValueError(f"parameter {name!r} must be a {type(default).__name__}, got {value!r}") from None
+        raise ValueError(f"parameter {name!r} must be of type {type(default).__name__}, got {value!r}") from None
     return value
 
 

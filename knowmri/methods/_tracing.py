@@ -1,0 +1,238 @@
+"""The causal-tracing engine (Meng et al. 2022, ROME), batched and with prefix reuse.
+
+ROME's `trace_with_patch` runs one forward per (token, layer) cell: a clean row and noised
+rows, copying the clean state into the noised rows at that cell. This engine computes the
+same grid with far less work:
+
+- the clean run happens once, capturing every state that may be restored;
+- the noise is drawn once (fixed seed) and shared by every cell, as in ROME;
+- the corrupted run happens once, capturing the residual stream entering every block, so a
+  restoration that starts at block `l` only re-runs blocks `l..L-1` (`BlockRunner`);
+- all tokens of a layer go in one batch (row i restores token t_i), and only the predicting
+  position is read out;
+- on a causal model, restoring a token before the subject is a no-op (its states are the same
+  in the clean and the corrupted run), so those cells are the corrupted probability.
+
+`BlockRunner` calls the model's own decoder layers with the arguments the model itself passed
+them (attention masks, rotary embeddings, ALiBi, positions), recorded from the clean and the
+corrupted run and expanded to any batch size. It checks itself against a full forward and
+falls back to full forwards (with the block input replaced) when the check fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from knowmri.hooks import Hooks, site
+from knowmri.sample import Span
+
+KIND_SITES = {"hidden": "resid_post", "mlp": "mlp.out", "attn": "attn.out"}
+
+
+def embedding_std(model: Any) -> float:
+    """The standard deviation of the token-embedding matrix's entries (the noise unit).
+
+    ROME measures the std of the embeddings of a body of subject tokens; the whole embedding
+    matrix is a sample-independent, deterministic stand-in (computed in chunks, in float64).
+    """
+    weight = model.embed_module.weight
+    total = total_sq = 0.0
+    for chunk in weight.detach().split(8192):
+        c = chunk.double()
+        total += float(c.sum())
+        total_sq += float((c * c).sum())
+    n = weight.numel()
+    return max(total_sq / n - (total / n) ** 2, 0.0) ** 0.5 * (n / max(n - 1, 1)) ** 0.5
+
+
+def subject_noise(model: Any, samples: int, n_tokens: int, scale: float, seed: int) -> torch.Tensor:
+    """[samples, n_tokens, d_model] Gaussian noise of std `scale`, the same for every cell (fixed seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(samples, n_tokens, model.d_model, generator=gen) * scale
+
+
+@contextmanager
+def record_calls(model: Any) -> Iterator[list[tuple[tuple, dict]]]:
+    """Record each block's call (positional args, keyword args) during the forwards inside."""
+    calls: list[tuple[tuple, dict]] = [((), {})] * model.n_layers
+    handles = []
+    for i, layer in enumerate(model.layers):
+        def pre(module: Any, args: tuple, kwargs: dict, i: int = i) -> None:
+            calls[i] = (args, dict(kwargs))
+        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _hidden_of(call: tuple[tuple, dict]) -> torch.Tensor:
+    args, kwargs = call
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _expand(one: Any, many: Any, n: int, batch: int) -> Any:
+    """`one` (recorded at batch 1) for `batch` rows, its batch axis found by comparing with `many` (batch n)."""
+    if isinstance(one, torch.Tensor):
+        if not isinstance(many, torch.Tensor):
+            raise ValueError("block arguments differ between batch sizes")
+        if one.shape == many.shape:
+            return one
+        if one.dim() and one.shape[0] * n == many.shape[0] and one.shape[1:] == many.shape[1:]:
+            return one.repeat(batch, *[1] * (one.dim() - 1))
+        raise ValueError(f"cannot find the batch axis of a block argument of shape {tuple(one.shape)}")
+    if isinstance(one, (tuple, list)):
+        if not isinstance(many, (tuple, list)) or len(one) != len(many):
+            raise ValueError("block arguments differ between batch sizes")
+        return type(one)(_expand(a, b, n, batch) for a, b in zip(one, many))
+    if isinstance(one, dict):
+        if not isinstance(many, dict) or one.keys() != many.keys():
+            raise ValueError("block arguments differ between batch sizes")
+        return {k: _expand(v, many[k], n, batch) for k, v in one.items()}
+    return one
+
+
+class BlockRunner:
+    """Runs blocks `start..L-1` from a given residual stream and reads out one position's logits."""
+
+    def __init__(self, model: Any, calls_one: list, calls_many: list, n_many: int, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor) -> None:
+        self.model = model
+        self.calls_one, self.calls_many, self.n_many = calls_one, calls_many, n_many
+        self.input_ids, self.attention_mask = input_ids, attention_mask
+        self.direct = True
+        self._cache: dict[tuple[int, int], tuple[tuple, dict, bool]] = {}
+
+    def _call(self, layer: int, batch: int) -> tuple[tuple, dict, bool]:
+        """The block's recorded arguments for `batch` rows, and whether it takes `hidden_states` by name."""
+        key = (layer, batch)
+        if key not in self._cache:
+            (a1, k1), (an, kn) = self.calls_one[layer], self.calls_many[layer]
+            args = _expand(tuple(a1[1:]), tuple(an[1:]), self.n_many, batch)
+            drop = {"hidden_states"} if not a1 else set()
+            kwargs = _expand({k: v for k, v in k1.items() if k not in drop},
+                             {k: v for k, v in kn.items() if k not in drop}, self.n_many, batch)
+            self._cache[key] = (args, kwargs, not a1)
+        return self._cache[key]
+
+    def run(self, start: int, hidden: torch.Tensor, position: int, hooks: Hooks | None = None) -> torch.Tensor:
+        """Logits [B, vocab] at `position` after blocks start..L-1 read `hidden` [B, T, d] (the input of `start`)."""
+        if not self.direct:
+            return self._run_full(start, hidden, position, hooks)
+        for layer in range(start, self.model.n_layers):
+            args, kwargs, by_name = self._call(layer, hidden.shape[0])
+            if by_name:
+                out = self.model.layers[layer](**kwargs, hidden_states=hidden)
+            else:
+                out = self.model.layers[layer](hidden, *args, **kwargs)
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+        return self.model.readout(hidden[:, position])
+
+    def _run_full(self, start: int, hidden: torch.Tensor, position: int, hooks: Hooks | None) -> torch.Tensor:
+        """The fallback: a whole forward whose residual stream at `start` is replaced by `hidden`."""
+        L = self.model.n_layers
+        batch = hidden.shape[0]
+        with Hooks(self.model) if hooks is None else _nullcontext(hooks) as h:
+            h.replace(site(start, "resid_pre") if start < L else site(L - 1, "resid_post"), hidden)
+            logits = self.model.forward(input_ids=self.input_ids.repeat(batch, 1),
+                                        attention_mask=self.attention_mask.repeat(batch, 1))
+        return logits[:, position]
+
+    def check(self, start_hidden: torch.Tensor, position: int, expected: torch.Tensor) -> None:
+        """Use direct block calls only if they reproduce the model's own logits `expected` [B, vocab]."""
+        try:
+            got = self.run(0, start_hidden, position)
+            ok = torch.allclose(got.float().softmax(-1), expected.float().softmax(-1), atol=1e-3)
+        except (ValueError, TypeError, RuntimeError, IndexError, KeyError):
+            ok = False
+        self.direct = bool(ok)
+
+
+@contextmanager
+def _nullcontext(value: Any) -> Iterator[Any]:
+    yield value
+
+
+@dataclass
+class TraceResult:
+    """The grids [tokens, layers] of P(answer) per restored kind, the clean and corrupted P."""
+
+    high: float
+    low: float
+    grids: dict[str, torch.Tensor]
+    direct: bool
+
+
+def window_layers(layer: int, window: int, n_layers: int) -> range:
+    """ROME's window of layers restored around `layer` for MLP / attention (centred like ROME)."""
+    return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
+
+
+def trace(model: Any, input_ids: torch.Tensor, position: int, answer: int, subject: Span, noise: torch.Tensor,
+          kinds: list[str], window: int, batch_size: int,
+          progress: Callable[[float, str], None] | None = None) -> TraceResult:
+    """ROME's causal-tracing grids for `kinds` (hidden, mlp, attn); `noise` [S, len(subject), d_model]."""
+    L, T, S = model.n_layers, input_ids.shape[1], noise.shape[0]
+    mask = torch.ones_like(input_ids)
+    subj = list(subject)
+    needed = {KIND_SITES[k] for k in kinds} | {"resid_post"}
+    with Hooks(model) as h, record_calls(model) as calls_one:
+        caps = {(kind, layer): h.read(site(layer, kind)) for kind in needed for layer in range(L)}
+        logits = model.forward(input_ids=input_ids, attention_mask=mask)
+    high = float(logits[0, position].float().softmax(-1)[answer])
+    clean = {kind: [caps[(KIND_SITES[kind], layer)].value[0] for layer in range(L)] for kind in kinds}
+    calls_one = list(calls_one)
+
+    n_run = max(S, 2)  # two batch sizes reveal each block argument's batch axis
+    noise_run = noise if S > 1 else noise.expand(2, -1, -1)
+    with Hooks(model) as h, record_calls(model) as calls_many:
+        h.add("embed", noise_run, positions=subj)
+        last = h.read(site(L - 1, "resid_post"))
+        logits = model.forward(input_ids=input_ids.repeat(n_run, 1), attention_mask=mask.repeat(n_run, 1))
+    corrupt_logits = logits[:S, position]
+    low = float(corrupt_logits.float().softmax(-1)[:, answer].mean())
+    corrupt = [_hidden_of(calls_many[layer])[:S] for layer in range(L)] + [last.value[:S]]
+    runner = BlockRunner(model, calls_one, list(calls_many), n_run, input_ids, mask)
+    runner.check(corrupt[0], position, corrupt_logits)
+
+    cells = [t for t in range(T) if model.kind != "causal" or t >= subject.start]
+    per_batch = max(1, batch_size // S)
+    grids = {kind: torch.full((T, L), low) for kind in kinds}
+    done, total = 0, len(kinds) * L
+    for kind in kinds:
+        for layer in range(L):
+            start = layer + 1 if kind == "hidden" else window_layers(layer, window, L).start
+            for i in range(0, len(cells), per_batch):
+                chunk = cells[i:i + per_batch]
+                grids[kind][chunk, layer] = _restore(model, runner, kind, layer, start, chunk, clean, corrupt,
+                                                     position, answer, window, S)
+            done += 1
+            if progress is not None:
+                progress(done / total, f"{kind} layer {layer}")
+    return TraceResult(high, low, grids, runner.direct)
+
+
+def _restore(model: Any, runner: BlockRunner, kind: str, layer: int, start: int, chunk: list[int],
+             clean: dict[str, list[torch.Tensor]], corrupt: list[torch.Tensor], position: int, answer: int,
+             window: int, S: int) -> torch.Tensor:
+    """P(answer) averaged over noise samples, one per token in `chunk`, restoring (token, layer)."""
+    n = len(chunk)
+    hidden = corrupt[start].repeat(n, 1, 1)
+    rows = torch.arange(n * S, device=hidden.device)
+    tokens = torch.tensor(chunk, device=hidden.device).repeat_interleave(S)
+    with Hooks(model) as h:
+        if kind == "hidden":
+            hidden[rows, tokens] = clean["hidden"][layer].to(hidden.device)[tokens]
+        else:
+            for j in window_layers(layer, window, model.n_layers):
+                value = clean[kind][j]
+                h.replace(site(j, KIND_SITES[kind]), value[tokens.to(value.device)], rows=rows, positions=tokens,
+                          paired=True)
+        logits = runner.run(start, hidden, position, h)
+    return logits.float().softmax(-1)[:, answer].view(n, S).mean(1).cpu()

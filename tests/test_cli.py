@@ -1,0 +1,68 @@
+"""The command line: listings, diagnose on a local model folder, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from knowmri.cli import main
+from knowmri.testing import tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_model("llama")
+    model.hf_model.save_pretrained(path)
+    model.tokenizer.save_pretrained(path)
+    return path
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "knowmri", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_methods_and_models_listings(capsys):
+    assert main(["methods"]) == 0
+    assert "logit_lens" in capsys.readouterr().out
+    assert main(["models", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert "smollm2-135m" in [p["name"] for p in data["presets"]] and "llama" in data["families"]
+
+
+def test_diagnose_local_folder_writes_report(model_dir, tmp_path, capsys):
+    out = tmp_path / "rep"
+    code = main(["diagnose", "--model", str(model_dir), "--prompt", "The Eiffel Tower is located in the city of",
+                 "--subject", "Eiffel Tower", "--target", " Paris", "--methods", "logit_lens",
+                 "--param", "logit_lens.top_k=2", "--out", str(out)])
+    assert code == 0
+    assert (out / "report.json").is_file() and (out / "index.html").is_file()
+    data = json.loads((out / "report.json").read_text())
+    assert data["results"]["logit_lens"]["params"]["top_k"] == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["diagnose", "--prompt", ""], "prompt is empty"),
+        (["diagnose", "--prompt", "Hello", "--subject", "Paris"], "does not occur"),
+        (["diagnose", "--prompt", "Hello", "--methods", "nope"], "unknown method"),
+        (["diagnose", "--prompt", "Hello", "--param", "oops"], "METHOD.NAME=VALUE"),
+        (["diagnose", "--prompt", "Hello", "--model", "/no/such/folder"], "no such model folder"),
+        (["diagnose", "--prompt", "Hello", "--model", "missing.gguf"], "no such GGUF file"),
+        (["diagnose", "--prompt", "Hi", "--text", "Hi"], "exactly one input"),
+    ],
+    ids=["empty-prompt", "subject-not-in-prompt", "unknown-method", "bad-param", "missing-folder", "missing-gguf", "two-inputs"],
+)
+def test_errors_are_one_line_without_traceback(args, message):
+    out = run(*args)
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.strip().splitlines() if line.startswith("knowmri: error")]
+    assert lines and message in lines[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_debug_flag_shows_traceback():
+    out = run("--debug", "diagnose", "--prompt", "Hello", "--subject", "Paris")
+    assert out.returncode != 0 and "Traceback" in out.stderr
