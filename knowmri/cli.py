@@ -117,16 +117,19 @@ def cmd_match(args: argparse.Namespace) -> int:
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
     import knowmri as km
-
     from knowmri.methods.base import get_method
 
-    sample = _sample_from_args(args)
+    dataset_level = args.dataset is not None and args.samples is not None and not args.index_given
+    sample = km.load_dataset(args.dataset, path=args.path) if dataset_level else _sample_from_args(args)
     params = _params(args.param or [])
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     for name in [*(methods or []), *params]:
         get_method(name)  # fail on an unknown method before loading the model
+    if args.samples is not None and args.samples < 1:
+        raise ValueError("--samples must be at least 1")
     model = km.load_model(args.model, device=args.device, dtype=args.dtype)
-    report = km.diagnose(sample, model, methods=methods, params=params, progress=not args.json and sys.stderr.isatty() or args.progress)
+    report = km.diagnose(sample, model, methods=methods, params=params, samples=args.samples,
+                         progress=not args.json and sys.stderr.isatty() or args.progress)
     if args.out:
         report.save(args.out)
     if args.json:
@@ -187,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_input(sp)
     sp.add_argument("--model", default="smollm2-135m", help="preset, hub id, folder or .gguf (default smollm2-135m)")
     sp.add_argument("--methods", help="comma-separated method names (default: every eligible one)")
+    sp.add_argument("--samples", type=int, help="with --dataset (and no --index): diagnose this many records and aggregate")
     sp.add_argument("--param", action="append", metavar="METHOD.NAME=VALUE", help="override a hyper-parameter")
     sp.add_argument("--out", help="directory for report.json and index.html")
     sp.add_argument("--device", choices=["cpu", "cuda"], default=None)

@@ -21,8 +21,10 @@ Progress = Callable[[str, float, str], None]
 
 
 def diagnose(sample: Any, model: Any, methods: list[str] | str | None = None, params: dict[str, dict] | None = None,
-             progress: bool | Progress = True, seed: int = 0, consensus: bool = True) -> Report:
+             progress: bool | Progress = True, seed: int = 0, consensus: bool = True, samples: int | None = 20) -> Report:
     """Run methods on one sample (all eligible ones when `methods` is None) and return a Report.
+
+    Given a Dataset instead of a sample, it runs on its first `samples` records and aggregates.
 
     `params` maps a method name to overrides of its hyper-parameters. A method that fails yields a
     result with status "error" and its message; the others still run. `progress` is True (a bar
@@ -32,6 +34,8 @@ def diagnose(sample: Any, model: Any, methods: list[str] | str | None = None, pa
 
     if isinstance(model, str):
         model = load_model(model)
+    if _is_dataset(sample):
+        return diagnose_dataset(sample, model, methods=methods, params=params, progress=progress, seed=seed, samples=samples)
     sample = as_sample(sample)
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
@@ -71,6 +75,42 @@ def diagnose(sample: Any, model: Any, methods: list[str] | str | None = None, pa
         bar.close()
     if consensus:
         report.build_consensus(model=model, sample=sample)
+    return report
+
+
+def _is_dataset(obj: Any) -> bool:
+    return hasattr(obj, "support_keys") and hasattr(obj, "__len__") and hasattr(obj, "__getitem__")
+
+
+def diagnose_dataset(dataset: Any, model: Any, methods: list[str] | str | None = None, params: dict[str, dict] | None = None,
+                     progress: bool | Progress = True, seed: int = 0, samples: int | None = 20) -> Report:
+    """Run methods on the first `samples` records of a dataset and aggregate them into one Report.
+
+    Per-sample results are reduced as they come (token importance by role, mean layer scores,
+    mean causal-tracing grids by token role, neuron frequency); see `knowmri.report.aggregate`.
+    """
+    from knowmri.report.aggregate import Aggregator
+
+    n = len(dataset) if samples is None else min(samples, len(dataset))
+    if n < 1:
+        raise ValueError("the dataset is empty")
+    agg = Aggregator(model)
+    report = Report(model=model.info(), sample={"dataset": getattr(dataset, "name", "dataset"), "samples": n})
+    bar = _progress_bar(n) if progress is True else None
+    for i in range(n):
+        sample = dataset[i]
+        one = diagnose(sample, model, methods=methods, params=params, progress=False, seed=seed, consensus=False)
+        agg.add(i, sample, one.results)
+        if callable(progress):
+            progress("dataset", (i + 1) / n, f"sample {i + 1}/{n}")
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    agg.report(report)
+    for name, result in report.results.items():
+        result.path = list(get_method(name).path)
+    report.consensus = {"verdict": " ".join(r.summary for r in report.results.values() if r.findings.get("subject_share") is not None)[:2000]}
     return report
 
 

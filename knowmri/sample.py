@@ -117,9 +117,7 @@ class Sample(Mapping[str, Any]):
 def _present(value: Any) -> bool:
     if value is None:
         return False
-    if isinstance(value, (str, list, tuple, dict)) and len(value) == 0:
-        return False
-    return True
+    return not (isinstance(value, (str, list, tuple, dict)) and len(value) == 0)
 
 
 def as_sample(obj: Any) -> Sample:

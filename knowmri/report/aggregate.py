@@ -1,0 +1,148 @@
+"""Dataset-level diagnosis: aggregate per-sample method results into one report.
+
+Token importance is pooled by role (ROME's token categories: the subject's first, middle and last
+tokens, the relation tokens after it, and the prompt's last token); per-layer scores are
+averaged; causal-tracing grids are averaged per role and layer; neurons are counted by how many
+samples located them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any
+
+import numpy as np
+
+from knowmri.methods.base import MethodResult
+from knowmri.report import figures
+
+ROLES = ("first", "subject_first", "subject_middle", "subject_last", "relation", "last")
+
+
+def token_roles(model: Any, sample: Any, n_prompt: int) -> dict[int, str]:
+    """Each prompt position's role (see ROLES)."""
+    roles = {i: "relation" for i in range(n_prompt)}
+    if n_prompt:
+        roles[0] = "first"
+    subject = sample.get("triple_subject")
+    if subject and subject in sample.get("prompt", ""):
+        span = list(model.token_span(sample["prompt"], subject))
+        for j, i in enumerate(span):
+            if i < n_prompt:
+                roles[i] = "subject_first" if j == 0 else ("subject_last" if j == len(span) - 1 else "subject_middle")
+        if len(span) == 1 and span[0] < n_prompt:
+            roles[span[0]] = "subject_last"
+    if n_prompt:
+        roles[n_prompt - 1] = "last"
+    return roles
+
+
+class Aggregator:
+    """Streams per-sample results of each method and reduces them once at the end."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.n = 0
+        self.status: dict[str, Counter] = defaultdict(Counter)
+        self.seconds: dict[str, list[float]] = defaultdict(list)
+        self.role_share: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.top_role: dict[str, Counter] = defaultdict(Counter)
+        self.layer_scores: dict[str, list[np.ndarray]] = defaultdict(list)
+        self.grids: dict[str, dict[str, list[np.ndarray]]] = defaultdict(lambda: defaultdict(list))
+        self.neurons: dict[str, Counter] = defaultdict(Counter)
+        self.neuron_score: dict[str, dict[tuple[int, int], float]] = defaultdict(lambda: defaultdict(float))
+        self.records: list[dict[str, Any]] = []
+
+    def add(self, index: int, sample: Any, results: dict[str, MethodResult]) -> None:
+        self.n += 1
+        self.records.append({"index": index, "prompt": sample.get("prompt"), "ground_truth": sample.get("ground_truth"),
+                             "status": {n: r.status for n, r in results.items()},
+                             "summary": {n: r.summary for n, r in results.items() if r.status == "ok"}})
+        for name, r in results.items():
+            self.status[name][r.status] += 1
+            self.seconds[name].append(r.seconds)
+            if r.status != "ok":
+                continue
+            f = r.findings
+            if f.get("token_scores"):
+                self._tokens(name, sample, f["token_scores"])
+            if f.get("layer_scores"):
+                ls = np.zeros(self.model.n_layers)
+                for s in f["layer_scores"]:
+                    if 0 <= int(s["layer"]) < len(ls):
+                        ls[int(s["layer"])] = float(s["score"])
+                self.layer_scores[name].append(ls)
+            for key in ("hidden", "mlp", "attn"):
+                if name == "causal_tracing" and f.get(key):
+                    self._grid(key, sample, np.asarray(f[key], dtype=float), float(f.get("low_score", 0.0)))
+            for x in f.get("neurons", [])[:20]:
+                k = (int(x["layer"]), int(x["unit"]))
+                self.neurons[name][k] += 1
+                self.neuron_score[name][k] += float(x["score"])
+
+    def _tokens(self, name: str, sample: Any, scores: list[dict]) -> None:
+        n_prompt = max(int(s["index"]) for s in scores) + 1
+        roles = token_roles(self.model, sample, n_prompt)
+        total = sum(abs(float(s["score"])) for s in scores) or 1.0
+        share = Counter()
+        for s in scores:
+            share[roles.get(int(s["index"]), "relation")] += abs(float(s["score"])) / total
+        for role in ROLES:
+            self.role_share[name][role].append(share.get(role, 0.0))
+        best = max(scores, key=lambda s: abs(float(s["score"])))
+        self.top_role[name][roles.get(int(best["index"]), "relation")] += 1
+
+    def _grid(self, kind: str, sample: Any, grid: np.ndarray, low: float) -> None:
+        roles = token_roles(self.model, sample, grid.shape[0])
+        for role in ROLES:
+            rows = [i for i in range(grid.shape[0]) if roles.get(i) == role]
+            if rows:
+                self.grids[kind][role].append(grid[rows].mean(0) - low)
+
+    def report(self, report: Any) -> None:
+        """Fill `report.results` with one aggregated result per method."""
+        for name in self.status:
+            r = MethodResult(method=name, path=[], status="ok" if self.status[name].get("ok") else "error")
+            r.seconds = float(np.sum(self.seconds[name]))
+            counts = dict(self.status[name])
+            r.findings["status_counts"] = counts
+            parts = [f"{counts.get('ok', 0)} of {self.n} samples ran"]
+            if name in self.role_share:
+                means = {role: float(np.mean(v)) for role, v in self.role_share[name].items()}
+                subject = sum(means.get(k, 0.0) for k in ROLES if k.startswith("subject"))
+                r.findings["role_share"] = means
+                r.findings["subject_share"] = subject
+                r.findings["top_role_counts"] = dict(self.top_role[name])
+                r.findings["token_scores"] = []
+                top = self.top_role[name].most_common(1)[0]
+                parts.append(f"subject tokens hold {subject:.0%} of the importance on average; the top token is a "
+                             f"{top[0].replace('_', ' ')} token in {top[1]} of {sum(self.top_role[name].values())} samples")
+                r.add_figure("Importance share by token role", figures.bars(list(means), list(means.values()),
+                             title=f"{name}: mean share of token importance by role", x_title="role", y_title="share"))
+                r.add_table("Importance share by token role", ["role", "mean share", "top token in # samples"],
+                            [[k, round(v, 4), self.top_role[name].get(k, 0)] for k, v in means.items()])
+            if name in self.layer_scores:
+                mean = np.mean(self.layer_scores[name], axis=0)
+                r.findings["layer_scores"] = [{"layer": i, "score": float(v)} for i, v in enumerate(mean)]
+                parts.append(f"mean layer score peaks at layer {int(mean.argmax())}")
+                r.add_figure("Mean layer score", figures.lines(list(range(len(mean))), {name: mean.tolist()},
+                             title=f"{name}: mean over {len(self.layer_scores[name])} samples", x_title="layer", y_title="score"))
+            if name == "causal_tracing" and self.grids:
+                for kind, by_role in self.grids.items():
+                    roles = [role for role in ROLES if by_role.get(role)]
+                    z = [np.mean(by_role[role], axis=0).tolist() for role in roles]
+                    r.findings[f"{kind}_by_role"] = dict(zip(roles, z))
+                    r.add_figure(f"Average indirect effect ({kind})", figures.heatmap(
+                        z, x=list(range(len(z[0]))), y=roles, title=f"Average indirect effect of restoring {kind} states",
+                        x_title="layer", y_title="token role", colorscale={"mlp": "Greens", "attn": "Reds"}.get(kind, "Purples")))
+            if name in self.neurons:
+                freq = self.neurons[name].most_common(20)
+                r.findings["neurons"] = [{"layer": k[0], "unit": k[1], "score": self.neuron_score[name][k] / c, "count": c}
+                                         for k, c in freq]
+                parts.append(f"{sum(1 for _, c in freq if c > 1)} neurons recur in more than one sample")
+                r.add_table("Most frequently located neurons", ["layer", "unit", "samples", "mean score"],
+                            [[k[0], k[1], c, round(self.neuron_score[name][k] / c, 5)] for k, c in freq])
+            r.summary = "; ".join(parts) + "."
+            report.results[name] = r
+        report.meta["samples"] = self.records
+        report.meta["n_samples"] = self.n
