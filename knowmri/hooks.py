@@ -213,12 +213,21 @@ class Hooks:
         self._ensure(name).append(fn)
 
     def read(self, name: str, *, grad: bool = False, positions: Index = None, rows: Index = None) -> Capture:
-        """Record the site's value at each forward pass (kept in the graph when `grad`)."""
+        """Record the site's value at each forward pass (kept in the graph when `grad`).
+
+        Without `grad` the value is a copy, so in-place updates later in the forward (Falcon's
+        `mlp_output += attention_output`) do not change it; with `grad` the model goes on with a
+        copy instead, so the recorded tensor stays what the site produced.
+        """
         cap = Capture(name)
 
-        def fn(x: torch.Tensor) -> None:
+        def fn(x: torch.Tensor) -> torch.Tensor | None:
             value = x[select(x, rows, positions)] if (positions is not None or rows is not None) else x
-            cap.value = value if grad else value.detach()
+            if grad:
+                cap.value = value
+                return x.clone()
+            cap.value = value.detach().clone()
+            return None
 
         self.edit(name, fn)
         return cap
@@ -248,13 +257,10 @@ def _setter(value: Any, rows: Index, positions: Index, units: Index, paired: boo
     def fn(x: torch.Tensor) -> torch.Tensor:
         idx = select(x, rows, positions, units, paired=paired)
         v = value.to(device=x.device, dtype=x.dtype) if isinstance(value, torch.Tensor) else value
+        # computed from the untouched input, so autograd's saved tensors are not changed in place
+        new = v if how == "set" else x[idx] + v if how == "add" else x[idx] * v
         x = x.clone()
-        if how == "set":
-            x[idx] = v
-        elif how == "add":
-            x[idx] = x[idx] + v
-        else:
-            x[idx] = x[idx] * v
+        x[idx] = new
         return x
 
     return fn

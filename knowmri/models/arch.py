@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field, fields
 from functools import cache
 from importlib import resources
 from typing import Any
 
+import tomllib
 from torch import nn
 
 _LAYER_KEYS = ("attn", "attn_out", "attn_o", "mlp_out", "mlp_in", "mlp_gate", "mlp_down")

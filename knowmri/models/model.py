@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from knowmri.models.arch import ArchSpec, find_spec, infer_spec, missing_paths, resolve, arch_specs
+from knowmri.models.arch import ArchSpec, arch_specs, find_spec, infer_spec, missing_paths, resolve
 from knowmri.sample import Span
 
 
@@ -75,7 +75,7 @@ class Model:
         self.kind = spec.kind
         self._layers = resolve(hf_model, spec.layers)[1]  # type: ignore[index]
         self.n_layers = len(self._layers)
-        self.n_heads = int(getattr(config, "num_attention_heads", None) or getattr(config, "num_heads"))
+        self.n_heads = int(getattr(config, "num_attention_heads", None) or config.num_heads)
         self.vocab_size = int(self.embed_module.weight.shape[0])
         self.d_model = int(self.embed_module.weight.shape[1])
         self.d_mlp = int(self.linear_weight(self.component(0, "mlp_down")).shape[1])

@@ -1,0 +1,238 @@
+"""Hand-built models with one planted fact, whose mechanism is known exactly (ground truth for tests).
+
+The fact "The Eiffel Tower is located in the city of" -> " Paris" is carried by one route:
+
+1. embeddings put the subject's last token (" Tower"), the other subject's (" Gate"), the
+   relation's last token (" of") and the internal "fact" and "answer" features on orthonormal,
+   zero-mean directions (so LayerNorm and RMSNorm only rescale them); every other token gets
+   a random unit vector in the remaining subspace;
+2. in `neuron[0]`, MLP unit `neuron[1]` fires only on " Tower" (at the subject's last
+   position) and writes a "has a fact" flag plus a "Paris" feature (" Gate" has its own unit
+   writing the flag plus a "Berlin" feature);
+3. in `head[0]`, attention head `head[1]` queries with " of" and keys on the flag, so the last
+   position attends to the subject's last token, and its OV circuit copies the city feature
+   to an answer direction;
+4. the unembedding reads the answer direction as " Paris" (" Berlin"); otherwise each token's
+   unembedding is half its own embedding, so earlier layers predict " of" at the last position.
+
+All other weights are small noise (`noise`), so the planted parts dominate and are the only
+path from the subject to the answer. Two styles: GPT-2 (LayerNorm, learned positions set to
+noise, Conv1D weights) and LLaMA (RMSNorm, gated SiLU MLP with biases, grouped-query attention,
+RoPE with the query/key signal in a rotary pair of ~zero frequency, so attention is content-based).
+The neurons have a threshold (a negative bias), so Gaussian noise on the subject's embeddings, as
+in causal tracing, mostly silences them (the answer's probability falls from ~1 to ~0.1 on average).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+from knowmri.models.model import Model
+from knowmri.sample import Sample, Span
+from knowmri.testing.tiny import tiny_tokenizer
+
+STYLES: tuple[str, ...] = ("gpt2", "llama")
+
+PROMPT = "The Eiffel Tower is located in the city of"
+OTHER_PROMPT = "The Brandenburg Gate is located in the city of"
+
+# Where the mechanism lives, per style: (neuron layer, unit, other subject's unit), (head layer, head).
+_LAYOUT = {
+    "gpt2": {"n_layers": 4, "neuron": (1, 37), "other_unit": 90, "head": (2, 1)},
+    "llama": {"n_layers": 4, "neuron": (0, 91), "other_unit": 12, "head": (2, 3)},
+}
+D_MODEL, D_MLP, N_HEADS, N_KV_HEADS = 64, 128, 4, 2
+D_HEAD = D_MODEL // N_HEADS
+_ROPE_DIM = D_HEAD // 2 - 1  # the rotary pair (7, 15) has frequency theta**(-14/16) ~ 0
+_THRESHOLD = 5.0  # a normalised input (norm 8) on the subject gives pre-activation 8 - 5 = 3
+
+
+@dataclass
+class Planted:
+    """A planted-fact model and where its mechanism is (all 0-based layers, units, positions)."""
+
+    model: Model
+    sample: Sample
+    other_sample: Sample
+    neuron: tuple[int, int]
+    neuron_position: int
+    head: tuple[int, int]
+    subject_span: Span
+    answer_id: int
+    answer_layer: int
+    other_answer_id: int
+    other_neuron: tuple[int, int]
+    last_position: int
+
+
+def _directions(gen: torch.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Orthonormal zero-mean directions: named features, and a basis of the remaining subspace."""
+    m = torch.randn(D_MODEL, D_MODEL, generator=gen)
+    m[:, 0] = 1.0
+    q, _ = torch.linalg.qr(m)
+    basis = q[:, 1:]  # orthogonal to the all-ones vector: zero mean
+    names = ("subject", "other_subject", "relation", "flag", "fact", "other_fact", "answer", "other_answer")
+    named = {name: basis[:, i].clone() for i, name in enumerate(names)}
+    return named, basis[:, len(names):].clone()
+
+
+def _token(tok: object, text: str) -> int:
+    ids = tok(text, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+    if len(ids) != 1:
+        raise ValueError(f"{text!r} is not a single token of the tiny tokenizer")
+    return int(ids[0])
+
+
+def _noise_(module: torch.nn.Module, gen: torch.Generator, std: float) -> None:
+    """Replace every weight matrix with small noise, vectors (biases, norm gains) with 0 / 1."""
+    for name, param in module.named_parameters():
+        if param.dim() >= 2:
+            param.copy_(torch.randn(param.shape, generator=gen) * std)
+        elif name.endswith("weight") and ("norm" in name or name.split(".")[-2].startswith("ln")):
+            param.fill_(1.0)
+        else:
+            param.zero_()
+
+
+def _embeddings(vocab: int, dirs: dict[str, torch.Tensor], junk: torch.Tensor, ids: dict[str, int],
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token embeddings [V, d] and the unembedding [V, d] of the planted design."""
+    emb = torch.randn(vocab, junk.shape[1], generator=gen) @ junk.T
+    emb = emb / emb.norm(dim=-1, keepdim=True)
+    emb[ids["subject"]] = dirs["subject"]
+    emb[ids["other_subject"]] = dirs["other_subject"]
+    emb[ids["relation"]] = dirs["relation"]
+    unemb = 0.5 * emb
+    unemb[ids["answer"]] += 2.0 * dirs["answer"]
+    unemb[ids["other_answer"]] += 2.0 * dirs["other_answer"]
+    return emb, unemb
+
+
+@torch.no_grad()
+def _build_gpt2(vocab: int, tok: object, lay: dict, dirs: dict[str, torch.Tensor], junk: torch.Tensor,
+                ids: dict[str, int], gen: torch.Generator, noise: float) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=vocab, n_positions=128, n_embd=D_MODEL, n_layer=lay["n_layers"], n_head=N_HEADS,
+                        n_inner=D_MLP, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,  # type: ignore[attr-defined]
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # type: ignore[attr-defined]
+    config._attn_implementation = "eager"
+    hf = GPT2LMHeadModel(config)
+    _noise_(hf, gen, noise)
+    emb, unemb = _embeddings(vocab, dirs, junk, ids, gen)
+    hf.transformer.wte.weight.copy_(emb)
+    hf.lm_head.weight.copy_(unemb)
+
+    layer, unit = lay["neuron"]
+    mlp = hf.transformer.h[layer].mlp  # Conv1D weights are [in, out]
+    for u, subject, fact in ((unit, "subject", "fact"), (lay["other_unit"], "other_subject", "other_fact")):
+        mlp.c_fc.weight[:, u] = dirs[subject]
+        mlp.c_fc.bias[u] = -_THRESHOLD  # fires only where the normalised input is the subject token
+        mlp.c_proj.weight[u] = dirs["flag"] + dirs[fact]
+
+    layer, head = lay["head"]
+    attn = hf.transformer.h[layer].attn
+    col = head * D_HEAD
+    attn.c_attn.weight[:, col] = dirs["relation"]  # query
+    attn.c_attn.weight[:, D_MODEL + col] = dirs["flag"]  # key
+    attn.c_attn.weight[:, 2 * D_MODEL + col] = dirs["fact"]  # value
+    attn.c_attn.weight[:, 2 * D_MODEL + col + 1] = dirs["other_fact"]
+    attn.c_proj.weight[col] = dirs["answer"]  # output
+    attn.c_proj.weight[col + 1] = dirs["other_answer"]
+    return hf
+
+
+@torch.no_grad()
+def _build_llama(vocab: int, tok: object, lay: dict, dirs: dict[str, torch.Tensor], junk: torch.Tensor,
+                 ids: dict[str, int], gen: torch.Generator, noise: float) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=D_MODEL, intermediate_size=D_MLP,
+                         num_hidden_layers=lay["n_layers"], num_attention_heads=N_HEADS,
+                         num_key_value_heads=N_KV_HEADS, head_dim=D_HEAD, max_position_embeddings=128,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e10}, tie_word_embeddings=False,
+                         mlp_bias=True,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,  # type: ignore[attr-defined]
+                         pad_token_id=tok.pad_token_id)  # type: ignore[attr-defined]
+    config._attn_implementation = "eager"
+    hf = LlamaForCausalLM(config)
+    _noise_(hf, gen, noise)
+    emb, unemb = _embeddings(vocab, dirs, junk, ids, gen)
+    hf.model.embed_tokens.weight.copy_(emb)
+    hf.lm_head.weight.copy_(unemb)
+
+    layer, unit = lay["neuron"]
+    mlp = hf.model.layers[layer].mlp  # neuron = silu(gate) * up, the input of down_proj
+    for u, subject, fact in ((unit, "subject", "fact"), (lay["other_unit"], "other_subject", "other_fact")):
+        mlp.gate_proj.weight[u] = dirs[subject]
+        mlp.gate_proj.bias[u] = -_THRESHOLD  # noise on the subject's embedding silences the unit
+        mlp.up_proj.weight[u] = 0.5 * dirs[subject]
+        mlp.down_proj.weight[:, u] = 0.35 * (dirs["flag"] + dirs[fact])  # silu(3) * 4 * 0.35 ~ 4
+
+    layer, head = lay["head"]
+    attn = hf.model.layers[layer].self_attn
+    kv = head // (N_HEADS // N_KV_HEADS)
+    attn.q_proj.weight[head * D_HEAD + _ROPE_DIM] = dirs["relation"]
+    attn.k_proj.weight[kv * D_HEAD + _ROPE_DIM] = dirs["flag"]
+    attn.v_proj.weight[kv * D_HEAD] = dirs["fact"]
+    attn.v_proj.weight[kv * D_HEAD + 1] = dirs["other_fact"]
+    attn.o_proj.weight[:, head * D_HEAD] = dirs["answer"]
+    attn.o_proj.weight[:, head * D_HEAD + 1] = dirs["other_answer"]
+    return hf
+
+
+def _answer_layer(model: Model, prompt: str, answer_id: int) -> int:
+    """The first layer whose resid_post, read out at the last position, ranks the answer first."""
+    from knowmri.hooks import Hooks
+
+    enc = model.encode(prompt)
+    with torch.no_grad(), Hooks(model) as h:
+        caps = [h.read(f"blocks.{layer}.resid_post") for layer in range(model.n_layers)]
+        model.forward(**enc.inputs())
+        for layer, cap in enumerate(caps):
+            if int(model.readout(cap.value[0, enc.last]).argmax()) == answer_id:
+                return layer
+    raise ValueError("the planted model does not predict its answer at any layer")
+
+
+def build_planted(style: str, seed: int = 0, noise: float = 0.01) -> Planted:
+    """A new (uncached) planted-fact model in `style` ("gpt2" or "llama"); see the module doc."""
+    if style not in STYLES:
+        raise ValueError(f"unknown planted style {style!r}; expected one of {', '.join(STYLES)}")
+    lay = _LAYOUT[style]
+    tok = tiny_tokenizer("causal", bos=style == "llama")
+    ids = {"subject": _token(tok, " Tower"), "other_subject": _token(tok, " Gate"), "relation": _token(tok, " of"),
+           "answer": _token(tok, " Paris"), "other_answer": _token(tok, " Berlin")}
+    gen = torch.Generator().manual_seed(seed)
+    dirs, junk = _directions(gen)
+    build = _build_gpt2 if style == "gpt2" else _build_llama
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        hf = build(len(tok), tok, lay, dirs, junk, ids, gen, noise)
+    hf.to(torch.float32).eval()
+    hf.config._name_or_path = f"planted-{style}"
+    model = Model(hf, tok, name=f"planted-{style}")
+
+    sample = Sample(prompt=PROMPT, ground_truth=" Paris", triple_subject="Eiffel Tower",
+                    triple_relation="is located in the city of", triple_object="Paris", target_new=" Rome")
+    other = Sample(prompt=OTHER_PROMPT, ground_truth=" Berlin", triple_subject="Brandenburg Gate",
+                   triple_relation="is located in the city of", triple_object="Berlin", target_new=" Rome")
+    span = model.token_span(PROMPT, "Eiffel Tower")
+    if len(model.token_span(OTHER_PROMPT, "Brandenburg Gate")) != len(span):
+        raise ValueError("the planted subjects must have the same number of tokens")
+    enc = model.encode(PROMPT)
+    return Planted(
+        model=model, sample=sample, other_sample=other, neuron=lay["neuron"], neuron_position=span.stop - 1,
+        head=lay["head"], subject_span=span, answer_id=ids["answer"],
+        answer_layer=_answer_layer(model, PROMPT, ids["answer"]), other_answer_id=ids["other_answer"],
+        other_neuron=(lay["neuron"][0], lay["other_unit"]), last_position=enc.last,
+    )
+
+
+@cache
+def planted_model(style: str, seed: int = 0) -> Planted:
+    """A cached planted-fact model ("gpt2" or "llama"); read-only, shared per process."""
+    return build_planted(style, seed)
