@@ -37,6 +37,8 @@ def diagnose(sample: Any, model: Any, methods: list[str] | str | None = None, pa
     if _is_dataset(sample):
         return diagnose_dataset(sample, model, methods=methods, params=params, progress=progress, seed=seed, samples=samples)
     sample = as_sample(sample)
+    if sample.get("prompt"):
+        model.encode(sample["prompt"], sample.get("ground_truth"))  # bad input (too long, odd answer) fails here, once
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     params = dict(params or {})

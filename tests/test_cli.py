@@ -63,6 +63,40 @@ def test_errors_are_one_line_without_traceback(args, message):
     assert "Traceback" not in out.stderr
 
 
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-bert")
+    model = tiny_model("bert")
+    model.hf_model.save_pretrained(path)
+    model.tokenizer.save_pretrained(path)
+    return path
+
+
+def test_more_bad_inputs_are_one_line_errors(model_dir, bert_dir, capsys):
+    cases = [
+        (["diagnose", "--model", str(model_dir), "--prompt", "word " * 5000, "--methods", "logit_lens"], "longer than the model's context"),
+        (["diagnose", "--model", str(bert_dir), "--prompt", "Paris is the capital of", "--methods", "self_explanation"],
+         "self_explanation cannot run"),
+        (["diagnose", "--model", str(model_dir), "--dataset", "no_such_dataset"], "no_such_dataset"),
+        (["diagnose", "--model", str(model_dir), "--dataset", "/no/such/file.json"], "file.json"),
+        (["diagnose", "--model", str(model_dir), "--dataset", "known_1000", "--index", "100000"], "out of range"),
+        (["diagnose", "--model", str(model_dir), "--dataset", "known_1000", "--samples", "0"], "at least 1"),
+    ]
+    for args, message in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err and err[-1].startswith("knowmri: error") and message in err[-1], (args, err)
+
+
+def test_dataset_level_diagnose(model_dir, tmp_path, capsys):
+    out = tmp_path / "ds"
+    assert main(["diagnose", "--model", str(model_dir), "--dataset", "known_1000", "--samples", "3",
+                 "--methods", "logit_lens", "--out", str(out)]) == 0
+    data = json.loads((out / "report.json").read_text())
+    assert data["n_samples"] == 3 and len(data["samples"]) == 3
+    assert len(data["results"]["logit_lens"]["findings"]["layer_scores"]) == tiny_model("llama").n_layers
+
+
 def test_debug_flag_shows_traceback():
     out = run("--debug", "diagnose", "--prompt", "Hello", "--subject", "Paris")
     assert out.returncode != 0 and "Traceback" in out.stderr
