@@ -6,6 +6,7 @@ import dataclasses
 import importlib
 import os
 import pkgutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -200,6 +201,8 @@ class RunContext:
 # ---------------------------------------------------------------------- registry
 _REGISTRY: dict[str, type[Method]] = {}
 _LOADED = False
+_LOADING = threading.RLock()  # other threads wait while one imports the methods (no half-empty registry)
+_IMPORTING = False
 M = TypeVar("M", bound=type[Method])
 
 
@@ -228,10 +231,20 @@ def unregister_method(name: str) -> None:
 
 def load_builtin_methods() -> None:
     """Import every module in knowmri.methods, then plug-ins from entry points and $KNOWMRI_PLUGINS."""
-    global _LOADED
+    global _LOADED, _IMPORTING
     if _LOADED:
         return
-    _LOADED = True
+    with _LOADING:
+        if _LOADED or _IMPORTING:  # _IMPORTING: a module being imported lists methods (same thread)
+            return
+        _IMPORTING = True
+        try:
+            _import_methods()
+        finally:
+            _LOADED, _IMPORTING = True, False
+
+
+def _import_methods() -> None:
     import knowmri.methods as pkg
 
     for info in pkgutil.iter_modules(pkg.__path__):

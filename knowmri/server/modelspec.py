@@ -29,10 +29,6 @@ class ModelRef:
     kind: str
     key: str
 
-    @property
-    def label(self) -> str:
-        return self.key
-
 
 class ModelCatalog:
     """Validates model specs against the presets, registered models and allowed local roots."""

@@ -1,0 +1,173 @@
+"""The model worker: one thread that runs queued diagnoses one at a time.
+
+Only this thread runs methods, so no two methods ever hook the same model at once. Live
+progress is kept in memory (read by the SSE stream and GET /api/runs/{id}) and written to the
+store at most about once a second, and always at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import queue
+import threading
+import time
+import traceback
+from typing import Any
+
+from knowmri.server.modelspec import ModelCache
+from knowmri.server.store import RunStore
+
+log = logging.getLogger(__name__)
+
+_SAVE_EVERY = 1.0  # seconds between progress writes to the store
+
+
+def _finite(obj: Any) -> Any:
+    """The same JSON data with infinities and NaNs as null (the store writes strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+class LiveState:
+    """The latest status and progress of active runs, with a version counter per run."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict[str, dict[str, Any]] = {}
+
+    def set(self, run_id: str, status: str, progress: dict[str, Any]) -> None:
+        with self._lock:
+            version = self._runs.get(run_id, {}).get("version", 0) + 1
+            self._runs[run_id] = {"status": status, "progress": copy.deepcopy(progress), "version": version}
+
+    def get(self, run_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            state = self._runs.get(run_id)
+            return dict(state) if state else None
+
+    def drop(self, run_id: str) -> None:
+        with self._lock:
+            self._runs.pop(run_id, None)
+
+
+class Worker:
+    """Runs queued runs in one background thread; `submit` enqueues a run id."""
+
+    def __init__(self, store: RunStore, models: ModelCache, live: LiveState) -> None:
+        self.store = store
+        self.models = models
+        self.live = live
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.current: str | None = None
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="knowmri-model-worker", daemon=True)
+                self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the thread to finish after the current run (queued runs stay queued in the store)."""
+        with self._lock:
+            thread = self._thread
+            self._thread = None
+        if thread is not None and thread.is_alive():
+            self._queue.put(None)
+            thread.join(timeout)
+
+    def submit(self, run_id: str) -> None:
+        self.live.set(run_id, "queued", {"fraction": 0.0, "stage": "queued", "message": "waiting for the model worker"})
+        self._queue.put(run_id)
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def _loop(self) -> None:
+        while True:
+            run_id = self._queue.get()
+            if run_id is None:
+                return
+            self.current = run_id
+            try:
+                self._run(run_id)
+            except Exception as err:  # the worker must survive anything a run does
+                log.error("run %s failed:\n%s", run_id, traceback.format_exc())
+                self._fail(run_id, f"internal error: {type(err).__name__}: {err}")
+            finally:
+                self.current = None
+                self.live.drop(run_id)
+
+    def _fail(self, run_id: str, message: str) -> None:
+        progress = {"fraction": 1.0, "stage": "error", "message": message}
+        self.live.set(run_id, "error", progress)
+        self.store.fail(run_id, message, progress)
+
+    def _run(self, run_id: str) -> None:
+        from knowmri.diagnosis import diagnose
+        from knowmri.matching import match
+        from knowmri.sample import Sample
+
+        run = self.store.get(run_id, report=False)
+        if run is None or run["status"] != "queued":
+            return
+        self.store.start(run_id)
+        progress: dict[str, Any] = {"fraction": 0.0, "stage": "loading", "message": f"loading {run['model']}",
+                                    "methods": {}}
+        self._publish(run_id, progress, force=True)
+        try:
+            model = self.models.get(self.models.catalog.resolve(run["model"]))
+        except Exception as err:  # a model that fails to load fails its run, with the reason
+            message = getattr(err, "message", None) or str(err) or type(err).__name__
+            self._fail(run_id, f"could not load the model {run['model']!r}: {message}")
+            return
+        sample = Sample(run["sample"])
+        methods = run["methods"]
+        if methods is None:
+            methods = [m.name for m in match(sample, model) if m.eligible]
+        if not methods:
+            self._fail(run_id, "no method applies to this input and model")
+            return
+        total = len(methods)
+        progress.update(stage="running", total=total, methods={m: "queued" for m in methods})
+        last_save = [time.monotonic()]
+
+        def step(name: str, fraction: float, message: str) -> None:
+            index = methods.index(name) if name in methods else 0
+            progress["methods"][name] = "done" if fraction >= 1.0 else "running"
+            progress.update(method=name, index=index, method_fraction=round(fraction, 4), message=message,
+                            fraction=round((index + fraction) / total * 0.95, 4))
+            force = time.monotonic() - last_save[0] > _SAVE_EVERY
+            if force:
+                last_save[0] = time.monotonic()
+            self._publish(run_id, progress, force=force)
+
+        try:
+            report = diagnose(sample, model, methods=methods, params=run["params"] or None, progress=step,
+                              consensus=False)
+        except ValueError as err:  # the input does not suit this model (too long, odd answer): the user's error
+            self._fail(run_id, str(err))
+            return
+        for name, result in report.results.items():
+            progress["methods"][name] = result.status
+        progress.update(stage="consensus", fraction=0.96, message="comparing the methods' findings")
+        self._publish(run_id, progress, force=False)
+        report.build_consensus(model=model, sample=sample)
+        data = _finite(report.to_dict())
+        data["run_id"] = run_id
+        progress.update(stage="done", fraction=1.0, message="done")
+        self.store.finish(run_id, data, progress)
+        self.live.set(run_id, "done", progress)
+
+    def _publish(self, run_id: str, progress: dict[str, Any], *, force: bool) -> None:
+        self.live.set(run_id, "running", progress)
+        if force:
+            self.store.set_progress(run_id, progress)

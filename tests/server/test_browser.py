@@ -1,0 +1,128 @@
+"""End to end in headless Chromium: type a fact, run two methods, read the figures, reopen after a restart,
+see why methods do not apply, pick a dataset record, compare two runs."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from knowmri.server.app import create_app
+from knowmri.server.background import CHROMIUM, BackgroundServer, launch_chromium
+from tests.server.conftest import FACT, MODEL, wait_done
+
+sync_api = pytest.importorskip("playwright.sync_api")
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"needs Chromium at {CHROMIUM} (apt-get install chromium)"),
+]
+TIMEOUT = 60_000
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_api.sync_playwright() as pw:
+        chromium = launch_chromium(pw)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(TIMEOUT)
+    p = context.new_page()
+    errors: list[str] = []
+    p.on("pageerror", lambda err: errors.append(str(err)))
+    yield p
+    context.close()
+    assert not errors, errors
+
+
+def open_page(page: Any, url: str) -> None:
+    page.goto(url)
+    page.wait_for_selector("body[data-ready=true]")
+
+
+def choose_methods(page: Any, wanted: list[str]) -> None:
+    page.wait_for_selector("#method-logit_lens:not([disabled])")
+    for box in page.query_selector_all("#method-groups .method-head input[type=checkbox]:not([disabled])"):
+        box.set_checked(box.get_attribute("value") in wanted)
+
+
+def second_method() -> str:
+    import knowmri as km
+
+    names = {m["name"] for m in km.methods()}
+    return "integrated_gradients" if "integrated_gradients" in names else "attention_weights"
+
+
+def test_diagnose_a_fact_and_reopen_it_after_a_restart(page: Any, tmp_path: Path, tiny_gpt2: Any) -> None:
+    other = second_method()
+    with BackgroundServer(create_app(home=tmp_path, models={MODEL: tiny_gpt2})) as server:
+        open_page(page, server.url)
+        assert page.input_value("#model-select") == MODEL
+        page.fill("#free-text", FACT)
+        page.wait_for_selector("#key-triple_subject")
+        assert page.input_value("#key-prompt") == "The Eiffel Tower is located in the city of"
+        assert page.input_value("#key-triple_subject") == "Eiffel Tower"
+        page.wait_for_selector(".method .estimate")
+        groups = page.locator(".method-group h3").all_inner_texts()
+        assert {"external", "internal"} <= {g.strip().lower() for g in groups}
+        choose_methods(page, ["logit_lens", other])
+        page.click("#run-btn")
+        page.wait_for_url(re.compile(r"#/run/[0-9a-f]{16}$"))
+        run_id = page.url.rsplit("/", 1)[-1]
+        for name in ("logit_lens", other):
+            page.wait_for_selector(f'#run-report [data-method="{name}"] .js-plotly-plot')
+            assert page.inner_text(f'#run-report [data-method="{name}"] .badge') == "ok"
+        assert page.locator("#run-report .consensus .verdict").inner_text()
+        assert page.locator("#run-report table.data").count() >= 2
+        assert page.inner_text("#run-status") == "done"
+        assert page.get_attribute("#export-json", "href").endswith(f"/api/runs/{run_id}/report.json?download=1")
+    with BackgroundServer(create_app(home=tmp_path, models={MODEL: tiny_gpt2})) as restarted:
+        open_page(page, restarted.url + "#/runs")
+        page.wait_for_selector(f'#runs-table tr[data-run="{run_id}"]')
+        page.click(f'#runs-table tr[data-run="{run_id}"] a:text("Open")')
+        page.wait_for_selector('#run-report [data-method="logit_lens"] .js-plotly-plot')
+        assert page.url.endswith(f"#/run/{run_id}")
+
+
+def test_reasons_records_and_compare_with_a_token(page: Any, tmp_path: Path, tiny_gpt2: Any) -> None:
+    import httpx
+
+    token = "let-me-in"
+    with BackgroundServer(create_app(home=tmp_path, models={MODEL: tiny_gpt2}, token=token)) as server:
+        open_page(page, server.url + "?token=" + token)
+        page.fill("#free-text", FACT)
+        page.wait_for_selector("#key-triple_subject")
+        page.click('button[aria-label="Remove triple_subject"]')
+        page.wait_for_selector("#method-causal_tracing[disabled]")
+        reasons = page.inner_text('.method[data-method="causal_tracing"] .reasons')
+        assert "triple_subject" in reasons
+
+        page.click("#tab-dataset")
+        page.wait_for_selector("#record-0:checked")
+        page.select_option("#dataset-select", "counterfact")
+        page.wait_for_selector("#records-page:text('of')")
+        page.check("#record-2")
+        page.wait_for_selector("#method-causal_tracing:not([disabled])")
+        assert page.is_checked("#record-2")
+
+        with httpx.Client(base_url=server.url, timeout=30, headers={"Authorization": f"Bearer {token}"}) as api:
+            ids = [api.post("/api/runs", json={"model": MODEL, "text": text, "methods": ["logit_lens"]}).json()["id"]
+                   for text in (FACT, "The Colosseum is located in the city of Rome")]
+            for run_id in ids:
+                assert wait_done(api, run_id)["status"] == "done"
+        open_page(page, server.url + "#/runs")  # the token stays in the session
+        for run_id in ids:
+            page.check(f"#pick-{run_id}")
+        page.click("#compare-btn")
+        page.wait_for_selector("#compare-left .js-plotly-plot")
+        page.wait_for_selector("#compare-right .js-plotly-plot")
+        assert sorted([page.input_value("#compare-a"), page.input_value("#compare-b")]) == sorted(ids)
+        assert "Colosseum" in page.inner_text("#compare-diff") and "Eiffel" in page.inner_text("#compare-diff")
