@@ -128,6 +128,10 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     if args.samples is not None and args.samples < 1:
         raise ValueError("--samples must be at least 1")
     model = km.load_model(args.model, device=args.device, dtype=args.dtype)
+    if methods and not dataset_level:
+        blocked = [m for m in km.match(sample, model) if m.name in methods and not m.eligible]
+        if blocked:
+            raise ValueError("; ".join(f"{m.name} cannot run: {', '.join(m.reasons)}" for m in blocked))
     report = km.diagnose(sample, model, methods=methods, params=params, samples=args.samples,
                          progress=not args.json and sys.stderr.isatty() or args.progress)
     if args.out:
@@ -200,16 +204,35 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_diagnose)
 
     for name, fn in (("localize", cmd_localize), ("enhance", cmd_enhance)):
-        sp = sub.add_parser(name, help=f"{name} capability neurons over a dataset")
-        sp.add_argument("--model", default="smollm2-135m")
-        sp.add_argument("--dataset", required=True)
-        sp.add_argument("--path", help="the full public data file")
-        sp.add_argument("--samples", type=int, default=None)
-        sp.add_argument("--top-k", type=int, default=None)
-        sp.add_argument("--epochs", type=int, default=None)
-        sp.add_argument("--out")
+        sp = sub.add_parser(name, help=f"{name} capability neurons over a dataset (runs under `accelerate launch` too)")
+        sp.add_argument("--model", default="smollm2-135m", help="preset, hub id, folder or .gguf (default smollm2-135m)")
+        sp.add_argument("--dataset", required=True, help="a built-in dataset name or a data file")
+        sp.add_argument("--path", help="the full public data file for a built-in dataset")
+        sp.add_argument("--samples", type=int, default=None, help="use the first N records (default all)")
+        sp.add_argument("--top-k", type=int, default=None, help="neurons to locate (default 0.1%% of all, at least 10)")
+        sp.add_argument("--answer-key", default="ground_truth", help="the key teacher-forced as the answer, e.g. reasoning")
+        sp.add_argument("--max-answer-tokens", type=int, default=None, help="truncate long answers to N tokens")
+        sp.add_argument("--template", help="prompt template holding {prompt}, e.g. 'Question: {prompt}\\nAnswer:'")
+        sp.add_argument("--batch-size", type=int, default=8)
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--out", help="directory for the JSON result and index.html")
         sp.add_argument("--device", choices=["cpu", "cuda"], default=None)
-        sp.add_argument("--json", action="store_true")
+        sp.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+        sp.add_argument("--device-map", help="shard one model over the GPUs present, e.g. auto")
+        sp.add_argument("--json", action="store_true", help="print the JSON result to stdout")
+        sp.add_argument("--progress", action="store_true", help="show progress even when not on a terminal")
+        if name == "localize":
+            sp.add_argument("--top-fraction", type=float, default=None, help="locate this fraction of all neurons")
+            sp.add_argument("--subsets", type=int, default=2, help="disjoint subsets compared for stability")
+            sp.add_argument("--aggregate", choices=["mean_abs", "mean", "frequency"], default="mean_abs")
+            sp.add_argument("--positions", choices=["answer", "all"], default="answer")
+            sp.add_argument("--epochs", type=int, default=None, help=argparse.SUPPRESS)
+        else:
+            sp.add_argument("--neurons", help="a saved localisation (directory or localization.json); default: "
+                                              "localise on the training split first")
+            sp.add_argument("--epochs", type=int, default=3)
+            sp.add_argument("--lr", type=float, default=1e-3)
+            sp.add_argument("--eval-fraction", type=float, default=0.25, help="held-out share of the samples")
         sp.set_defaults(func=fn)
 
     sp = sub.add_parser("serve", help="start the web UI")

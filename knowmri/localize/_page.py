@@ -1,0 +1,31 @@
+"""The HTML page of a dataset-level result, in the report's style (one card, interactive figures, tables)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def write_page(path: Path, title: str, data: dict[str, Any], figures: list[tuple[str, Any]],
+               tables: list[dict[str, Any]]) -> None:
+    """Render `data` (a result's to_dict()) with its figures and tables through the report template."""
+    from knowmri.methods.base import _jsonable
+    from knowmri.report.html import render_html
+
+    name = data.get("kind", "result")
+    dataset = data.get("dataset") or {}
+    page = {
+        "knowmri_version": data.get("knowmri_version"),
+        "model": data.get("model", {}),
+        "sample": {"dataset": dataset.get("name"), "samples": dataset.get("samples"),
+                   "description": dataset.get("description")},
+        "results": {name: {
+            "method": name, "path": ["Dataset", title], "status": "ok", "error": None,
+            "seconds": data.get("seconds", 0.0), "params": data.get("params", {}), "summary": data.get("summary", ""),
+            "figures": [{"name": n, "plotly": _jsonable(f.to_plotly_json() if hasattr(f, "to_plotly_json") else f)}
+                        for n, f in figures],
+            "tables": tables,
+        }},
+    }
+    page["sample"] = {k: v for k, v in page["sample"].items() if v is not None}
+    path.write_text(render_html(page), encoding="utf-8")
