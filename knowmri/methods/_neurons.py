@@ -29,12 +29,42 @@ def answer_tokens(model: Any, enc: Encoded) -> list[tuple[int, int]]:
 @torch.no_grad()
 def clean_neurons(model: Any, enc: Encoded, positions: Sequence[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """One forward pass: every layer's neurons at `positions` ([n_pos, d_mlp] per layer, on that
-    layer's device) and the logits at those positions [n_pos, vocab]."""
+    layer's device) and the logits [T, vocab]."""
     pos = list(positions)
     with Hooks(model) as h:
         caps = [h.read(site(layer, "mlp.neurons"), positions=pos) for layer in range(model.n_layers)]
         logits = model.forward(**enc.inputs())
-    return [c.value[0] for c in caps], logits[0, pos]
+    return [c.value[0] for c in caps], logits[0]
+
+
+def token_probs(logits: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> list[float]:
+    """P(token) at its predicting position, for each (position, token) pair, from logits [T, vocab]."""
+    return [float(logits[p].float().softmax(-1)[t]) for p, t in pairs]
+
+
+def ig_jobs(model: Any, enc: Encoded, pairs: Sequence[tuple[int, int]], mode: str,
+            subject: Sequence[int] | None = None) -> tuple[list[tuple[int, int, int]], list[int]]:
+    """The (scaled position, predicting position, token) jobs of an IG run, and the scaled positions.
+
+    'answer': each answer token's own predicting position (Dai et al.); 'subject': the subject's
+    tokens; 'all': every input position (the decoder's for seq2seq). In a causal model (or a
+    decoder) a position after the predicting one cannot affect it and is skipped."""
+    if mode == "answer":
+        jobs = [(p, p, t) for p, t in pairs]
+    else:
+        if mode == "subject":
+            if subject is None:
+                raise ValueError("positions='subject' needs the subject (triple_subject) in the prompt")
+            if model.kind == "seq2seq":
+                raise ValueError("positions='subject' does not apply to a seq2seq model: its neurons are the decoder's")
+            candidates = list(subject)
+        elif mode == "all":
+            ids = enc.decoder_input_ids if model.kind == "seq2seq" else enc.input_ids
+            candidates = list(range(ids.shape[1]))
+        else:
+            raise ValueError(f"unknown positions mode {mode!r}: use 'answer', 'subject' or 'all'")
+        jobs = [(q, p, t) for p, t in pairs for q in candidates if model.kind == "masked" or q <= p]
+    return jobs, sorted({q for q, _, _ in jobs})
 
 
 def alphas(steps: int, riemann: str) -> torch.Tensor:
@@ -56,58 +86,55 @@ def _put(leaf: torch.Tensor, start: int, stop: int, position: int) -> Callable[[
 
 
 class _Rows:
-    """Runs B copies of the input and returns the logits [B, vocab] at one predicting position.
+    """Runs B copies of the input with the neurons scaled at position `scaled`, and returns the
+    logits [B, vocab] at the predicting position `predict`.
 
-    Causal models run only that position, over a key/value cache of the clean prefix (the rows
-    differ from the clean run only there and after); other kinds re-run the whole input (a
-    seq2seq model's encoder once)."""
+    Causal models run only positions scaled..predict, over a key/value cache of the clean prefix
+    (the rows differ from the clean run only from `scaled` on); other kinds re-run the whole
+    input (a seq2seq model's encoder once)."""
 
-    def __init__(self, model: Any, enc: Encoded, position: int) -> None:
-        self.model, self.enc, self.position = model, enc, position
+    def __init__(self, model: Any, enc: Encoded, scaled: int, predict: int) -> None:
+        self.model, self.enc, self.scaled, self.predict = model, enc, scaled, predict
         self.cache: Any = None
-        self.fed = enc.input_ids.shape[1] if model.kind != "seq2seq" else enc.decoder_input_ids.shape[1]
-        self.local = position
-        self.encoder_out: torch.Tensor | None = None
         self.incremental = False
+        self.encoder_out: torch.Tensor | None = None
         if model.kind == "causal":
-            self.cache = self._prefix_cache() if position > 0 else None
-            self.incremental = position == 0 or _expandable(self.cache)
-            if self.incremental:
-                self.fed, self.local = 1, 0
+            self.cache = self._prefix_cache() if scaled > 0 else None
+            self.incremental = scaled == 0 or _expandable(self.cache)
         if not self.incremental:
             self.cache = None
             if model.kind == "seq2seq":
                 with torch.no_grad():
                     encoder = model.hf_model.get_encoder()
                     self.encoder_out = encoder(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
+        full = enc.decoder_input_ids.shape[1] if model.kind == "seq2seq" else enc.input_ids.shape[1]
+        self.fed = predict - scaled + 1 if self.incremental else full
+        self.local = 0 if self.incremental else scaled
+        self.prefix = scaled if self.incremental else 0
 
     def _prefix_cache(self) -> Any:
         with torch.no_grad():
-            out = self.model.hf_model(input_ids=self.enc.input_ids[:, : self.position],
-                                      attention_mask=self.enc.attention_mask[:, : self.position], use_cache=True)
+            out = self.model.hf_model(input_ids=self.enc.input_ids[:, : self.scaled],
+                                      attention_mask=self.enc.attention_mask[:, : self.scaled], use_cache=True)
         return out["cache"] if "cache" in out else out.get("past_key_values")
-
-    def prefix_tokens(self) -> int:
-        return self.position if self.incremental else 0
 
     def __call__(self, batch: int) -> torch.Tensor:
         enc, hf = self.enc, self.model.hf_model
         if self.incremental:
-            p = self.position
             cache = None
             if self.cache is not None:
                 cache = copy.deepcopy(self.cache)
                 cache.batch_repeat_interleave(batch)
-            out = hf(input_ids=enc.input_ids[:, p: p + 1].repeat(batch, 1),
-                     attention_mask=enc.attention_mask[:, : p + 1].repeat(batch, 1), use_cache=True,
+            out = hf(input_ids=enc.input_ids[:, self.scaled: self.predict + 1].repeat(batch, 1),
+                     attention_mask=enc.attention_mask[:, : self.predict + 1].repeat(batch, 1), use_cache=True,
                      **{_cache_kwarg(hf): cache})
             return out.logits[:, -1]
         if self.encoder_out is not None:
             out = hf(encoder_outputs=(self.encoder_out.expand(batch, -1, -1),),
                      attention_mask=enc.attention_mask.repeat(batch, 1),
                      decoder_input_ids=enc.decoder_input_ids.repeat(batch, 1), use_cache=False)
-            return out.logits[:, self.position]
-        return self.model.forward(**enc.inputs(batch))[:, self.position]
+            return out.logits[:, self.predict]
+        return self.model.forward(**enc.inputs(batch))[:, self.predict]
 
 
 def _cache_kwarg(hf_model: Any) -> str:
@@ -135,68 +162,72 @@ def auto_rows(model: Any, fed: int, prefix: int, steps: int) -> int:
     return max(steps, budget // max(per_row, 1))
 
 
-def ig_neurons(model: Any, enc: Encoded, clean: list[torch.Tensor], *, steps: int, riemann: str = "right",
-               batch_size: int = 0, progress: Callable[[float], None] | None = None) -> torch.Tensor:
+Job = tuple[int, int, int]  # (scaled position, predicting position, answer token id)
+
+
+def ig_neurons(model: Any, enc: Encoded, jobs: Sequence[Job], clean: Sequence[torch.Tensor], positions: Sequence[int], *,
+               steps: int, riemann: str = "right", batch_size: int = 0,
+               progress: Callable[[float], None] | None = None) -> torch.Tensor:
     """Integrated gradients of P(answer token) w.r.t. every MLP neuron, batched.
 
-    For answer token i (predicted at position p_i, teacher forced) and layer l, the layer's
-    neurons at p_i are scaled by each alpha (0 -> clean value, `steps` points) while every
-    other layer runs as it would; attribution = clean activation x the mean gradient of
-    P(token_i). Rows are (layer, step) pairs, several layers per batch (each hook scales only
-    the rows of its own layer), one backward per batch. `clean[l]` is [n_answer, d_mlp], from
-    `clean_neurons`. Returns [n_answer, n_layers, d_mlp] float32 on the CPU.
+    For a job (q, p, t) and a layer l, layer l's neurons at position q are scaled by each alpha
+    (0 -> their clean value, `steps` points) while every other layer runs as it would, and the
+    attribution is the clean activation x the mean gradient of P(t) read at position p (teacher
+    forced). Rows are (layer, step) pairs, several layers per batch (each layer's hook scales
+    only its own rows), one backward per batch. `clean[l]` holds layer l's clean neurons at
+    `positions` ([len(positions), d_mlp], from `clean_neurons`). Returns [n_jobs, n_layers, d_mlp]
+    float32 on the CPU.
     """
-    pairs = answer_tokens(model, enc)
     a = alphas(steps, riemann)
     n_layers = model.n_layers
-    out = torch.zeros(len(pairs), n_layers, model.d_mlp)
-    done, total = 0, len(pairs) * n_layers
-    for i, (position, token) in enumerate(pairs):
-        runner = _Rows(model, enc, position)
-        rows = batch_size or auto_rows(model, runner.fed, runner.prefix_tokens(), steps)
+    out = torch.zeros(len(jobs), n_layers, model.d_mlp)
+    done, total = 0, len(jobs) * n_layers
+    index = {q: i for i, q in enumerate(positions)}
+    for j, (scaled, predict, token) in enumerate(jobs):
+        runner = _Rows(model, enc, scaled, predict)
+        rows = batch_size or auto_rows(model, runner.fed, runner.prefix, steps)
         per_batch = max(1, rows // steps)
         for first in range(0, n_layers, per_batch):
             chunk = list(range(first, min(n_layers, first + per_batch)))
             leaves = []
-            with torch.enable_grad(), Hooks(model) as h:
-                for j, layer in enumerate(chunk):
-                    base = clean[layer][i]
+            with torch.inference_mode(False), torch.enable_grad(), Hooks(model) as h:
+                for k, layer in enumerate(chunk):
+                    base = clean[layer][index[scaled]]
                     leaf = (a.to(base.device, base.dtype)[:, None] * base[None, :]).requires_grad_(True)
                     leaves.append(leaf)
-                    h.edit(site(layer, "mlp.neurons"), _put(leaf, j * steps, (j + 1) * steps, runner.local))
+                    h.edit(site(layer, "mlp.neurons"), _put(leaf, k * steps, (k + 1) * steps, runner.local))
                 logits = runner(len(chunk) * steps)
                 prob = logits.float().softmax(-1)[:, token].sum()
                 grads = torch.autograd.grad(prob, leaves)
             for layer, grad in zip(chunk, grads):
-                base = clean[layer][i]
-                out[i, layer] = (grad.float().sum(0) * base.float() / steps).cpu()
+                base = clean[layer][index[scaled]]
+                out[j, layer] = (grad.float().sum(0) * base.float() / steps).cpu()
             done += len(chunk)
             if progress is not None:
                 progress(done / total)
     return out
 
 
-def ig_neurons_reference(model: Any, enc: Encoded, *, steps: int, riemann: str = "right") -> torch.Tensor:
+def ig_neurons_reference(model: Any, enc: Encoded, jobs: Sequence[Job], *, steps: int, riemann: str = "right") -> torch.Tensor:
     """The straightforward per-layer loop of Dai et al. / EleutherAI (for tests and benchmarks):
-    for each answer token and each layer, a clean forward to read that layer's activation, then
-    `steps` scaled copies of the full input in one batch and one backward. Same output as `ig_neurons`."""
-    pairs = answer_tokens(model, enc)
+    for each job and each layer, a clean forward to read that layer's activation, then `steps`
+    scaled copies of the full input in one batch and one backward. Same output as `ig_neurons`."""
     a = alphas(steps, riemann)
-    out = torch.zeros(len(pairs), model.n_layers, model.d_mlp)
-    for i, (position, token) in enumerate(pairs):
+    out = torch.zeros(len(jobs), model.n_layers, model.d_mlp)
+    for j, (scaled, predict, token) in enumerate(jobs):
         for layer in range(model.n_layers):
             name = site(layer, "mlp.neurons")
             with torch.no_grad(), Hooks(model) as h:
-                cap = h.read(name, positions=[position])
+                cap = h.read(name, positions=[scaled])
                 model.forward(**enc.inputs())
             base = cap.value[0, 0]
-            scaled = (a.to(base.device, base.dtype)[:, None] * base[None, :]).requires_grad_(True)
-            with torch.enable_grad(), Hooks(model) as h:
-                h.replace(name, scaled[:, None, :], positions=[position])
+            scaled_acts = (a.to(base.device, base.dtype)[:, None] * base[None, :]).requires_grad_(True)
+            with torch.inference_mode(False), torch.enable_grad(), Hooks(model) as h:
+                h.replace(name, scaled_acts[:, None, :], positions=[scaled])
                 logits = model.forward(**enc.inputs(steps))
-                probs = logits[:, position].float().softmax(-1)[:, token]
-                (grad,) = torch.autograd.grad(probs.sum(), scaled)
-            out[i, layer] = (grad.float().sum(0) * base.float() / steps).cpu()
+                probs = logits[:, predict].float().softmax(-1)[:, token]
+                (grad,) = torch.autograd.grad(probs.sum(), scaled_acts)
+            out[j, layer] = (grad.float().sum(0) * base.float() / steps).cpu()
     return out
 
 
@@ -244,7 +275,23 @@ def neuron_top_tokens(model: Any, neurons: Sequence[tuple[int, int]], k: int = 5
     return [[tok.decode([int(t)]) for t in row] for row in ids]
 
 
-# ---------------------------------------------------------------------- findings and figures
+# ---------------------------------------------------------------------- selection, findings and figures
+def coarse_neurons(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Dai et al.'s adaptive threshold: the neurons whose attribution exceeds `threshold` x the
+    largest attribution of this prompt (none when no attribution is positive)."""
+    peak = float(scores.max())
+    if peak <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    return scores > threshold * peak
+
+
+def refine(coarse: Sequence[torch.Tensor], p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The neurons that at least a fraction `p` of the prompts share (count >= p x prompts, as in
+    the authors' code), and each neuron's count."""
+    counts = torch.stack(list(coarse)).sum(0)
+    return (counts >= p * len(coarse) - 1e-9) & (counts > 0), counts
+
+
 def ranked(scores: torch.Tensor, k: int) -> list[tuple[int, int, float]]:
     """The `k` highest entries of a [n_layers, d_mlp] score grid as (layer, unit, score), best first."""
     flat = scores.flatten()

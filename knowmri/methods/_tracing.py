@@ -22,7 +22,7 @@ falls back to full forwards (with the block input replaced) when the check fails
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,10 @@ def record_calls(model: Any) -> Iterator[list[tuple[tuple, dict]]]:
     handles = []
     for i, layer in enumerate(model.layers):
         def pre(module: Any, args: tuple, kwargs: dict, i: int = i) -> None:
+            if args:
+                args = (args[0].clone(), *args[1:])
+            else:
+                kwargs = {**kwargs, "hidden_states": kwargs["hidden_states"].clone()}
             calls[i] = (args, dict(kwargs))
         handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
     try:
@@ -138,7 +142,7 @@ class BlockRunner:
         """The fallback: a whole forward whose residual stream at `start` is replaced by `hidden`."""
         L = self.model.n_layers
         batch = hidden.shape[0]
-        with Hooks(self.model) if hooks is None else _nullcontext(hooks) as h:
+        with Hooks(self.model) if hooks is None else nullcontext(hooks) as h:
             h.replace(site(start, "resid_pre") if start < L else site(L - 1, "resid_post"), hidden)
             logits = self.model.forward(input_ids=self.input_ids.repeat(batch, 1),
                                         attention_mask=self.attention_mask.repeat(batch, 1))
@@ -148,15 +152,10 @@ class BlockRunner:
         """Use direct block calls only if they reproduce the model's own logits `expected` [B, vocab]."""
         try:
             got = self.run(0, start_hidden, position)
-            ok = torch.allclose(got.float().softmax(-1), expected.float().softmax(-1), atol=1e-3)
+            ok = torch.allclose(got.float().softmax(-1).cpu(), expected.float().softmax(-1).cpu(), atol=1e-3)
         except (ValueError, TypeError, RuntimeError, IndexError, KeyError):
             ok = False
         self.direct = bool(ok)
-
-
-@contextmanager
-def _nullcontext(value: Any) -> Iterator[Any]:
-    yield value
 
 
 @dataclass
@@ -181,7 +180,7 @@ def trace(model: Any, input_ids: torch.Tensor, position: int, answer: int, subje
     L, T, S = model.n_layers, input_ids.shape[1], noise.shape[0]
     mask = torch.ones_like(input_ids)
     subj = list(subject)
-    needed = {KIND_SITES[k] for k in kinds} | {"resid_post"}
+    needed = {KIND_SITES[k] for k in kinds}
     with Hooks(model) as h, record_calls(model) as calls_one:
         caps = {(kind, layer): h.read(site(layer, kind)) for kind in needed for layer in range(L)}
         logits = model.forward(input_ids=input_ids, attention_mask=mask)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from knowmri.hooks import Hooks, site
-from knowmri.methods._weights import head_weights
+from knowmri.methods._weights import output_weights, ov_circuit
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
 from knowmri.methods.common import forward_cost, prepare
 from knowmri.report import figures
@@ -29,16 +29,34 @@ from knowmri.sample import Sample
 @dataclass
 class EmbeddingProjectionParams(Params):
     top_k: int = field(default=5, metadata={"help": "vocabulary tokens listed per vector"})
-    final_norm: bool = field(default=False, metadata={
-        "help": "apply the final norm before the unembedding (the logit lens) instead of projecting directly (the paper)"})
-    top_neurons: int = field(default=10, metadata={"help": "MLP neurons shown (largest |activation| x ||value vector||)"})
+    position: int = field(
+        default=-1,
+        metadata={"help": "input position read (residual stream, neurons, heads): -1 = the one predicting the answer"},
+    )
+    final_norm: bool = field(
+        default=False,
+        metadata={
+            "help": "apply the final norm before the unembedding (the logit lens); "
+            "default: project directly (the paper)"
+        },
+    )
+    top_neurons: int = field(
+        default=10, metadata={"help": "MLP neurons shown (largest |activation| x ||value vector||)"}
+    )
     top_heads: int = field(default=3, metadata={"help": "heads shown when `heads` is empty (largest output norm)"})
-    heads: list = field(default_factory=list, metadata={"help": "heads to read as 'layer.head' (e.g. 3.1,5.0); empty: top_heads"})
+    heads: list = field(
+        default_factory=list, metadata={"help": "heads to read as 'layer.head' (e.g. 3.1,5.0); empty: top_heads"}
+    )
     n_neighbours: int = field(default=8, metadata={"help": "nearest embedding neighbours per prompt token"})
     map_dims: int = field(default=2, metadata={"help": "dimensions of the neighbour map (2 or 3)", "choices": [2, 3]})
 
     def validate(self) -> None:
-        for name, low, high in (("top_k", 1, 50), ("top_neurons", 0, 200), ("top_heads", 0, 50), ("n_neighbours", 1, 50)):
+        for name, low, high in (
+            ("top_k", 1, 50),
+            ("top_neurons", 0, 200),
+            ("top_heads", 0, 50),
+            ("n_neighbours", 1, 50),
+        ):
             if not low <= getattr(self, name) <= high:
                 raise ValueError(f"{name} must be between {low} and {high}")
         if self.map_dims not in (2, 3):
@@ -66,7 +84,9 @@ class EmbeddingProjection(Method):
     title = "Embedding-space projection"
     path = ("Internal", "Representation", "Parameters")
     paper = "Dar et al. 2022, 'Analyzing Transformers in Embedding Space'"
-    description = "Reads residual states, MLP value vectors, attention OV circuits and token neighbours in the vocabulary."
+    description = (
+        "Reads residual states, MLP value vectors, attention OV circuits and token neighbours in the vocabulary."
+    )
     requires_keys = ("prompt",)
     requires_capabilities = ()
     Params = EmbeddingProjectionParams
@@ -75,26 +95,36 @@ class EmbeddingProjection(Method):
         return [] if model.spec.extra.get("qkv") else [f"{model.architecture} has no q/k/v map (archs.toml `qkv`)"]
 
     def estimate(self, model: Any, sample: Sample, params: Params | None = None) -> Estimate:
-        extra = (model.n_layers + 40) * model.vocab_size * model.d_model // max(1, 2 * sum(p.numel() for p in model.hf_model.parameters()))
+        extra = (
+            (model.n_layers + 40)
+            * model.vocab_size
+            * model.d_model
+            // max(1, 2 * sum(p.numel() for p in model.hf_model.parameters()))
+        )
         return forward_cost(model, sample, forward=1 + extra)
 
     @torch.inference_mode()
     def run(self, model: Any, sample: Sample, params: EmbeddingProjectionParams, ctx: RunContext) -> MethodResult:
         prep = prepare(model, sample)
         enc, pos, tok = prep.enc, prep.enc.pred_pos, model.tokenizer
+        if params.position != -1:
+            length = enc.input_ids.shape[1] if model.kind != "seq2seq" else enc.decoder_input_ids.shape[1]
+            if not -length <= params.position < length:
+                raise ValueError(f"position {params.position} is out of range for {length} tokens")
+            pos = params.position % length
         n_layers = model.n_layers
         with Hooks(model) as h:
             resid = [h.read(site(layer, "resid_post"), positions=[pos]) for layer in range(n_layers)]
             neurons = [h.read(site(layer, "mlp.neurons"), positions=[pos]) for layer in range(n_layers)]
             heads = [h.read(site(layer, "attn.heads"), positions=[pos]) for layer in range(n_layers)]
             model.forward(**enc.inputs())
-        unembed = model.unembedding.float()
+        unembed = model.unembedding  # [V, d], in the model's dtype (no float32 copy of a large vocabulary)
 
         def project(vectors: torch.Tensor) -> torch.Tensor:
-            vectors = vectors.to(unembed.device)
+            vectors = vectors.to(device=unembed.device, dtype=unembed.dtype)
             if params.final_norm:
-                return model.readout(vectors.to(model.unembedding.dtype)).float()
-            return vectors.float() @ unembed.T
+                return model.readout(vectors).float()
+            return (vectors @ unembed.T).float()
 
         def names(ids: torch.Tensor) -> list[str]:
             return [tok.decode([int(i)]) for i in ids]
@@ -110,7 +140,8 @@ class EmbeddingProjection(Method):
         layer_tokens = [names(row) for row in logits.topk(k, dim=-1).indices]
         final_top = logits[-1].topk(k).indices.tolist()
         shown = [target] + [i for i in final_top if i != target][: max(0, k - 1)]
-        rank_grid = [[int((logits[layer] > logits[layer, i]).sum()) + 1 for i in shown] for layer in range(n_layers)]
+        shown_scores = logits[:, torch.tensor(shown, device=logits.device)]  # [L, S]
+        rank_grid = ((logits[:, None, :] > shown_scores[:, :, None]).sum(-1) + 1).tolist()
 
         ctx.progress(0.4, "MLP neurons")
         # (2) the MLP neurons that write most at the position: |a| x ||v||, read as sign(a) * v
@@ -118,107 +149,188 @@ class EmbeddingProjection(Method):
         if params.top_neurons:
             acts = torch.stack([c.value[0, 0].float().to(unembed.device) for c in neurons])  # [L, d_mlp]
             values = [model.mlp_value_vectors(layer) for layer in range(n_layers)]
-            norms = torch.stack([v.float().norm(dim=-1).to(unembed.device) for v in values])
+            norms = torch.stack(
+                [torch.linalg.vector_norm(v, dim=-1, dtype=torch.float32).to(unembed.device) for v in values]
+            )
             score = acts.abs() * norms
             top = score.flatten().topk(min(params.top_neurons, score.numel())).indices
             picked = [(int(i) // score.shape[1], int(i) % score.shape[1]) for i in top]
-            vectors = torch.stack([values[layer][unit].float().to(unembed.device) * acts[layer, unit].sign() for layer, unit in picked])
+            vectors = torch.stack(
+                [values[layer][unit].to(unembed.device) * acts[layer, unit].sign() for layer, unit in picked]
+            )
             for (layer, unit), row in zip(picked, project(vectors).topk(k, dim=-1).indices):
-                neuron_rows.append({"layer": layer, "unit": unit, "score": float(score[layer, unit]),
-                                    "activation": float(acts[layer, unit]), "tokens": names(row)})
+                neuron_rows.append(
+                    {
+                        "layer": layer,
+                        "unit": unit,
+                        "score": float(score[layer, unit]),
+                        "activation": float(acts[layer, unit]),
+                        "tokens": names(row),
+                    }
+                )
 
         ctx.progress(0.6, "attention heads")
         # (3) OV circuits of the heads that write most: what each would write for each prompt token
-        prompt_ids = enc.input_ids[0, : enc.prompt_len].tolist() if model.kind != "masked" else enc.input_ids[0].tolist()
+        prompt_ids = (
+            enc.input_ids[0, : enc.prompt_len].tolist() if model.kind != "masked" else enc.input_ids[0].tolist()
+        )
         special = set(tok.all_special_ids)
         unique_ids = list(dict.fromkeys(i for i in prompt_ids if i not in special)) or list(dict.fromkeys(prompt_ids))
-        weights = {layer: head_weights(model, layer) for layer in range(n_layers)}
-        head_norms = torch.stack([torch.einsum("he,hed->hd", heads[layer].value[0, 0].float().to(weights[layer][3].device),
-                                               weights[layer][3].float()).norm(dim=-1).cpu() for layer in range(n_layers)])
+        norms_per_layer = []
+        for layer in range(n_layers):  # what each head writes at the position: z_h @ W_O[h]
+            w_o = output_weights(model, layer)
+            z = heads[layer].value[0, 0].to(device=w_o.device, dtype=w_o.dtype)
+            norms_per_layer.append((z[:, None, :] @ w_o).squeeze(1).float().norm(dim=-1).cpu())
+        head_norms = torch.stack(norms_per_layer)  # [L, H]
         chosen = parse_heads(params.heads)
         for layer, head in chosen:
             if not (0 <= layer < n_layers and 0 <= head < model.n_heads):
-                raise ValueError(f"head {layer}.{head} does not exist: the model has {n_layers} layers of {model.n_heads} heads")
+                raise ValueError(
+                    f"head {layer}.{head} does not exist: the model has {n_layers} layers of {model.n_heads} heads"
+                )
         if not chosen and params.top_heads:
             order = head_norms.flatten().topk(min(params.top_heads, head_norms.numel())).indices
             chosen = [(int(i) // model.n_heads, int(i) % model.n_heads) for i in order]
         id_tensor = torch.tensor([unique_ids], device=model.device)
-        embedded = model.embed_module(id_tensor)[0].float()  # the embedding as the residual stream receives it
+        embedded = model.embed_module(id_tensor)[0]  # the embedding as the residual stream receives it
         head_rows = []
         for layer, head in chosen:
-            _, _, w_v, w_o = weights[layer]
-            ov = embedded.to(w_v.device) @ w_v[head].float() @ w_o[head].float()  # [n, d_model]
+            w_v, w_o = ov_circuit(model, layer, head)
+            ov = embedded.to(device=w_v.device, dtype=w_v.dtype) @ w_v @ w_o  # [n, d_model]
             top_ids = project(ov).topk(k, dim=-1).indices
             copies = [{"token": tok.decode([t]), "writes": names(row)} for t, row in zip(unique_ids, top_ids)]
             copying = float(np.mean([t in row.tolist() for t, row in zip(unique_ids, top_ids)]))
-            head_rows.append({"layer": layer, "head": head, "score": float(head_norms[layer, head]),
-                              "copying": copying, "copies": copies})
+            head_rows.append(
+                {
+                    "layer": layer,
+                    "head": head,
+                    "score": float(head_norms[layer, head]),
+                    "copying": copying,
+                    "copies": copies,
+                }
+            )
 
         ctx.progress(0.8, "neighbours")
         # (4) nearest neighbours in the input embedding space and their PCA map
         emb = model.embed_module.weight
-        emb_n = torch.nn.functional.normalize(emb.float(), dim=-1)
-        query = emb_n[torch.tensor(unique_ids, device=emb.device)]
-        sims = query @ emb_n.T
-        sims[torch.arange(len(unique_ids)), torch.tensor(unique_ids, device=emb.device)] = -2.0
+        row_norms = torch.linalg.vector_norm(emb, dim=-1, dtype=torch.float32).clamp_min(1e-12)
+        query_ids = torch.tensor(unique_ids, device=emb.device)
+        sims = (emb[query_ids] @ emb.T).float() / (row_norms[query_ids, None] * row_norms[None, :])  # cosine
+        sims[torch.arange(len(unique_ids), device=emb.device), torch.tensor(unique_ids, device=emb.device)] = -2.0
         n_nb = min(params.n_neighbours, model.vocab_size - 1)
         nb_vals, nb_ids = sims.topk(n_nb, dim=-1)
         neighbours = {tok.decode([t]): names(row) for t, row in zip(unique_ids, nb_ids)}
-        map_fig = _neighbour_map(emb_n, unique_ids, nb_ids, tok, params.map_dims)
+        map_fig = _neighbour_map(emb, row_norms, unique_ids, nb_ids, tok, params.map_dims)
 
         result = self.new_result(params)
         first_top = next((i for i, r in enumerate(target_rank) if r == 1), None)
         result.findings = {
-            "target": prep.answer, "target_token": answer, "answer_source": prep.answer_source, "position": pos,
-            "final_norm": params.final_norm, "layer_tokens": layer_tokens, "target_rank": target_rank,
-            "target_score": [float(s) for s in target_score], "first_top1_layer": first_top,
+            "target": prep.answer,
+            "target_token": answer,
+            "answer_source": prep.answer_source,
+            "position": pos,
+            "final_norm": params.final_norm,
+            "layer_tokens": layer_tokens,
+            "target_rank": target_rank,
+            "target_score": [float(s) for s in target_score],
+            "first_top1_layer": first_top,
             "layer_scores": [{"layer": i, "score": 1.0 / r} for i, r in enumerate(target_rank)],
-            "neurons": neuron_rows, "heads": head_rows, "neighbours": neighbours,
-            "neighbour_similarity": {tok.decode([t]): [round(float(v), 4) for v in row] for t, row in zip(unique_ids, nb_vals)},
+            "neurons": neuron_rows,
+            "heads": head_rows,
+            "neighbours": neighbours,
+            "neighbour_similarity": {
+                tok.decode([t]): [round(float(v), 4) for v in row] for t, row in zip(unique_ids, nb_vals)
+            },
         }
         how = "through the final norm" if params.final_norm else "directly by the unembedding"
-        where = (f"it is the top token from layer {first_top} on" if first_top is not None
-                 else f"its best rank is {min(target_rank)} (layer {int(np.argmin(target_rank))})")
-        parts = [f"Projected {how}, the residual stream at the last position ranks {answer!r} ({prep.answer_source}) "
-                 f"{target_rank[0]} after layer 0 and {target_rank[-1]} after the last layer; {where}."]
+        where = (
+            f"it is the top token from layer {first_top} on"
+            if first_top is not None
+            else f"its best rank is {min(target_rank)} (layer {int(np.argmin(target_rank))})"
+        )
+        at = "the position predicting the answer" if pos == enc.pred_pos else f"position {pos}"
+        parts = [
+            f"Projected {how}, the residual stream at {at} ranks {answer!r} ({prep.answer_source}) "
+            f"{target_rank[0]} after layer 0 and {target_rank[-1]} after the last layer; {where}."
+        ]
         if neuron_rows:
             n0 = neuron_rows[0]
-            parts.append(f"The neuron writing most there is L{n0['layer']}.{n0['unit']}, whose value vector promotes "
-                         f"{', '.join(map(repr, n0['tokens'][:3]))}.")
+            parts.append(
+                f"The neuron writing most there is L{n0['layer']}.{n0['unit']}, whose value vector promotes "
+                f"{', '.join(map(repr, n0['tokens'][:3]))}."
+            )
         if head_rows:
             best = max(head_rows, key=lambda r: r["copying"])
-            parts.append(f"Of the heads read, {best['layer']}.{best['head']} copies the most prompt tokens "
-                         f"({best['copying']:.0%} map to themselves through W_V W_O).")
+            parts.append(
+                f"Of the heads read, {best['layer']}.{best['head']} copies the most prompt tokens "
+                f"({best['copying']:.0%} map to themselves through W_V W_O)."
+            )
         result.summary = " ".join(parts)
 
         layers = list(range(n_layers))
-        result.add_figure("Rank of the answer and the final top tokens by layer", figures.heatmap(
-            [[float(np.log10(r)) for r in row] for row in rank_grid], x=[repr(tok.decode([i])) for i in shown], y=layers,
-            text=[[str(r) for r in row] for row in rank_grid], colorscale="Blues_r", colorbar="log10 rank",
-            title=f"Residual stream projected {how}: rank of each token (1 = top)", x_title="token", y_title="layer"))
+        result.add_figure(
+            "Rank of the answer and the final top tokens by layer",
+            figures.heatmap(
+                [[float(np.log10(r)) for r in row] for row in rank_grid],
+                x=[repr(tok.decode([i])) for i in shown],
+                y=layers,
+                text=[[str(r) for r in row] for row in rank_grid],
+                colorscale="Blues_r",
+                colorbar="log10 rank",
+                title=f"Residual stream projected {how}: rank of each token (1 = top)",
+                x_title="token",
+                y_title="layer",
+            ),
+        )
         result.add_figure("Prompt tokens and their embedding neighbours", map_fig)
-        result.add_table("Residual stream in the vocabulary", ["layer", f"rank of {answer!r}", "top tokens"],
-                         [[i, target_rank[i], " | ".join(layer_tokens[i])] for i in layers])
-        result.add_table("Most active MLP neurons", ["layer", "unit", "activation", "score", "tokens promoted"],
-                         [[r["layer"], r["unit"], round(r["activation"], 4), round(r["score"], 4), " | ".join(r["tokens"])]
-                          for r in neuron_rows])
-        result.add_table("Attention OV circuits", ["head", "output norm", "copying", "token -> writes"],
-                         [[f"{r['layer']}.{r['head']}", round(r["score"], 4), round(r["copying"], 3),
-                           "; ".join(f"{c['token']} -> {c['writes'][0]}" for c in r["copies"])] for r in head_rows])
-        result.add_table("Nearest embedding neighbours", ["token", "neighbours (cosine)"],
-                         [[t, " | ".join(f"{n} ({s:.2f})" for n, s in zip(nbs, result.findings["neighbour_similarity"][t]))]
-                          for t, nbs in neighbours.items()])
+        result.add_table(
+            "Residual stream in the vocabulary",
+            ["layer", f"rank of {answer!r}", "top tokens"],
+            [[i, target_rank[i], " | ".join(layer_tokens[i])] for i in layers],
+        )
+        result.add_table(
+            "Most active MLP neurons",
+            ["layer", "unit", "activation", "score", "tokens promoted"],
+            [
+                [r["layer"], r["unit"], round(r["activation"], 4), round(r["score"], 4), " | ".join(r["tokens"])]
+                for r in neuron_rows
+            ],
+        )
+        result.add_table(
+            "Attention OV circuits",
+            ["head", "output norm", "copying", "token -> writes"],
+            [
+                [
+                    f"{r['layer']}.{r['head']}",
+                    round(r["score"], 4),
+                    round(r["copying"], 3),
+                    "; ".join(f"{c['token']} -> {c['writes'][0]}" for c in r["copies"]),
+                ]
+                for r in head_rows
+            ],
+        )
+        result.add_table(
+            "Nearest embedding neighbours",
+            ["token", "neighbours (cosine)"],
+            [
+                [t, " | ".join(f"{n} ({s:.2f})" for n, s in zip(nbs, result.findings["neighbour_similarity"][t]))]
+                for t, nbs in neighbours.items()
+            ],
+        )
         result.arrays["residual_logits_top"] = logits.topk(k, dim=-1).values.cpu().numpy()
         return result
 
 
-def _neighbour_map(emb_n: torch.Tensor, ids: list[int], nb_ids: torch.Tensor, tok: Any, dims: int) -> Any:
+def _neighbour_map(
+    emb: torch.Tensor, row_norms: torch.Tensor, ids: list[int], nb_ids: torch.Tensor, tok: Any, dims: int
+) -> Any:
     """A PCA (numpy SVD) scatter of the prompt's tokens and their nearest neighbours."""
     import plotly.graph_objects as go
 
     groups = {t: [t] + [int(i) for i in row] for t, row in zip(ids, nb_ids)}
     order = list(dict.fromkeys(i for members in groups.values() for i in members))
-    points = emb_n[torch.tensor(order, device=emb_n.device)].cpu().double().numpy()
+    index_t = torch.tensor(order, device=emb.device)
+    points = (emb[index_t].double() / row_norms[index_t, None].double()).cpu().numpy()  # unit vectors
     centred = points - points.mean(0, keepdims=True)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     coords = centred @ vt[:dims].T
@@ -230,13 +342,23 @@ def _neighbour_map(emb_n: torch.Tensor, ids: list[int], nb_ids: torch.Tensor, to
         rows = [index[i] for i in members]
         labels = [tok.decode([i]) for i in members]
         sizes = [14] + [8] * (len(members) - 1)
-        common = {"mode": "markers+text", "text": labels, "name": repr(tok.decode([t])), "marker": {"size": sizes},
-                  "textposition": "top center"}
+        common = {
+            "mode": "markers+text",
+            "text": labels,
+            "name": repr(tok.decode([t])),
+            "marker": {"size": sizes},
+            "textposition": "top center",
+        }
         if dims == 3:
             traces.append(go.Scatter3d(x=coords[rows, 0], y=coords[rows, 1], z=coords[rows, 2], **common))
         else:
             traces.append(go.Scatter(x=coords[rows, 0], y=coords[rows, 1], **common))
     fig = go.Figure(traces)
-    fig.update_layout(title="Prompt tokens (large) and their nearest neighbours in the input embedding space (PCA)",
-                      xaxis_title="PC 1", yaxis_title="PC 2", template="plotly_white", legend_title_text="token")
+    fig.update_layout(
+        title="Prompt tokens (large) and their nearest neighbours in the input embedding space (PCA)",
+        xaxis_title="PC 1",
+        yaxis_title="PC 2",
+        template="plotly_white",
+        legend_title_text="token",
+    )
     return fig

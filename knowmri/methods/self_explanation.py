@@ -17,14 +17,16 @@ from knowmri.report import figures
 from knowmri.sample import Sample
 
 IG_CACHE_KEY = ("integrated_gradients", "token_scores")
-STOPWORDS = frozenset("""a an the of in on at to for from by with and or but is are was were be been being it its this that
+_STOP_TEXT = """a an the of in on at to for from by with and or but is are was were be been being it its this that
 these those as into than then there their they he she his her we you your i my me our not no do does did has have had
-which what who whom whose where when why how so if about""".split())
+which what who whom whose where when why how so if about"""
+STOPWORDS = frozenset(_STOP_TEXT.split())
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*", re.UNICODE)
 _QUOTED = re.compile(r"\"([^\"\n]{1,80})\"|“([^”\n]{1,80})”|‘([^’\n]{1,80})’|`([^`\n]{1,80})`|(?<!\w)'([^'\n]{1,80})'(?!\w)")
 PLAIN_TEMPLATE = ('Text: "{prompt}"\nContinuation: "{answer}"\n'
                   "Question: Which words of the text were most important for choosing this continuation, and why?\n"
-                  'Answer: The most important words were "')
+                  "Answer: ")
+PRIMER = 'The words I relied on most were "'  # the reply is started for the model, so that it names words at once
 CHAT_TEMPLATE = ('Here is a text: "{prompt}"\nYou continued it with: "{answer}".\n'
                  "Which words of the text did you rely on to give this answer, and why? Put each word you name in double quotes.")
 
@@ -63,8 +65,8 @@ def parse_named_words(explanation: str, prompt: str) -> list[dict[str, Any]]:
     """The prompt words an explanation names, in order: first those inside quotes, then other mentions.
 
     Matching is case-insensitive and fuzzy (inflections, small typos). A quote that repeats
-    most of the prompt names nothing in particular and is skipped; unquoted mentions of
-    stop words are ignored. Each entry: word (as in the prompt), occurrences (indices into
+    most of the prompt, or a verbatim restatement of it, names nothing in particular and is
+    skipped; unquoted mentions of stop words are ignored. Each entry: word (as in the prompt), occurrences (indices into
     `prompt_words(prompt)`), quoted.
     """
     words = prompt_words(prompt)
@@ -83,7 +85,7 @@ def parse_named_words(explanation: str, prompt: str) -> list[dict[str, Any]]:
         seen.add(key)
         named.append({"word": words[hits[0]][0], "occurrences": hits, "quoted": quoted})
 
-    mentioned_elsewhere = explanation
+    mentioned_elsewhere = re.sub(re.escape(prompt.strip()), " ", explanation, flags=re.IGNORECASE)  # a restatement names nothing
     for match in _QUOTED.finditer(explanation):
         phrase = next(g for g in match.groups() if g is not None)
         inner = [m.group(0) for m in _WORD.finditer(phrase)]
@@ -118,21 +120,24 @@ def word_tokens(model: Any, prompt: str, ids: list[int]) -> list[list[int]]:
     return [[t for t, (a, b) in enumerate(spans) if b > a and a < end and b > start] for _, start, end in words]
 
 
-def _generate(model: Any, text: str, max_new_tokens: int, *, chat: bool) -> str:
-    """Greedy continuation of `text` (or of a chat turn holding it), decoded without special tokens."""
+def _generate(model: Any, text: str, max_new_tokens: int, *, chat: bool, primer: str = "") -> str:
+    """Greedy continuation of `text` (or of a chat turn holding it, the reply starting with `primer`)."""
     tok = model.tokenizer
     if chat:
-        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
+        rendered = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+        ids = tok(rendered + primer, add_special_tokens=False)["input_ids"]
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=model.device)
     else:
-        input_ids = model.encode(text).input_ids
+        input_ids = model.encode(text if model.kind == "seq2seq" else text + primer).input_ids
+    extra: dict[str, Any] = {}
+    if model.kind == "seq2seq":  # the primer starts the decoder's output
+        start = [model.config.decoder_start_token_id] + (tok(primer, add_special_tokens=False)["input_ids"] if primer else [])
+        extra["decoder_input_ids"] = torch.tensor([start], dtype=torch.long, device=model.device)
     out = model.hf_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                                   do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
-                                  pad_token_id=tok.pad_token_id)
-    new = out[0] if model.kind == "seq2seq" else out[0, input_ids.shape[1]:]
-    return tok.decode(new, skip_special_tokens=True)
+                                  pad_token_id=tok.pad_token_id, **extra)
+    skip = extra["decoder_input_ids"].shape[1] if extra else input_ids.shape[1]
+    return tok.decode(out[0, skip:], skip_special_tokens=True)
 
 
 @register_method
@@ -165,13 +170,9 @@ class SelfExplanation(Method):
         raw_answer = _generate(model, prompt, params.answer_tokens, chat=False)
         answer = re.split(r"\n|(?<=[.!?])\s", raw_answer.strip(), maxsplit=1)[0].strip() or raw_answer.strip()
         ctx.progress(0.3, "asking the model to explain")
-        if chat:
-            request = CHAT_TEMPLATE.format(prompt=prompt, answer=answer)
-            explanation = _generate(model, request, params.max_new_tokens, chat=True).strip()
-        else:
-            request = PLAIN_TEMPLATE.format(prompt=prompt, answer=answer)
-            explanation = 'The most important words were "' + _generate(model, request, params.max_new_tokens, chat=False)
-            explanation = explanation.split("\nText:")[0].strip()
+        request = (CHAT_TEMPLATE if chat else PLAIN_TEMPLATE).format(prompt=prompt, answer=answer)
+        reply = _generate(model, request, params.max_new_tokens, chat=chat, primer=PRIMER)
+        explanation = (PRIMER + reply).split("\nText:")[0].strip()
         named = parse_named_words(explanation, prompt)
         ids = model.encode(prompt).input_ids[0].tolist()
         tokens = model.to_str_tokens(ids)

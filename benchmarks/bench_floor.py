@@ -1,0 +1,267 @@
+"""Benchmark: each method's time against the floor set by the work its algorithm truly needs.
+
+For every method on SmolLM2 and the Eiffel fact, with the parameters `make bench` uses (the
+defaults, reduced where noted in PARAMS), this counts the forward/backward work the algorithm
+needs (below), turns it into FLOPs, and divides by this machine's matmul rate measured in the
+same run (matrices shaped like the model's). It also counts the FLOPs the implementation really
+executed (`torch.utils.flop_counter`), so a ratio above 1 splits into "more FLOPs than needed"
+(counted / floor) and "slower per FLOP than a big matmul" (time / counted time).
+
+Work model (T prompt tokens, L layers, S noise samples, V vocabulary, d model width):
+- a token through one block = 2 x (block matmul params) FLOPs + 4 x T x d (attention scores);
+- a read-out (final norm + unembedding at one position) = 2 x V x d; the embedding lookup is free;
+- backward = 2 x forward (gradients of activations and weights; x3 in all for forward+backward).
+Per method (what the algorithm needs, not what any implementation does):
+- logit_lens: 1 forward + L x T read-outs (positions "all");
+- attention_weights, embedding_projection, fine: 1 forward (+ their vocabulary projections);
+- integrated_gradients: `steps` forward+backward of the prompt, read-out at the answer only;
+- knowledge_neurons: 1 clean forward; per layer l, `steps` scaled rows that need only blocks
+  l..L-1 at the answer position (the prefix's keys/values are the clean run's) + backward;
+- causal_tracing: clean + S corrupted forwards; restoring (token t >= subject start, layer l)
+  re-runs blocks l+1..L-1 (hidden) or window start..L-1 (mlp, attn) for S rows, 1 read-out each;
+- knowledge_circuits (EAP-IG): clean forward + (1 + ig_steps) forward+backward + 1 forward for
+  the faithfulness check;
+- patchscopes: source forward + target prefix once + per layer l the patched token through
+  blocks l+1..L-1 + (max_new_tokens - 1) cached decoding steps, one read-out per token;
+- self_explanation: two cached generations (the answer, then the explanation request);
+- spine: autoencoder training, 12 x updates x batch x d x hidden FLOPs + encoding the vocabulary.
+
+Writes benchmarks/results/floor.json. Runs with torch.set_num_threads(2) by default.
+
+    python benchmarks/bench_floor.py [--quick] [--methods a,b] [--no-count] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import _harness as H
+import torch
+
+#: Parameters used by `make bench` (--quick): the defaults, reduced for the slowest methods.
+QUICK_PARAMS: dict[str, dict[str, Any]] = {
+    "causal_tracing": {"samples": 3},
+    "knowledge_neurons": {"steps": 10},
+    "self_explanation": {"max_new_tokens": 30},
+}
+
+
+@dataclass
+class Dims:
+    L: int
+    d: int
+    V: int
+    d_mlp: int
+    block_params: float  # mean matmul parameters of one block
+
+    @classmethod
+    def of(cls, model: Any) -> Dims:
+        per_layer = []
+        for layer in model.layers:
+            per_layer.append(sum(p.numel() for p in layer.parameters() if p.dim() == 2))
+        return cls(model.n_layers, model.d_model, model.vocab_size, model.d_mlp, statistics.mean(per_layer))
+
+    def tokens(self, n: float, ctx: float) -> float:
+        """FLOPs of `n` token-block passes attending over `ctx` keys."""
+        return n * (2 * self.block_params + 4 * ctx * self.d)
+
+    def readouts(self, n: float) -> float:
+        return n * 2 * self.V * self.d
+
+
+@dataclass
+class Work:
+    fwd: float  # forward FLOPs
+    bwd_of: float = 0.0  # FLOPs of the forward work that is also back-propagated
+    extra: float = 0.0  # other FLOPs (projections, training)
+    passes: str = ""
+
+    @property
+    def flops(self) -> float:
+        return self.fwd + 2 * self.bwd_of + self.extra
+
+
+def floor_work(name: str, model: Any, dims: Dims, prep: Any, params: Any, result: Any) -> Work | None:
+    """What the algorithm needs for `name` on this sample (see the module docstring)."""
+    L, T = dims.L, prep.enc.input_ids.shape[1]
+    full = dims.tokens(T * L, T)
+    n_ans = max(1, len(prep.enc.target_ids))
+    if name == "logit_lens":
+        reads = L * T if getattr(params, "positions", "all") == "all" else L
+        return Work(full + dims.readouts(reads), passes=f"1 forward + {reads} read-outs")
+    if name in ("attention_weights", "fine"):
+        extra = 2 * L * dims.d_mlp * dims.d * n_ans if name == "fine" else 0.0
+        return Work(full + dims.readouts(1), extra=extra, passes="1 forward")
+    if name == "embedding_projection":
+        k = getattr(params, "top_neurons", 10) + getattr(params, "top_heads", 3) + T
+        return Work(full + dims.readouts(1), extra=dims.readouts(k), passes=f"1 forward + {k} vocabulary projections")
+    if name == "integrated_gradients":
+        s = params.steps
+        w = s * (full + dims.readouts(n_ans))
+        return Work(w, bwd_of=w, passes=f"{s} forward+backward")
+    if name == "knowledge_neurons":
+        s = params.steps
+        rows = sum(s * (L - layer) for layer in range(L))  # block passes at the answer position
+        w = dims.tokens(rows * n_ans, T) + dims.readouts(L * s * n_ans)
+        return Work(full + dims.readouts(1) + w, bwd_of=w, passes=f"1 forward + {L}x{s} rows over blocks l..L-1 (fwd+bwd)")
+    if name == "causal_tracing":
+        S = params.samples
+        s0 = prep.subject.start if prep.subject is not None else 0
+        cells_t = T - s0
+        blocks = 0
+        for kind in params.kinds:
+            for layer in range(L):
+                start = layer + 1 if kind == "hidden" else max(0, layer - params.window // 2)
+                blocks += S * cells_t * (L - start)
+        reads = S * cells_t * L * len(params.kinds)
+        fwd = (1 + S) * (full + dims.readouts(1)) + dims.tokens(blocks * T, T) + dims.readouts(reads)
+        return Work(fwd, passes=f"{1 + S} forwards + {reads} restorations over blocks l..L-1")
+    if name == "knowledge_circuits":
+        steps = 1 + (params.ig_steps if params.method == "eap-ig" else 1)
+        one = full + dims.readouts(1)
+        return Work(3 * one + steps * one, bwd_of=steps * one, passes=f"2 forwards + {steps} forward+backward + 1 check")
+    if name == "patchscopes":
+        f = result.findings if result is not None else {}
+        tgt = len(model.tokenizer(params.target_prompt)["input_ids"])
+        steps = params.max_new_tokens
+        patched = sum(L - 1 - layer for layer in range(L))
+        w = full + dims.tokens((tgt - 1) * L, tgt) + dims.tokens(patched, tgt)
+        w += dims.tokens(L * (steps - 1) * L, tgt + steps) + dims.readouts(L * steps)
+        del f
+        return Work(w, passes=f"source + target prefix + {L} rows x {steps} cached steps")
+    if name == "self_explanation":
+        f = result.findings if result is not None else {}
+        req = f.get("request") or ""
+        t_req = len(model.tokenizer(req)["input_ids"]) + 20 if req else T + 60
+        a, g = params.answer_tokens, params.max_new_tokens
+        w = dims.tokens(T * L, T) + dims.tokens((a - 1) * L, T + a) + dims.readouts(a)
+        w += dims.tokens(t_req * L, t_req) + dims.tokens((g - 1) * L, t_req + g) + dims.readouts(g)
+        return Work(w, passes=f"2 cached generations ({a} + {g} tokens)")
+    if name == "spine":
+        f = result.findings if result is not None else {}
+        stats = f.get("training") or f.get("stats") or {}
+        hidden = params.hidden_dim or min(4 * dims.d, 1000)
+        updates = stats.get("updates") or 1500
+        rows = stats.get("rows") or params.vocab_limit or dims.V
+        train = 12 * updates * params.batch_size * dims.d * hidden
+        return Work(0.0, extra=train + 2 * rows * dims.d * hidden, passes=f"{updates} autoencoder updates")
+    return None
+
+
+def matmul_rate(dims: Dims, device: str, dtype: torch.dtype, rows: int = 640, reps: int = 20,
+                samples: int = 5) -> tuple[float, float]:
+    """FLOP/s of torch.matmul on [rows, d] @ [d, d_mlp] (a batch of tokens through an MLP): per wall-clock
+    second and per CPU second of this process (the latter barely changes with the machine's load)."""
+    a = torch.randn(rows, dims.d, device=device, dtype=dtype)
+    b = torch.randn(dims.d, dims.d_mlp, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    flops = 2 * rows * dims.d * dims.d_mlp * reps
+
+    def run() -> None:
+        for _ in range(reps):
+            a @ b
+
+    wall, cpu = [], []
+    for _ in range(samples):
+        w, c, _ = H.measure(run, device)
+        wall.append(flops / max(w, 1e-9))
+        cpu.append(flops / max(c, 1e-9))
+    return max(wall), statistics.median(cpu)
+
+
+def counted_flops(fn: Any) -> float | None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return float(counter.get_total_flops())
+    except Exception:  # an op the counter cannot follow: no count
+        return None
+
+
+def main() -> None:
+    p = H.parser(__doc__.splitlines()[0])
+    p.add_argument("--methods", default="", help="comma-separated subset (default: every method)")
+    p.add_argument("--no-count", action="store_true", help="skip the FLOP-counting run (faster)")
+    args = p.parse_args()
+    H.setup(args)
+    from knowmri.diagnosis import run_method
+    from knowmri.matching import match
+    from knowmri.methods.base import RunContext, get_method
+    from knowmri.methods.common import prepare
+
+    model = H.load_smollm2(args)
+    dims = Dims.of(model)
+    sample = H.eiffel()
+    os.environ["KNOWMRI_HOME"] = tempfile.mkdtemp(prefix="knowmri-bench-home-")  # cold caches (SPINE trains)
+    prep = prepare(model, sample, need_subject=True)
+    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+    names = [m.name for m in match(sample, model) if m.eligible and (not wanted or m.name in wanted)]
+    rate0, cpu_rate0 = matmul_rate(dims, args.device, H.dtype_of(args))
+    print(f"matmul rate {rate0 / 1e9:.1f} GFLOP/s per wall second (best of 5), {cpu_rate0 / 1e9:.1f} per CPU second; "
+          f"block params {dims.block_params / 1e6:.2f} M x {dims.L} layers", flush=True)
+    rows, table = [], []
+    for name in names:
+        method = get_method(name)
+        overrides = QUICK_PARAMS.get(name, {}) if args.quick else {}
+        params = method.Params.from_dict(overrides)
+
+        def call(method: Any = method, overrides: dict = overrides) -> Any:
+            return run_method(method, model, sample, overrides, RunContext(), 0)
+
+        times, cpus, result = [], [], None
+        for _ in range(max(1, args.repeats)):
+            seconds, cpu, result = H.measure(call, args.device)
+            times.append(seconds)
+            cpus.append(cpu)
+        counted = None if args.no_count else counted_flops(call)
+        work = floor_work(name, model, dims, prep, params, result)
+        achieved, achieved_cpu = statistics.median(times), statistics.median(cpus)
+        floor_s = work.flops / rate0 if work else None
+        floor_cpu = work.flops / cpu_rate0 if work else None
+        entry = {"method": name, "params": overrides, "status": result.status, "error": result.error,
+                 "seconds": achieved, "times_s": times, "cpu_s": achieved_cpu, "cpu_times_s": cpus,
+                 "floor_flops": work.flops if work else None, "floor_s": floor_s, "floor_cpu_s": floor_cpu,
+                 "passes": work.passes if work else "", "counted_flops": counted,
+                 "time_over_floor": achieved / floor_s if floor_s else None,
+                 "cpu_over_floor": achieved_cpu / floor_cpu if floor_cpu else None,
+                 "counted_over_floor": counted / work.flops if counted and work else None,
+                 "cpu_over_counted": achieved_cpu / (counted / cpu_rate0) if counted else None}
+        table.append(entry)
+        print(f"  {name}: {H.fmt_s(achieved)} (CPU {H.fmt_s(achieved_cpu)}) vs floor {H.fmt_s(floor_s)} "
+              f"(CPU x{entry['cpu_over_floor'] or 0:.1f}; FLOPs counted/floor "
+              f"{entry['counted_over_floor'] or 0:.2f}) [{result.status}]", flush=True)
+        detail = work.passes if work else ""
+        if entry["cpu_over_floor"]:
+            detail += f"; CPU time / CPU floor {entry['cpu_over_floor']:.1f}x"
+        if entry["counted_over_floor"]:
+            detail += f"; FLOPs executed / needed {entry['counted_over_floor']:.2f}"
+        rows.append(H.row(name, "FLOP floor at the measured matmul rate", achieved, floor_s, None, detail, kind="floor",
+                          cpu_over_floor=entry["cpu_over_floor"], counted_over_floor=entry["counted_over_floor"]))
+    rate1, cpu_rate1 = matmul_rate(dims, args.device, H.dtype_of(args))
+
+    def f(x: float | None) -> str:
+        return "–" if x is None else f"{x:.1f}"
+
+    print("\n| method | seconds | CPU s | floor | wall / floor | CPU / CPU floor | FLOPs executed / needed | "
+          "CPU / executed FLOPs | work |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for e in table:
+        print(f"| {e['method']} | {H.fmt_s(e['seconds'])} | {H.fmt_s(e['cpu_s'])} | {H.fmt_s(e['floor_s'])} | "
+              f"{f(e['time_over_floor'])} | {f(e['cpu_over_floor'])} | {f(e['counted_over_floor'])} | "
+              f"{f(e['cpu_over_counted'])} | {e['passes']} |")
+    path = H.write_result("floor", rows, model="smollm2-135m", args=args, methods=table,
+                          matmul_gflops_wall=[rate0 / 1e9, rate1 / 1e9], matmul_gflops_cpu=[cpu_rate0 / 1e9, cpu_rate1 / 1e9],
+                          block_params=dims.block_params, finished=time.time())
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Edge attribution patching (Syed et al. 2023) and EAP-IG (Hanna et al. 2024) on HF models.
+
+The graph: `input` (the residual entering block 0: embeddings, plus positions where the model
+has them), every attention head `a{l}.h{h}` (its output projected by its slice of the output
+projection; the bias belongs to no head), every MLP `m{l}`, and `logits` (reading the final
+residual). The score of edge u -> v is (u_corrupted - u_clean) . dM/d(in_v): the change in
+u's output times the gradient of the metric with respect to v's own copy of the residual
+stream. v's copy is what flows into v alone (not the skip connection):
+
+- head h of layer l: the VJP of that head's output z_h back to the residual entering the layer
+  (through the layer norm and the query/key/value maps; with grouped-query attention each
+  head gets only its share of the shared keys and values), batched over heads;
+- the MLP of layer l: g(resid_pre) - g(resid_post) - sum_h g(head h), which is exact for both
+  sequential (the MLP reads resid_pre + attn) and parallel blocks (it reads resid_pre);
+- logits: the gradient at the final residual.
+
+EAP-IG averages the gradients over inputs interpolated between the corrupted and the clean
+input embeddings (alpha = k/steps, k = 1..steps, as in Hanna et al.); plain EAP is the k = 1 of
+1 case. All interpolation steps and the corrupted run are one batch and one backward.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from knowmri.hooks import Hooks, site
+
+#: Well-known subjects of several kinds, to swap for the sample's subject (same token length).
+SUBJECTS: tuple[str, ...] = (
+    "Brandenburg Gate", "Colosseum", "Big Ben", "Statue of Liberty", "Great Wall", "Taj Mahal", "Golden Gate Bridge",
+    "Sydney Opera House", "Leaning Tower of Pisa", "Kremlin", "Acropolis", "Sagrada Familia", "Empire State Building",
+    "Barack Obama", "Albert Einstein", "William Shakespeare", "Isaac Newton", "Marie Curie", "Lionel Messi",
+    "Michael Jordan", "Serena Williams", "Mozart", "Picasso", "Napoleon", "Cleopatra", "Leonardo da Vinci",
+    "Charles Darwin", "Frida Kahlo", "Nelson Mandela", "Queen Elizabeth", "Apple", "Microsoft", "Google", "Amazon",
+    "Toyota", "Nokia", "Samsung", "Volkswagen", "Nintendo", "iPhone", "Windows", "Android", "Python", "Paris",
+    "Berlin", "Rome", "London", "Tokyo", "Madrid", "Moscow", "Beijing", "Cairo", "Athens", "Lisbon", "Vienna",
+    "France", "Germany", "Italy", "Japan", "Spain", "Russia", "China", "Canada", "Australia", "Egypt", "Greece",
+    "the Nile", "the Amazon River", "Mount Everest", "the Sahara", "Lake Victoria", "the Danube",
+)
+
+
+@dataclass
+class Graph:
+    """Node names and the edge-score matrix [upstream, downstream] (0 where no edge exists)."""
+
+    upstream: list[str]
+    downstream: list[str]
+    layers_up: list[int]  # input = -1
+    layers_down: list[int]  # logits = n_layers
+    scores: torch.Tensor
+    valid: torch.Tensor
+    metric: list[float]  # per batch row: corrupted, then each interpolation step (the last is clean)
+    corrupted_acts: dict[str, torch.Tensor]  # per-layer corrupted attn.heads / mlp.out, for patching
+
+
+def node_names(n_layers: int, n_heads: int, parallel: bool) -> tuple[list[str], list[str], list[int], list[int], torch.Tensor]:
+    """Upstream and downstream node lists (in layer order), their layers, and which edges exist."""
+    up, down, lu, ld = ["input"], [], [-1], []
+    for layer in range(n_layers):
+        names = [f"a{layer}.h{h}" for h in range(n_heads)] + [f"m{layer}"]
+        up += names
+        down += names
+        lu += [layer] * len(names)
+        ld += [layer] * len(names)
+    down.append("logits")
+    ld.append(n_layers)
+    lu_t, ld_t = torch.tensor(lu)[:, None], torch.tensor(ld)[None, :]
+    valid = lu_t < ld_t
+    if not parallel:  # a sequential block's MLP reads its own layer's attention output
+        is_head_up = torch.tensor([n.startswith("a") for n in up])[:, None]
+        is_mlp_down = torch.tensor([n.startswith("m") for n in down])[None, :]
+        valid |= (lu_t == ld_t) & is_head_up & is_mlp_down
+    return up, down, lu, ld, valid
+
+
+def _metric(logits: torch.Tensor, answer: int, wrong: int, kind: str) -> torch.Tensor:
+    last = logits[:, -1].to(torch.promote_types(logits.dtype, torch.float32))
+    if kind == "logit_diff":
+        return last[:, answer] - last[:, wrong]
+    logp = last.log_softmax(-1)[:, answer]
+    return logp if kind == "logprob" else logp.exp()
+
+
+def forward_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the last position only, where the model supports it (saves the vocabulary projection)."""
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "use_cache": False}
+    if "logits_to_keep" in inspect.signature(model.hf_model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    return model.hf_model(**kwargs).logits
+
+
+def _head_weights(model: Any, layer: int) -> torch.Tensor:
+    """[H, d_head, d_model]: each head's slice of the output projection."""
+    w = model.linear_weight(model.component(layer, "attn_o"))  # [d_model, H * d_head]
+    return w.T.reshape(model.n_heads, model.d_head, model.d_model)
+
+
+def head_vjp(z: torch.Tensor, resid: torch.Tensor, grad_z: torch.Tensor) -> torch.Tensor:
+    """[H, rows, T, d]: gradient reaching `resid` through each head alone (batched over heads)."""
+    n_heads = z.shape[2]
+    eye = torch.eye(n_heads, dtype=grad_z.dtype, device=grad_z.device)
+    per_head = grad_z[None] * eye[:, None, None, :, None]  # [H, rows, T, H, dh], head h kept in slice h
+    try:
+        (g,) = torch.autograd.grad(z, resid, per_head, retain_graph=True, is_grads_batched=True)
+    except RuntimeError:  # an op without a batching rule: one backward per head
+        g = torch.stack([torch.autograd.grad(z, resid, per_head[h], retain_graph=True)[0] for h in range(n_heads)])
+    return g
+
+
+def edge_attribution(model: Any, clean_ids: torch.Tensor, corrupt_ids: torch.Tensor, answer: int, wrong: int, *,
+                     alphas: list[float], metric: str = "logit_diff", noise: torch.Tensor | None = None,
+                     noise_positions: list[int] | None = None) -> Graph:
+    """Edge scores for one prompt (one row) and its corrupted version, averaged over `alphas`.
+
+    `alphas` are the interpolation points between the corrupted (0) and clean (1) input; the
+    last should be 1.0, whose row provides the clean activations. With `noise`, the corrupted
+    run is the clean prompt with `noise` added to the token embeddings at `noise_positions`.
+    """
+    if not alphas or alphas[-1] != 1.0:
+        raise ValueError("the last interpolation point must be 1.0 (the clean input)")
+    n_layers, n_heads = model.n_layers, model.n_heads
+    ids = torch.cat([corrupt_ids, clean_ids.expand(len(alphas), -1)]).to(model.device)
+    alpha = torch.tensor(alphas)
+    with Hooks(model) as h:
+        if noise is not None:
+            h.add("embed", noise, rows=[0], positions=noise_positions)
+
+        def interpolate(x: torch.Tensor) -> torch.Tensor:
+            corrupted = x[:1].detach()
+            mixed = x[1:] + (1 - alpha.to(device=x.device, dtype=x.dtype))[:, None, None] * (corrupted - x[1:])
+            return torch.cat([x[:1], mixed])
+
+        h.edit(site(0, "resid_pre"), interpolate)
+        pre = [h.read(site(layer, "resid_pre"), grad=True) for layer in range(n_layers)]
+        post = h.read(site(n_layers - 1, "resid_post"), grad=True)
+        heads = [h.read(site(layer, "attn.heads"), grad=True) for layer in range(n_layers)]
+        mlps = [h.read(site(layer, "mlp.out")) for layer in range(n_layers)]
+        with torch.enable_grad():
+            values = _metric(forward_logits(model, ids), answer, wrong, metric)
+            tensors = [c.value for c in pre] + [post.value] + [c.value for c in heads]
+            grads = torch.autograd.grad(values[1:].mean(), tensors, retain_graph=True)
+            g_pre, g_post, g_z = grads[:n_layers], grads[n_layers], grads[n_layers + 1:]
+            g_heads = [head_vjp(heads[layer].value, pre[layer].value, g_z[layer]).sum(1) for layer in range(n_layers)]
+    acc = torch.promote_types(model.dtype, torch.float32)  # accumulate in float32 at least
+    dev = pre[0].value.device  # layers may live on several devices (sharded models)
+
+    def common(x: torch.Tensor) -> torch.Tensor:
+        return x.detach().to(device=dev, dtype=acc)
+
+    deltas, readers = [common(pre[0].value[0] - pre[0].value[-1])[None]], []
+    corrupted_acts: dict[str, torch.Tensor] = {}
+    g_next = [common(g.sum(0)) for g in (*g_pre[1:], g_post)]  # the gradient leaving each block
+    for layer in range(n_layers):
+        z = heads[layer].value.detach()
+        w = _head_weights(model, layer).detach().to(device=z.device, dtype=z.dtype)
+        deltas.append(common(torch.einsum("thk,hkd->htd", z[0] - z[-1], w)))
+        deltas.append(common(mlps[layer].value[0] - mlps[layer].value[-1])[None])
+        corrupted_acts[site(layer, "attn.heads")] = z[0]
+        corrupted_acts[site(layer, "mlp.out")] = mlps[layer].value[0]
+        g_h = common(g_heads[layer])
+        readers += [g_h, (common(g_pre[layer].sum(0)) - g_next[layer] - g_h.sum(0))[None]]
+    readers.append(g_next[-1][None])
+    up, down, lu, ld, valid = node_names(n_layers, n_heads, model.parallel)
+    scores = torch.einsum("utd,vtd->uv", torch.cat(deltas), torch.cat(readers)).cpu() * valid
+    return Graph(up, down, lu, ld, scores, valid, [float(v) for v in values.detach()], corrupted_acts)
+
+
+def prune(edges: list[tuple[str, str, float]]) -> list[tuple[str, str, float]]:
+    """Only the edges on some path from `input` to `logits` (dangling nodes removed)."""
+    from_input, to_logits = {"input"}, {"logits"}
+    changed = True
+    while changed:
+        changed = False
+        for src, dst, _ in edges:
+            if src in from_input and dst not in from_input:
+                from_input.add(dst)
+                changed = True
+            if dst in to_logits and src not in to_logits:
+                to_logits.add(src)
+                changed = True
+    return [e for e in edges if e[0] in from_input and e[1] in to_logits]
+
+
+@torch.no_grad()
+def patched_metric(model: Any, clean_ids: torch.Tensor, keep: set[str], corrupted: dict[str, torch.Tensor], answer: int,
+                   wrong: int, metric: str) -> float:
+    """The metric when every head and MLP outside `keep` outputs its corrupted activation (node-level patching)."""
+    with Hooks(model) as h:
+        for layer in range(model.n_layers):
+            off = [i for i in range(model.n_heads) if f"a{layer}.h{i}" not in keep]
+            if off:
+                h.replace(site(layer, "attn.heads"), corrupted[site(layer, "attn.heads")][None][:, :, off], units=off)
+            if f"m{layer}" not in keep:
+                h.replace(site(layer, "mlp.out"), corrupted[site(layer, "mlp.out")][None])
+        return float(_metric(forward_logits(model, clean_ids.to(model.device)), answer, wrong, metric)[0])
+
+
+@torch.no_grad()
+def choose_subject(model: Any, prompt: str, subject: str, clean_ids: list[int], answer: int,
+                   candidates: tuple[str, ...] = SUBJECTS, limit: int = 24) -> tuple[str, list[int], int] | None:
+    """Of the first `limit` candidate subjects with the same token count (and no unknown tokens),
+    the one that most lowers P(answer), scored in one batch.
+
+    Returns (subject, corrupted prompt ids, the corrupted run's top token) or None.
+    """
+    start = prompt.rindex(subject)
+    unk = model.tokenizer.unk_token_id
+    options: list[tuple[str, list[int]]] = []
+    for cand in candidates:
+        if cand.lower() == subject.lower():
+            continue
+        ids = model.encode(prompt[:start] + cand + prompt[start + len(subject):]).input_ids[0].tolist()
+        if len(ids) == len(clean_ids) and (unk is None or unk not in ids) and ids != clean_ids:
+            options.append((cand, ids))
+        if len(options) == limit:
+            break
+    if not options:
+        return None
+    logits = forward_logits(model, torch.tensor([ids for _, ids in options], device=model.device))[:, -1].float()
+    best = int(logits.softmax(-1)[:, answer].argmin())
+    top2 = logits[best].topk(2).indices.tolist()
+    return options[best][0], options[best][1], top2[1] if top2[0] == answer else top2[0]

@@ -1,0 +1,192 @@
+"""Causal tracing (Meng et al. 2022, ROME): corrupt the subject, restore one clean state at a time,
+and see which (token, layer) states bring the answer back.
+
+The subject tokens' embeddings get Gaussian noise (`noise` x the std of the token-embedding
+matrix's entries; ROME uses 3 x the std of subject-token embeddings), `samples` draws with a
+fixed seed shared by every cell. For every token and layer, the clean hidden state (the block's
+output), or the clean MLP / attention output over a `window` of layers centred like ROME, is
+put back into the corrupted run; the score is P(answer's first token) averaged over the noise
+samples. The batched engine lives in `knowmri.methods._tracing`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from knowmri.methods._tracing import embedding_std, subject_noise, trace, window_layers
+from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
+from knowmri.methods.common import forward_cost, prepare
+from knowmri.report import figures
+from knowmri.sample import Sample
+
+KINDS = ("hidden", "mlp", "attn")
+_LABEL = {"hidden": "hidden state", "mlp": "MLP output", "attn": "attention output"}
+_COLOURS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
+
+
+@dataclass
+class CausalTracingParams(Params):
+    noise: float = field(default=3.0, metadata={"help": "noise std, in units of the std of the token-embedding "
+                                                        "matrix's entries (ROME: 3)"})
+    samples: int = field(default=10, metadata={"help": "noise samples averaged per cell"})
+    window: int = field(default=10, metadata={"help": "layers restored around each layer for MLP and attention"})
+    kinds: list = field(default_factory=lambda: list(KINDS),
+                        metadata={"help": "states to restore: hidden, mlp, attn (comma-separated subset)"})
+    seed: int = field(default=1, metadata={"help": "seed of the noise (the same noise for every cell)"})
+    batch_size: int = field(default=128, metadata={"help": "rows (cells x noise samples) per forward pass"})
+
+    def validate(self) -> None:
+        if not 0.0 < self.noise <= 100.0:
+            raise ValueError("noise must be in (0, 100] (a multiple of the embedding std)")
+        if not 1 <= self.samples <= 1000:
+            raise ValueError("samples must be between 1 and 1000")
+        if self.window < 1:
+            raise ValueError("window must be at least 1 layer")
+        if not self.kinds or any(k not in KINDS for k in self.kinds):
+            raise ValueError(f"kinds must be a non-empty subset of {', '.join(KINDS)}, got {self.kinds!r}")
+        self.kinds = [k for k in KINDS if k in self.kinds]
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+
+
+@register_method
+class CausalTracing(Method):
+    name = "causal_tracing"
+    title = "Causal tracing"
+    path = ("Internal", "Module", "Hidden, MLP, Attention")
+    paper = "Meng et al. 2022, 'Locating and Editing Factual Associations in GPT' (ROME)"
+    description = ("Corrupts the subject's embeddings with noise and restores clean hidden states, MLP and "
+                   "attention outputs one (token, layer) at a time to find the states that recall the fact.")
+    requires_keys = ("prompt", "triple_subject")
+    requires_capabilities = ()
+    Params = CausalTracingParams
+
+    def check(self, model: Any, sample: Sample) -> list[str]:
+        if model.kind == "seq2seq":
+            return ["causal tracing restores the states of one stack that reads the subject; "
+                    "encoder-decoder models are not supported"]
+        return []
+
+    def estimate(self, model: Any, sample: Sample, params: Params | None = None) -> Estimate:
+        p = params if isinstance(params, CausalTracingParams) else CausalTracingParams()
+        tokens = len(model.tokenizer(sample.get("prompt") or "")["input_ids"]) or 1
+        L = model.n_layers
+        starts = {"hidden": [layer + 1 for layer in range(L)],
+                  "mlp": [window_layers(layer, p.window, L).start for layer in range(L)]}
+        starts["attn"] = starts["mlp"]
+        blocks = sum(L - s for k in p.kinds for s in starts[k])  # block runs per (token, noise sample)
+        return forward_cost(model, sample, forward=1 + p.samples + round(tokens * p.samples * blocks / L), tokens=tokens)
+
+    @torch.inference_mode()
+    def run(self, model: Any, sample: Sample, params: CausalTracingParams, ctx: RunContext) -> MethodResult:
+        prep = prepare(model, sample, need_subject=True)
+        enc, span = prep.enc, prep.subject
+        n_tok = enc.prompt_len if model.kind == "causal" else enc.input_ids.shape[1]
+        ids = enc.input_ids[:, :n_tok]
+        key = ("embedding_std", id(model.embed_module.weight))
+        if key not in ctx.cache:
+            ctx.cache[key] = embedding_std(model)
+        noise_std = params.noise * ctx.cache[key]
+        noise = subject_noise(model, params.samples, len(span), noise_std, params.seed)
+        res = trace(model, ids, enc.pred_pos, enc.target_ids[0], span, noise, params.kinds, params.window,
+                    params.batch_size, ctx.progress)
+        tokens = prep.tokens[:n_tok]
+        answer = model.tokenizer.decode([enc.target_ids[0]])
+        low, L = res.low, model.n_layers
+        grids = {k: g.tolist() for k, g in res.grids.items()}
+        token_kind = "hidden" if "hidden" in grids else params.kinds[0]
+        layer_kind = "mlp" if "mlp" in grids else params.kinds[0]
+        peaks = {k: _peak(g, low, tokens) for k, g in res.grids.items()}
+        result = self.new_result(params)
+        result.findings = {
+            **grids, "high_score": res.high, "low_score": low,
+            "token_scores": [{"index": t, "token": tokens[t], "score": float(res.grids[token_kind][t].max()) - low}
+                             for t in range(n_tok)],
+            "token_scores_kind": token_kind,
+            "layer_scores": [{"layer": layer, "score": float(res.grids[layer_kind][:, layer].max()) - low}
+                             for layer in range(L)],
+            "layer_scores_kind": layer_kind,
+            "peaks": peaks, "subject_span": {"start": span.start, "stop": span.stop},
+            "subject_tokens": tokens[span.start:span.stop], "tokens": tokens, "position": enc.pred_pos,
+            "answer": prep.answer, "answer_token": answer, "answer_source": prep.answer_source,
+            "noise_std": noise_std, "engine": "block replay" if res.direct else "full forwards",
+        }
+        result.summary = _summary(res, peaks, tokens, span, enc.pred_pos, answer, sample["triple_subject"], params)
+        labels = [f"{t}:{tok}{'*' if t in span else ''}" for t, tok in enumerate(tokens)]
+        for kind, grid in grids.items():
+            what = _LABEL[kind] + ("" if kind == "hidden" else f" (window {params.window})")
+            fig = figures.heatmap(grid, x=list(range(L)), y=labels, title=f"Restoring the {what}: P({answer!r})",
+                                  x_title="layer", y_title="token (* subject)", colorscale=_COLOURS[kind],
+                                  zmin=low, colorbar="p")
+            fig.update_layout(yaxis={"autorange": "reversed"})
+            result.add_figure(f"Causal trace: {_LABEL[kind]}", fig)
+        rows = []
+        for kind, grid in res.grids.items():
+            order = torch.argsort(grid.flatten(), descending=True)[:5].tolist()
+            rows += [[kind, i // L, tokens[i // L], i % L, round(float(grid.flatten()[i]), 5),
+                      round(float(grid.flatten()[i]) - low, 5)] for i in order]
+        result.add_table("Top restored states", ["kind", "token index", "token", "layer", f"P({answer})",
+                                                 "indirect effect"], rows)
+        result.add_table("Clean and corrupted", ["run", f"P({answer})"],
+                         [["clean", round(res.high, 5)], ["subject corrupted", round(low, 5)]])
+        return result
+
+
+def _peak(grid: torch.Tensor, low: float, tokens: list[str]) -> dict[str, Any]:
+    flat = int(grid.argmax())
+    t, layer = divmod(flat, grid.shape[1])
+    p = float(grid[t, layer])
+    return {"token": t, "token_text": tokens[t], "layer": layer, "score": p, "effect": p - low}
+
+
+def _band(row: torch.Tensor, layer: int, threshold: float) -> tuple[int, int]:
+    """The contiguous layers around `layer` where `row` stays at or above `threshold`."""
+    a = b = layer
+    while a > 0 and row[a - 1] >= threshold:
+        a -= 1
+    while b < len(row) - 1 and row[b + 1] >= threshold:
+        b += 1
+    return a, b
+
+
+def _where(t: int, span: Any, last: int) -> str:
+    if t == span.stop - 1:
+        return "the subject's last token"
+    if t == last:
+        return "the last token"
+    return "inside the subject" if t in span else "outside the subject"
+
+
+def _summary(res: Any, peaks: dict, tokens: list[str], span: Any, last: int, answer: str, subject: str,
+             params: CausalTracingParams) -> str:
+    high, low = res.high, res.low
+    drop = high - low
+    text = (f"Adding noise ({params.noise:g} x the embedding std, {params.samples} samples) to the subject "
+            f"{subject!r} lowers P({answer!r}) from {high:.3f} to {low:.3f}.")
+    if drop <= 0.05 * high or high < 1e-6:
+        return text + (" The corruption barely changes the prediction, so restoring states cannot show where "
+                       "the fact is recalled.")
+    for kind, pk in peaks.items():
+        t, layer = pk["token"], pk["layer"]
+        row = res.grids[kind][t]
+        a, b = _band(row, layer, low + 0.5 * pk["effect"])
+        layers = f"layer {layer}" if a == b else f"layers {a}-{b} (peak {layer})"
+        what = _LABEL[kind] + ("" if kind == "hidden" else f" over {params.window} layers")
+        text += (f" Restoring the {what} at {tokens[t]!r} ({_where(t, span, last)}) in {layers} recovers "
+                 f"{min(pk['effect'] / drop, 9.99):.0%} of the drop (P = {pk['score']:.3f}).")
+    if "hidden" in res.grids and last not in span:
+        effect = res.grids["hidden"] - low
+        head = effect[:, : max(1, effect.shape[1] // 2)]
+        t = max(span, key=lambda i: float(head[i].max()))
+        early = [i for i, v in enumerate(effect[t].tolist()) if v >= 0.5 * drop]
+        late = [i for i, v in enumerate(effect[last].tolist()) if v >= 0.5 * drop]
+        if early:
+            which = "the subject's last token" if t == span.stop - 1 else "subject token"
+            text += f" Early site: {which} {tokens[t]!r} carries the fact in layers {early[0]}-{early[-1]}"
+            text += f"; late site: the last token, from layer {late[0]} on." if late else "."
+        elif late:
+            text += f" Late site: the last token carries the fact from layer {late[0]} on."
+    return text

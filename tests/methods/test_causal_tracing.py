@@ -1,0 +1,143 @@
+"""Causal tracing: the planted neuron and copy head are found, the batched engine equals ROME's
+per-(token, layer) loop, every family runs, bad input is refused, and SmolLM2's Eiffel Tower
+fact shows the classic early and late sites."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import knowmri as km
+from knowmri.methods.base import RunContext, get_method
+from knowmri.testing import FAMILIES, tiny_model
+
+FACT = km.Sample(prompt="The Eiffel Tower is located in the city of", ground_truth=" Paris",
+                 triple_subject="Eiffel Tower")
+SHORT = km.Sample(prompt="The Eiffel Tower is in", ground_truth=" Paris", triple_subject="Eiffel Tower")
+
+
+def run(model, sample, **params):
+    method = get_method("causal_tracing")
+    return method.run(model, sample, method.Params.from_dict(params), RunContext())
+
+
+def _bench():
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_causal_tracing.py"
+    spec = importlib.util.spec_from_file_location("bench_causal_tracing", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_planted_mechanism(planted):
+    f = run(planted.model, planted.sample, samples=3, window=1).findings
+    high, low = f["high_score"], f["low_score"]
+    assert high > 0.9 and low < 0.5 * high
+    layer, _ = planted.neuron
+    assert (f["peaks"]["mlp"]["token"], f["peaks"]["mlp"]["layer"]) == (planted.neuron_position, layer)
+    mlp = torch.tensor(f["mlp"])
+    assert mlp[planted.neuron_position, layer] - low > 0.9 * (high - low)
+    head_layer, _ = planted.head
+    last = torch.tensor(f["attn"])[planted.last_position]
+    assert last[head_layer] - low > 0.9 * (high - low)
+    assert (last[:head_layer] - low).abs().max() < 0.1 * (high - low)
+    hidden = torch.tensor(f["hidden"])
+    assert hidden[planted.neuron_position, :layer + 1].min() - low > 0.9 * (high - low)  # early site
+    assert hidden[planted.last_position, head_layer:].min() - low > 0.9 * (high - low)  # late site
+    assert f["subject_span"] == {"start": planted.subject_span.start, "stop": planted.subject_span.stop}
+    assert f["layer_scores_kind"] == "mlp" and max(f["layer_scores"], key=lambda s: s["score"])["layer"] == layer
+    assert max(f["token_scores"], key=lambda s: s["score"])["index"] in (planted.neuron_position, planted.last_position)
+
+
+@pytest.mark.parametrize("model_name", ["planted-gpt2", "planted-llama", "bloom", "falcon", "opt", "bert"])
+def test_equals_rome_loop(model_name):
+    """The batched, prefix-reusing grids equal ROME's one-forward-per-cell loop with the same noise."""
+    if model_name.startswith("planted"):
+        model, sample = km.testing.planted_model(model_name.split("-")[1]).model, FACT
+    else:
+        model, sample = tiny_model(model_name), SHORT
+    bench = _bench()
+    kinds = ["hidden", "mlp", "attn"]
+    result = run(model, sample, samples=2, window=2, kinds=kinds, batch_size=5)
+    inputs = bench.rome_inputs(model, sample, samples=2, noise=3.0, seed=1)
+    low, grids = bench.rome_trace(model, **inputs, kinds=kinds, window=2)
+    assert result.findings["engine"] == "block replay"
+    assert result.findings["low_score"] == pytest.approx(low, abs=1e-6)
+    for kind in kinds:
+        torch.testing.assert_close(torch.tensor(result.findings[kind]), grids[kind], atol=1e-6, rtol=1e-4)
+
+
+def test_fallback_full_forwards_equal_rome_loop(monkeypatch):
+    """When block replay is not reproducible, the engine falls back to full forwards: same grids."""
+    from knowmri.methods._tracing import BlockRunner
+
+    monkeypatch.setattr(BlockRunner, "check", lambda self, *args: setattr(self, "direct", False))
+    model = km.testing.planted_model("gpt2").model
+    bench = _bench()
+    result = run(model, FACT, samples=2, window=2)
+    low, grids = bench.rome_trace(model, **bench.rome_inputs(model, FACT, samples=2, noise=3.0, seed=1),
+                                  kinds=["hidden", "mlp", "attn"], window=2)
+    assert result.findings["engine"] == "full forwards"
+    for kind in grids:
+        torch.testing.assert_close(torch.tensor(result.findings[kind]), grids[kind], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family(family):
+    model = tiny_model(family)
+    method = get_method("causal_tracing")
+    if model.kind == "seq2seq":
+        assert method.check(model, FACT)
+        return
+    assert method.check(model, FACT) == []
+    f = run(model, SHORT, samples=2, window=2).findings
+    n_tok = len(f["tokens"])
+    for kind in ("hidden", "mlp", "attn"):
+        assert len(f[kind]) == n_tok and all(len(row) == model.n_layers for row in f[kind])
+    assert 0 <= f["low_score"] <= 1 and 0 <= f["high_score"] <= 1
+    assert f["engine"] == "block replay"
+    assert [s["index"] for s in f["token_scores"]] == list(range(n_tok))
+    assert len(f["layer_scores"]) == model.n_layers
+
+
+def test_kinds_subset_and_same_noise_for_same_seed():
+    model = tiny_model("llama")
+    a = run(model, SHORT, samples=2, kinds="hidden").findings
+    b = run(model, SHORT, samples=2, kinds=["hidden"]).findings
+    c = run(model, SHORT, samples=2, kinds=["hidden"], seed=7).findings
+    assert "mlp" not in a and "attn" not in a
+    assert a["hidden"] == b["hidden"] and a["hidden"] != c["hidden"]
+
+
+def test_bad_input():
+    model = tiny_model("gpt2")
+    method = get_method("causal_tracing")
+    for bad in ({"kinds": ["mlp", "neurons"]}, {"kinds": []}, {"window": 0}, {"samples": 0}, {"noise": -1.0}):
+        with pytest.raises(ValueError):
+            method.Params.from_dict(bad)
+    with pytest.raises(ValueError, match="subject"):
+        run(model, km.Sample(prompt="The Eiffel Tower is in", ground_truth=" Paris"))
+    with pytest.raises(ValueError, match="does not occur"):
+        run(model, km.Sample(prompt="The Eiffel Tower is in", triple_subject="Big Ben"))
+    sample = object.__new__(km.Sample)  # bypass the Sample's own check: the method must refuse too
+    sample._data = {"prompt": "The Eiffel Tower is in", "ground_truth": " Paris", "triple_subject": "Big Ben"}
+    with pytest.raises(ValueError, match="does not occur"):
+        run(model, sample)
+
+
+@pytest.mark.smollm2
+def test_smollm2_eiffel_early_and_late_sites(smollm2):
+    result = run(smollm2, FACT, samples=1, kinds=["hidden"])
+    f = result.findings
+    high, low = f["high_score"], f["low_score"]
+    assert high > 0.5 and low < 0.2 * high
+    hidden = torch.tensor(f["hidden"]) - low
+    drop, L = high - low, smollm2.n_layers
+    span = range(f["subject_span"]["start"], f["subject_span"]["stop"])
+    last = f["position"]
+    early = max(float(hidden[t, : L // 3].max()) for t in span)
+    assert early > 0.5 * drop  # early site: a subject token in the early layers
+    assert float(hidden[last, : L // 3].max()) < 0.2 * drop  # the last token does not matter early ...
+    assert float(hidden[last, L - L // 5:].min()) > 0.5 * drop  # ... but does in the late layers
+    assert "Early site" in result.summary and "late site" in result.summary

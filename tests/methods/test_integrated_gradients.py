@@ -1,0 +1,135 @@
+"""Integrated gradients: the planted subject ranks first, equality with Captum, completeness,
+every model kind, and the Eiffel Tower fact on SmolLM2."""
+
+import pytest
+import torch
+
+import knowmri as km
+from knowmri.methods.base import RunContext, get_method
+from knowmri.methods.integrated_gradients import CACHE_KEY, input_embedding_module, integrated_gradients, quadrature
+from knowmri.testing import tiny_model
+
+FACT = km.Sample(prompt="The Eiffel Tower is located in the city of", ground_truth=" Paris France",
+                 triple_subject="Eiffel Tower")
+
+
+def run(model, sample, ctx=None, **params):
+    method = get_method("integrated_gradients")
+    return method.run(model, sample, method.Params.from_dict(params), ctx or RunContext())
+
+
+def test_planted_subject_ranks_first(planted):
+    # The planted models are scale-invariant at their norms, so a zero baseline sees no path
+    # signal; the pad token's embedding is the informative baseline here.
+    result = run(planted.model, planted.sample, baseline="pad")
+    top = result.findings["ranking"][0]
+    assert top in planted.subject_span
+    assert top == planted.neuron_position
+
+
+def _captum_reference(model, enc, baseline, steps, method, batch):
+    from captum.attr import IntegratedGradients, LayerIntegratedGradients
+
+    embed = input_embedding_module(model)
+    rows = []
+    for pos, tid in zip(enc.target_positions, enc.target_ids):
+        def kwargs(n):
+            out = {"attention_mask": enc.attention_mask.repeat(n, 1), "use_cache": False}
+            if enc.decoder_input_ids is not None:
+                out["decoder_input_ids"] = enc.decoder_input_ids.repeat(n, 1)
+            return out
+
+        if baseline == "pad":
+            def fwd(ids, pos=pos, tid=tid):
+                return model.hf_model(input_ids=ids, **kwargs(ids.shape[0])).logits[:, pos].float().softmax(-1)[:, tid]
+
+            base = torch.full_like(enc.input_ids, model.tokenizer.pad_token_id)
+            att = LayerIntegratedGradients(fwd, embed).attribute(enc.input_ids, baselines=base, n_steps=steps,
+                                                                 method=method, internal_batch_size=batch)
+        else:
+            def fwd(emb, pos=pos, tid=tid):
+                return model.hf_model(inputs_embeds=emb, **kwargs(emb.shape[0])).logits[:, pos].float().softmax(-1)[:, tid]
+
+            x = embed(enc.input_ids).detach()
+            att = IntegratedGradients(fwd).attribute(x, baselines=torch.zeros_like(x), n_steps=steps, method=method,
+                                                     internal_batch_size=batch)
+        rows.append(att.sum(-1)[0])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("family,baseline,method", [("gpt2", "pad", "gausslegendre"), ("llama", "zero", "gausslegendre"),
+                                                    ("llama", "pad", "riemann_trapezoid"), ("t5", "pad", "gausslegendre")])
+def test_equals_captum(family, baseline, method):
+    model = tiny_model(family)
+    enc = model.encode(FACT["prompt"], FACT["ground_truth"])
+    ours = integrated_gradients(model, enc, steps=7, baseline=baseline, method=method, internal_batch_size=5)
+    ref = _captum_reference(model, enc, baseline, 7, method, 5)
+    assert ours["attributions"].shape == ref.shape
+    torch.testing.assert_close(ours["attributions"], ref.float(), rtol=1e-4, atol=1e-9)
+
+
+def test_quadrature_matches_captum():
+    from captum.attr._utils.approximation_methods import approximation_parameters
+
+    for method in ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"):
+        sizes, alphas = approximation_parameters(method)
+        ours = quadrature(method, 9)
+        assert ours[0] == pytest.approx(sizes(9)) and ours[1] == pytest.approx(alphas(9))
+
+
+def test_completeness_with_many_steps():
+    model = tiny_model("gpt2")
+    enc = model.encode(FACT["prompt"], " Paris")
+    few = integrated_gradients(model, enc, steps=2, objective="logprob")
+    many = integrated_gradients(model, enc, steps=64, objective="logprob", internal_batch_size=64)
+
+    def gap(out):
+        delta = out["f_input"] - out["f_baseline"]
+        return float(((out["attributions"].sum(-1) - delta).abs() / delta.abs()).max())
+
+    assert gap(many) < 1e-3
+    assert gap(many) < gap(few)
+
+
+def test_findings_and_cache():
+    model = tiny_model("llama")  # its tokenizer puts <bos> first
+    ctx = RunContext()
+    result = run(model, FACT, ctx, steps=4)
+    f = result.findings
+    scores = f["token_scores"]
+    assert [t["index"] for t in scores] == list(range(len(scores)))
+    assert scores[0]["special"] and not any(t["special"] for t in scores[1:])
+    assert 0 not in f["ranking"]
+    assert len(f["answer_token_scores"]) == 2 == len(f["completeness_gaps"])
+    per_answer = torch.tensor([a["scores"][: len(scores)] for a in f["answer_token_scores"]])
+    torch.testing.assert_close(per_answer.sum(0), torch.tensor([t["score"] for t in scores]))
+    assert ctx.cache[CACHE_KEY] == scores
+    assert {"completeness_gap", "completeness_gap_relative", "subject_share"} <= set(f)
+    assert [fig["name"] for fig in result.figures] == ["Attribution per input token", "Attribution per answer token"]
+
+
+@pytest.mark.parametrize("family", ["bert", "t5", "opt", "falcon"])
+def test_other_kinds(family):
+    model = tiny_model(family)
+    result = run(model, FACT, steps=3)
+    n_tokens = len(result.findings["token_scores"])
+    enc = model.encode(FACT["prompt"], FACT["ground_truth"])
+    assert n_tokens == (enc.prompt_len if model.kind == "causal" else enc.input_ids.shape[1])
+
+
+def test_bad_params():
+    method = get_method("integrated_gradients")
+    for bad in ({"steps": 0}, {"baseline": "mean"}, {"method": "simpson"}, {"objective": "logit"}):
+        with pytest.raises(ValueError):
+            method.Params.from_dict(bad)
+
+
+@pytest.mark.smollm2
+def test_smollm2_eiffel_subject_dominates(smollm2):
+    sample = km.Sample(prompt="The Eiffel Tower is located in the city of", ground_truth=" Paris",
+                       triple_subject="Eiffel Tower")
+    result = run(smollm2, sample, steps=16)
+    f = result.findings
+    assert f["ranking"][0] in range(*f["subject_span"])
+    assert f["subject_share"] > 0.4
+    assert "subject" in result.summary

@@ -1,0 +1,222 @@
+"""Knowledge circuits: the planted route is the circuit, EAP scores equal an independent
+computation of (corrupted - clean) . gradient, EAP-IG's batch equals its steps one by one,
+every causal family (sequential, parallel, grouped-query), the noise fallback, SmolLM2."""
+
+import pytest
+import torch
+
+import knowmri as km
+from knowmri.hooks import Hooks, site
+from knowmri.methods._circuits import _metric, edge_attribution, forward_logits, node_names, prune
+from knowmri.methods.base import RunContext, get_method
+from knowmri.testing import FAMILIES, build_tiny, tiny_model
+
+PROMPT = "The Eiffel Tower is located in the city of"
+FACT = km.Sample(prompt=PROMPT, ground_truth=" Paris", triple_subject="Eiffel Tower")
+CAUSAL = [f for f in FAMILIES if f not in ("bert", "t5")]
+
+
+def run(model, sample=FACT, **params):
+    method = get_method("knowledge_circuits")
+    return method.run(model, sample, method.Params.from_dict(params), RunContext())
+
+
+def test_planted_route_is_the_circuit(planted):
+    (nl, _), (hl, hh) = planted.neuron, planted.head
+    head, mlp = f"a{hl}.h{hh}", f"m{nl}"
+    route = {("input", mlp), (mlp, head), (head, "logits")}
+    other = planted.other_sample["triple_subject"]
+    f = run(planted.model, planted.sample, corrupt_subject=other, top_n=10, ig_steps=20).findings
+    top3 = sorted(f["edges"], key=lambda e: -abs(e["score"]))[:3]
+    assert {(e["src"], e["dst"]) for e in top3} == route
+    assert all(e["score"] < 0 for e in top3)  # corrupting them lowers the logit difference
+    assert {head, mlp} <= {n["name"] for n in f["nodes"]}
+    assert f["corruption"]["kind"] == "subject swap"
+    assert f["corrupted_answer"] == planted.model.tokenizer.decode([planted.other_answer_id])
+    assert f["metric_clean"] > 0 > f["metric_corrupted"]
+    # EAP-IG is complete along the input path: the input's edges add up to the metric's change
+    assert f["linear_estimate"] == pytest.approx(f["metric_corrupted"] - f["metric_clean"], rel=0.1)
+    assert f["faithfulness"]["recovered"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_default_settings_keep_the_route(planted):
+    (nl, _), (hl, hh) = planted.neuron, planted.head
+    head, mlp = f"a{hl}.h{hh}", f"m{nl}"
+    f = run(planted.model, planted.sample, top_n=10).findings  # picks its own corrupting subject
+    edges = {(e["src"], e["dst"]) for e in f["edges"]}
+    assert {("input", mlp), (mlp, head), (head, "logits")} <= edges
+    assert {(e["src"], e["dst"]) for e in f["edges"][:2]} == {(mlp, head), (head, "logits")}
+
+
+def test_plain_eap_finds_the_head(planted):
+    (_, _), (hl, hh) = planted.neuron, planted.head
+    f = run(planted.model, planted.sample, method="eap", top_n=5).findings  # picks its own corrupting subject
+    assert (f["top_edges"][0]["src"], f["top_edges"][0]["dst"]) == (f"a{hl}.h{hh}", "logits")
+
+
+def _deltas_and_grad_inputs(model, clean, corrupt):
+    """Independent clean and corrupted runs: each node's output, read one site at a time."""
+    out = {}
+    for name, ids in (("clean", clean), ("corrupt", corrupt)):
+        with torch.no_grad(), Hooks(model) as h:
+            caps = {"input": h.read(site(0, "resid_pre"))}
+            for layer in range(model.n_layers):
+                caps[f"z{layer}"] = h.read(site(layer, "attn.heads"))
+                caps[f"m{layer}"] = h.read(site(layer, "mlp.out"))
+            model.forward(input_ids=ids)
+        out[name] = {k: c.value[0] for k, c in caps.items()}
+    delta = {"input": out["corrupt"]["input"] - out["clean"]["input"]}
+    for layer in range(model.n_layers):
+        w = model.linear_weight(model.component(layer, "attn_o")).detach()
+        dz = out["corrupt"][f"z{layer}"] - out["clean"][f"z{layer}"]
+        for h in range(model.n_heads):
+            sl = slice(h * model.d_head, (h + 1) * model.d_head)
+            delta[f"a{layer}.h{h}"] = dz[:, h] @ w[:, sl].T
+        delta[f"m{layer}"] = out["corrupt"][f"m{layer}"] - out["clean"][f"m{layer}"]
+    return delta
+
+
+def _grad_through(model, clean, answer, wrong, inject):
+    """d metric / d delta, where `inject(delta)` installs hooks adding delta to one reader's private input."""
+    delta = torch.zeros(clean.shape[1], model.d_model, dtype=model.dtype, requires_grad=True)
+    handles = inject(delta)
+    try:
+        value = _metric(forward_logits(model, clean), answer, wrong, "logit_diff")[0]
+        (grad,) = torch.autograd.grad(value, delta)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return grad
+
+
+def _setup(family):
+    model = build_tiny(family)
+    model.hf_model.double()
+    clean = model.encode(PROMPT).input_ids
+    corrupt = model.encode(PROMPT.replace("Eiffel Tower", "Big Ben")).input_ids
+    assert clean.shape == corrupt.shape
+    answer = model.tokenizer(" Paris", add_special_tokens=False)["input_ids"][0]
+    wrong = model.tokenizer(" London", add_special_tokens=False)["input_ids"][0]
+    graph = edge_attribution(model, clean, corrupt, answer, wrong, alphas=[1.0])
+    delta = _deltas_and_grad_inputs(model, clean, corrupt)
+
+    def score(src, dst):
+        return float(graph.scores[graph.upstream.index(src), graph.downstream.index(dst)])
+
+    return model, clean, answer, wrong, delta, score
+
+
+def _add_before(module, delta):
+    return [module.register_forward_pre_hook(lambda mod, args: (args[0] + delta, *args[1:]))]
+
+
+def test_eap_scores_equal_brute_force_gpt2():
+    model, clean, answer, wrong, delta, score = _setup("gpt2")
+    blocks = model.hf_model.transformer.h
+    d = model.d_model
+
+    # logits read the final residual
+    g = _grad_through(model, clean, answer, wrong, lambda dl: _add_before(model.hf_model.transformer.ln_f, dl))
+    for src in ("input", "a1.h2", "m0", "m2"):
+        assert score(src, "logits") == pytest.approx(float((delta[src] * g).sum()), rel=1e-9, abs=1e-12)
+
+    # an MLP reads its private copy through ln_2 (sequential: includes its own layer's heads)
+    g = _grad_through(model, clean, answer, wrong, lambda dl: _add_before(blocks[1].ln_2, dl))
+    for src in ("input", "a1.h3", "a0.h0", "m0"):
+        assert score(src, "m1") == pytest.approx(float((delta[src] * g).sum()), rel=1e-9, abs=1e-12)
+
+    # head h of layer 2: only its query/key/value columns see the perturbed residual
+    def one_head(dl, layer=2, head=1):
+        block, saved = blocks[layer], {}
+        cols = [part * d + head * model.d_head + i for part in range(3) for i in range(model.d_head)]
+
+        def keep_input(mod, args):
+            saved["x"] = args[0]
+
+        def splice(mod, args, output):
+            moved = block.ln_1(saved["x"] + dl) @ mod.weight + mod.bias  # Conv1D, without re-entering the hook
+            output = output.clone()
+            output[..., cols] = moved[..., cols]
+            return output
+
+        return [block.ln_1.register_forward_pre_hook(keep_input), block.attn.c_attn.register_forward_hook(splice)]
+
+    g = _grad_through(model, clean, answer, wrong, one_head)
+    for src in ("input", "a0.h2", "a1.h0", "m0", "m1"):
+        assert score(src, "a2.h1") == pytest.approx(float((delta[src] * g).sum()), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_eap_scores_equal_brute_force_gqa_and_parallel(family):
+    model, clean, answer, wrong, delta, score = _setup(family)  # their norms compute in float32: looser tolerance
+    layers = model.layers
+    mlp_norm = "post_attention_layernorm"
+    attn_norm = "input_layernorm"
+    # MLP of layer 1: its own norm's input (parallel NeoX: no edge from its own layer's heads)
+    g = _grad_through(model, clean, answer, wrong, lambda dl: _add_before(getattr(layers[1], mlp_norm), dl))
+    for src in ("input", "a0.h1", "m0"):
+        assert score(src, "m1") == pytest.approx(float((delta[src] * g).sum()), rel=1e-5, abs=1e-9)
+    same_layer = score("a1.h0", "m1")
+    assert (same_layer == 0.0) == model.parallel
+    # attention of layer 2: the per-head scores (grouped-query for LLaMA) add up to the layer's
+    for src in ("input", "a0.h3", "m1"):
+        g = _grad_through(model, clean, answer, wrong, lambda dl: _add_before(getattr(layers[2], attn_norm), dl))
+        total = sum(score(src, f"a2.h{h}") for h in range(model.n_heads))
+        assert total == pytest.approx(float((delta[src] * g).sum()), rel=1e-5, abs=1e-9)
+
+
+def test_eap_ig_batch_equals_steps_one_by_one():
+    model = tiny_model("qwen2")
+    clean = model.encode(PROMPT).input_ids
+    corrupt = model.encode(PROMPT.replace("Eiffel Tower", "Big Ben")).input_ids
+    args = (model, clean, corrupt, 5, 7)
+    both = edge_attribution(*args, alphas=[1 / 3, 2 / 3, 1.0]).scores * 3
+    first = edge_attribution(*args, alphas=[1 / 3, 1.0]).scores * 2
+    second = edge_attribution(*args, alphas=[2 / 3, 1.0]).scores * 2
+    last = edge_attribution(*args, alphas=[1.0]).scores
+    torch.testing.assert_close(both, first + second - last, rtol=1e-4, atol=1e-5)
+
+
+def test_graph_structure_and_pruning():
+    up, down, lu, ld, valid = node_names(2, 2, parallel=False)
+    assert up == ["input", "a0.h0", "a0.h1", "m0", "a1.h0", "a1.h1", "m1"]
+    assert down == ["a0.h0", "a0.h1", "m0", "a1.h0", "a1.h1", "m1", "logits"]
+    assert valid[up.index("a0.h0"), down.index("m0")] and not valid[up.index("m0"), down.index("a0.h0")]
+    assert not node_names(2, 2, parallel=True)[4][up.index("a0.h0"), down.index("m0")]
+    edges = [("input", "m0", -1.0), ("m0", "logits", -1.0), ("a1.h0", "logits", 0.5), ("input", "a0.h1", 0.2)]
+    assert prune(edges) == edges[:2]
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_runs_on_causal_families(family):
+    result = run(tiny_model(family), top_n=15, ig_steps=2)
+    f = result.findings
+    assert f["top_edges"]
+    if f["edges"]:  # pruned: every kept edge is on a path from the input to the logits
+        assert {"input", "logits"} <= {n for e in f["edges"] for n in (e["src"], e["dst"])}
+    names = {n["name"] for n in f["nodes"]}
+    assert all(e["src"] in names and e["dst"] in names for e in f["edges"])
+    assert result.figures[0]["name"] == "Circuit graph"
+
+
+def test_noise_fallback_and_ineligible_kinds():
+    model = tiny_model("gpt2")
+    f = run(model, corrupt_subject="Statue of Liberty of New York", top_n=5).findings
+    assert f["corruption"]["kind"] == "noise" and "Statue of Liberty" in f["corruption"]["note"]
+    assert f["metric_clean"] != f["metric_corrupted"]
+    for family in ("bert", "t5"):
+        match = {m.name: m for m in km.match(FACT, tiny_model(family))}["knowledge_circuits"]
+        assert not match.eligible
+    with pytest.raises(ValueError):
+        get_method("knowledge_circuits").Params.from_dict({"method": "acdc"})
+
+
+@pytest.mark.smollm2
+def test_smollm2_circuit(smollm2):
+    result = run(smollm2, top_n=8, ig_steps=2, faithfulness=False)
+    f = result.findings
+    assert f["edges"] and f["nodes"]
+    assert f["metric_clean"] > f["metric_corrupted"]
+    assert any(e["src"] == "input" for e in f["edges"]) and any(e["dst"] == "logits" for e in f["edges"])
+    fig = result.figures[0]["plotly"]
+    assert len(fig["data"]) == len(f["edges"]) + 1

@@ -1,0 +1,168 @@
+"""knowledge_neurons: the planted neuron is found, batched IG equals the per-layer loop, every
+family runs, refinement across paraphrases, multi-token answers, and a causal check on SmolLM2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from knowmri.hooks import Hooks, site
+from knowmri.methods import _neurons as nr
+from knowmri.methods.base import RunContext, get_method
+from knowmri.sample import Sample
+from knowmri.testing import tiny_model
+
+PROMPT = "The Eiffel Tower is located in the city of"
+PARAPHRASES = ["The Eiffel Tower is in the city of", "Where is the Eiffel Tower? It is in the city of",
+               "In the city of the Eiffel Tower? The capital of"]
+
+
+def run(model, sample, **params):
+    method = get_method("knowledge_neurons")
+    return method.run(model, sample, method.Params.from_dict(params), RunContext())
+
+
+@pytest.mark.parametrize("positions", ["subject", "all"])
+def test_planted_neuron_ranks_first(planted, positions) -> None:
+    result = run(planted.model, planted.sample, steps=8, positions=positions)
+    first = result.findings["neurons"][0]
+    assert (first["layer"], first["unit"]) == planted.neuron
+    top = result.findings["prompts"][0]["top"][0]
+    assert top["position"] == planted.neuron_position and top["token"].strip() == "Tower"
+
+
+def test_answer_position_only_sees_what_is_there(planted) -> None:
+    """At the paper's position (the one predicting the answer) the planted neuron is silent:
+    the fact is stored at the subject, so its attribution there is ~0."""
+    result = run(planted.model, planted.sample, steps=4)
+    scores = {(n["layer"], n["unit"]): n["score"] for n in result.findings["top_neurons"]}
+    assert scores.get(planted.neuron, 0.0) < 1e-6
+
+
+def test_refinement_keeps_the_shared_neurons(planted) -> None:
+    sample = planted.sample.replace(prompts=PARAPHRASES)
+    result = run(planted.model, sample, steps=4, positions="subject", threshold=0.0, p=0.7)
+    f = result.findings
+    assert f["n_prompts"] == 4 and len(f["prompts"]) == 4
+    assert all(d["probabilities"][0] > 0.9 for d in f["prompts"])
+    first = f["neurons"][0]
+    assert (first["layer"], first["unit"]) == planted.neuron and first["prompts"] == 4
+    assert all(n["prompts"] >= 3 for n in f["neurons"])  # >= 0.7 x 4 prompts
+    assert len(f["neurons"]) < min(d["n_coarse"] for d in f["prompts"])
+
+
+def test_refine_and_threshold_rules() -> None:
+    a = torch.tensor([[1.0, 0.3, 0.1], [0.0, -2.0, 0.25]])
+    assert nr.coarse_neurons(a, 0.2).tolist() == [[True, True, False], [False, False, True]]
+    assert not nr.coarse_neurons(-a.abs(), 0.2).any()
+    masks = [torch.tensor([True, True, False]), torch.tensor([True, False, False]), torch.tensor([True, True, True])]
+    kept, counts = nr.refine(masks, 0.7)
+    assert counts.tolist() == [3, 2, 1] and kept.tolist() == [True, False, False]
+    kept, _ = nr.refine(masks, 0.5)
+    assert kept.tolist() == [True, True, False]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2", "opt", "falcon", "bert", "t5"])
+@pytest.mark.parametrize("mode", ["answer", "all"])
+def test_batched_equals_per_layer_loop(family, mode) -> None:
+    model = tiny_model(family)
+    enc = model.encode(PROMPT, " Paris France")
+    pairs = nr.answer_tokens(model, enc)
+    jobs, positions = nr.ig_jobs(model, enc, pairs, mode)
+    if mode == "all":
+        jobs = jobs[-4:]
+        positions = sorted({q for q, _, _ in jobs})
+    clean, _ = nr.clean_neurons(model, enc, positions)
+    reference = nr.ig_neurons_reference(model, enc, jobs, steps=3)
+    assert reference.abs().max() > 0
+    for batch in (0, 3, 7):  # all layers in one batch, one layer per batch, uneven chunks
+        batched = nr.ig_neurons(model, enc, jobs, clean, positions, steps=3, batch_size=batch)
+        torch.testing.assert_close(batched, reference, rtol=1e-4, atol=1e-9)
+
+
+def test_linspace_riemann_matches_eleutherai_points(tiny) -> None:
+    assert nr.alphas(5, "linspace").tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert nr.alphas(4, "right").tolist() == [0.25, 0.5, 0.75, 1.0]
+    model = tiny("llama")
+    enc = model.encode(PROMPT, " Paris")
+    jobs, positions = nr.ig_jobs(model, enc, nr.answer_tokens(model, enc), "answer")
+    clean, _ = nr.clean_neurons(model, enc, positions)
+    torch.testing.assert_close(nr.ig_neurons(model, enc, jobs, clean, positions, steps=4, riemann="linspace"),
+                               nr.ig_neurons_reference(model, enc, jobs, steps=4, riemann="linspace"), rtol=1e-4, atol=1e-9)
+
+
+def test_multi_token_answer_is_teacher_forced_at_its_own_positions(tiny) -> None:
+    model = tiny("gpt2")
+    enc = model.encode(PROMPT, " Paris France")
+    (p0, t0), (p1, t1) = nr.answer_tokens(model, enc)
+    assert p1 == p0 + 1 and int(enc.input_ids[0, p1]) == t0  # the ground truth is fed, not the greedy token
+    result = run(model, Sample(prompt=PROMPT, ground_truth=" Paris France"), steps=3, top_k=5)
+    detail = result.findings["prompts"][0]
+    assert detail["positions"] == [p0, p1] and [t.strip() for t in detail["answer_tokens"]] == ["Paris", "France"]
+    per_token = nr.ig_neurons_reference(model, enc, [(p0, p0, t0), (p1, p1, t1)], steps=3)
+    torch.testing.assert_close(torch.as_tensor(result.arrays["attributions"]), per_token.sum(0), rtol=1e-4, atol=1e-9)
+
+
+def test_runs_on_every_family(tiny_family_model) -> None:
+    model = tiny_family_model
+    result = run(model, Sample(prompt=PROMPT, ground_truth=" Paris", prompts=["The Eiffel Tower is in"]), steps=2, top_k=5)
+    f = result.findings
+    assert result.summary and len(result.figures) == 2 and len(result.tables) == 2
+    assert len(f["layer_scores"]) == model.n_layers and f["n_prompts"] == 2
+    scores = [n["score"] for n in f["neurons"]]
+    assert scores == sorted(scores, reverse=True)
+    assert all({"layer", "unit", "score"} <= set(n) for n in f["neurons"] + f["top_neurons"])
+    assert all(0 <= n["layer"] < model.n_layers and 0 <= n["unit"] < model.d_mlp for n in f["top_neurons"])
+    assert f["top_neurons"][0]["top_tokens"]
+    json.dumps(result.to_dict())
+
+
+def test_params_are_validated() -> None:
+    params = get_method("knowledge_neurons").Params
+    assert params().steps == 20 and params().threshold == 0.2
+    for bad in ({"steps": 0}, {"threshold": 1.5}, {"p": 0}, {"riemann": "left"}, {"positions": "middle"}):
+        with pytest.raises(ValueError):
+            params.from_dict(bad)
+
+
+def test_subject_positions_need_a_subject(tiny) -> None:
+    with pytest.raises(ValueError, match="subject"):
+        run(tiny("gpt2"), Sample(prompt=PROMPT, ground_truth=" Paris"), steps=2, positions="subject")
+
+
+def _p_paris(model, enc, answer_id, ablate=()):
+    with torch.no_grad(), Hooks(model) as h:
+        for layer, unit in ablate:
+            h.ablate(site(layer, "mlp.neurons"), positions=[enc.pred_pos], units=[unit])
+        return float(model.forward(**enc.inputs())[0, enc.pred_pos].softmax(-1)[answer_id])
+
+
+@pytest.mark.smollm2
+def test_smollm2_eiffel_tower_top_neurons_matter(smollm2) -> None:
+    sample = Sample(prompt=PROMPT, ground_truth=" Paris", triple_subject="Eiffel Tower")
+    result = run(smollm2, sample, steps=4, top_k=10)
+    f = result.findings
+    assert f["neurons"] and f["top_neurons"][0]["top_tokens"]
+    scores = [n["score"] for n in f["top_neurons"]]
+    assert scores == sorted(scores, reverse=True) and scores[0] > 0
+    top5 = [(n["layer"], n["unit"]) for n in f["top_neurons"][:5]]
+    enc = smollm2.encode(PROMPT, " Paris")
+    answer = enc.target_ids[0]
+    clean = _p_paris(smollm2, enc, answer)
+    drop_kn = clean - _p_paris(smollm2, enc, answer, top5)
+    gen = torch.Generator().manual_seed(0)
+    drops = []
+    for _ in range(5):
+        random5 = [(layer, int(torch.randint(smollm2.d_mlp, (1,), generator=gen))) for layer, _ in top5]
+        drops.append(clean - _p_paris(smollm2, enc, answer, random5))
+    assert drop_kn > 0.1 and drop_kn > max(drops)
+
+
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_all_positions_on_masked_and_seq2seq(tiny, family) -> None:
+    model = tiny(family)
+    result = run(model, Sample(prompt=PROMPT, ground_truth=" Paris"), steps=2, positions="all", top_k=3)
+    top = result.findings["prompts"][0]["top"][0]
+    assert "position" in top and isinstance(top["token"], str)
