@@ -10,7 +10,10 @@ executed (`torch.utils.flop_counter`), so a ratio above 1 splits into "more FLOP
 Work model (T prompt tokens, L layers, S noise samples, V vocabulary, d model width):
 - a token through one block = 2 x (block matmul params) FLOPs + 4 x T x d (attention scores);
 - a read-out (final norm + unembedding at one position) = 2 x V x d; the embedding lookup is free;
-- backward = 2 x forward (gradients of activations and weights; x3 in all for forward+backward).
+- backward = 2 x forward (gradients of activations and weights; x3 in all for forward+backward);
+- the floor time is the longer of FLOPs / matmul rate and (weight sweeps that must happen one
+  after another) x (weight bytes) / memory bandwidth: a forward over ten tokens is bound by
+  reading the 0.5 GB of weights, not by arithmetic (a roofline). Both rates are measured here.
 Per method (what the algorithm needs, not what any implementation does):
 - logit_lens: 1 forward + L x T read-outs (positions "all");
 - attention_weights, embedding_projection, fine: 1 forward (+ their vocabulary projections);
@@ -80,6 +83,7 @@ class Work:
     bwd_of: float = 0.0  # FLOPs of the forward work that is also back-propagated
     extra: float = 0.0  # other FLOPs (projections, training)
     passes: str = ""
+    sweeps: float = 1.0  # passes over the weights that must happen one after another (memory floor)
 
     @property
     def flops(self) -> float:
@@ -103,12 +107,13 @@ def floor_work(name: str, model: Any, dims: Dims, prep: Any, params: Any, result
     if name == "integrated_gradients":
         s = params.steps
         w = s * (full + dims.readouts(n_ans))
-        return Work(w, bwd_of=w, passes=f"{s} forward+backward")
+        return Work(w, bwd_of=w, passes=f"{s} forward+backward", sweeps=3)
     if name == "knowledge_neurons":
         s = params.steps
         rows = sum(s * (L - layer) for layer in range(L))  # block passes at the answer position
         w = dims.tokens(rows * n_ans, T) + dims.readouts(L * s * n_ans)
-        return Work(full + dims.readouts(1) + w, bwd_of=w, passes=f"1 forward + {L}x{s} rows over blocks l..L-1 (fwd+bwd)")
+        return Work(full + dims.readouts(1) + w, bwd_of=w, passes=f"1 forward + {L}x{s} rows over blocks l..L-1 (fwd+bwd)",
+                    sweeps=4)
     if name == "causal_tracing":
         S = params.samples
         s0 = prep.subject.start if prep.subject is not None else 0
@@ -120,11 +125,12 @@ def floor_work(name: str, model: Any, dims: Dims, prep: Any, params: Any, result
                 blocks += S * cells_t * (L - start)
         reads = S * cells_t * L * len(params.kinds)
         fwd = (1 + S) * (full + dims.readouts(1)) + dims.tokens(blocks * T, T) + dims.readouts(reads)
-        return Work(fwd, passes=f"{1 + S} forwards + {reads} restorations over blocks l..L-1")
+        return Work(fwd, passes=f"{1 + S} forwards + {reads} restorations over blocks l..L-1", sweeps=3)
     if name == "knowledge_circuits":
         steps = 1 + (params.ig_steps if params.method == "eap-ig" else 1)
         one = full + dims.readouts(1)
-        return Work(3 * one + steps * one, bwd_of=steps * one, passes=f"2 forwards + {steps} forward+backward + 1 check")
+        return Work(3 * one + steps * one, bwd_of=steps * one, passes=f"2 forwards + {steps} forward+backward + 1 check",
+                    sweeps=5)
     if name == "patchscopes":
         f = result.findings if result is not None else {}
         tgt = len(model.tokenizer(params.target_prompt)["input_ids"])
@@ -133,7 +139,7 @@ def floor_work(name: str, model: Any, dims: Dims, prep: Any, params: Any, result
         w = full + dims.tokens((tgt - 1) * L, tgt) + dims.tokens(patched, tgt)
         w += dims.tokens(L * (steps - 1) * L, tgt + steps) + dims.readouts(L * steps)
         del f
-        return Work(w, passes=f"source + target prefix + {L} rows x {steps} cached steps")
+        return Work(w, passes=f"source + target prefix + {L} rows x {steps} cached steps", sweeps=1 + steps)
     if name == "self_explanation":
         f = result.findings if result is not None else {}
         req = f.get("request") or ""
@@ -141,7 +147,7 @@ def floor_work(name: str, model: Any, dims: Dims, prep: Any, params: Any, result
         a, g = params.answer_tokens, params.max_new_tokens
         w = dims.tokens(T * L, T) + dims.tokens((a - 1) * L, T + a) + dims.readouts(a)
         w += dims.tokens(t_req * L, t_req) + dims.tokens((g - 1) * L, t_req + g) + dims.readouts(g)
-        return Work(w, passes=f"2 cached generations ({a} + {g} tokens)")
+        return Work(w, passes=f"2 cached generations ({a} + {g} tokens)", sweeps=a + g)
     if name == "spine":
         f = result.findings if result is not None else {}
         stats = f.get("training") or f.get("stats") or {}
@@ -149,7 +155,7 @@ def floor_work(name: str, model: Any, dims: Dims, prep: Any, params: Any, result
         updates = stats.get("updates") or 1500
         rows = stats.get("rows") or params.vocab_limit or dims.V
         train = 12 * updates * params.batch_size * dims.d * hidden
-        return Work(0.0, extra=train + 2 * rows * dims.d * hidden, passes=f"{updates} autoencoder updates")
+        return Work(0.0, extra=train + 2 * rows * dims.d * hidden, passes=f"{updates} autoencoder updates", sweeps=0)
     return None
 
 
@@ -173,6 +179,24 @@ def matmul_rate(dims: Dims, device: str, dtype: torch.dtype, rows: int = 640, re
         wall.append(flops / max(w, 1e-9))
         cpu.append(flops / max(c, 1e-9))
     return max(wall), statistics.median(cpu)
+
+
+def bandwidth(device: str, mbytes: int = 256, samples: int = 5) -> tuple[float, float]:
+    """Bytes/s of reading a large float32 tensor (`sum`): per wall second (best) and per CPU second (median)."""
+    x = torch.ones(mbytes * (1 << 20) // 4, device=device)
+    x.sum()
+    wall, cpu = [], []
+    for _ in range(samples):
+        w, c, _ = H.measure(lambda: x.sum(), device)
+        wall.append(x.numel() * 4 / max(w, 1e-9))
+        cpu.append(x.numel() * 4 / max(c, 1e-9))
+    return max(wall), statistics.median(cpu)
+
+
+def floor_seconds(work: Work, rate: float, bw: float, weight_bytes: float) -> float:
+    """The roofline floor: the FLOPs at the matmul rate, or the sequential weight sweeps at the memory
+    bandwidth, whichever is longer (a forward over a few tokens is bound by reading the weights)."""
+    return max(work.flops / rate, work.sweeps * weight_bytes / bw)
 
 
 def counted_flops(fn: Any) -> float | None:
@@ -205,7 +229,10 @@ def main() -> None:
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     names = [m.name for m in match(sample, model) if m.eligible and (not wanted or m.name in wanted)]
     rate0, cpu_rate0 = matmul_rate(dims, args.device, H.dtype_of(args))
+    bw, cpu_bw = bandwidth(args.device)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.hf_model.parameters())
     print(f"matmul rate {rate0 / 1e9:.1f} GFLOP/s per wall second (best of 5), {cpu_rate0 / 1e9:.1f} per CPU second; "
+          f"memory {bw / 1e9:.1f} GB/s ({cpu_bw / 1e9:.1f} per CPU second); weights {weight_bytes / 1e6:.0f} MB; "
           f"block params {dims.block_params / 1e6:.2f} M x {dims.L} layers", flush=True)
     rows, table = [], []
     for name in names:
@@ -224,8 +251,8 @@ def main() -> None:
         counted = None if args.no_count else counted_flops(call)
         work = floor_work(name, model, dims, prep, params, result)
         achieved, achieved_cpu = statistics.median(times), statistics.median(cpus)
-        floor_s = work.flops / rate0 if work else None
-        floor_cpu = work.flops / cpu_rate0 if work else None
+        floor_s = floor_seconds(work, rate0, bw, weight_bytes) if work else None
+        floor_cpu = floor_seconds(work, cpu_rate0, cpu_bw, weight_bytes) if work else None
         entry = {"method": name, "params": overrides, "status": result.status, "error": result.error,
                  "seconds": achieved, "times_s": times, "cpu_s": achieved_cpu, "cpu_times_s": cpus,
                  "floor_flops": work.flops if work else None, "floor_s": floor_s, "floor_cpu_s": floor_cpu,
@@ -243,7 +270,7 @@ def main() -> None:
             detail += f"; CPU time / CPU floor {entry['cpu_over_floor']:.1f}x"
         if entry["counted_over_floor"]:
             detail += f"; FLOPs executed / needed {entry['counted_over_floor']:.2f}"
-        rows.append(H.row(name, "FLOP floor at the measured matmul rate", achieved, floor_s, None, detail, kind="floor",
+        rows.append(H.row(name, "roofline floor (measured matmul rate and memory bandwidth)", achieved, floor_s, None, detail, kind="floor",
                           cpu_over_floor=entry["cpu_over_floor"], counted_over_floor=entry["counted_over_floor"]))
     rate1, cpu_rate1 = matmul_rate(dims, args.device, H.dtype_of(args))
 
@@ -259,6 +286,7 @@ def main() -> None:
               f"{f(e['cpu_over_counted'])} | {e['passes']} |")
     path = H.write_result("floor", rows, model="smollm2-135m", args=args, methods=table,
                           matmul_gflops_wall=[rate0 / 1e9, rate1 / 1e9], matmul_gflops_cpu=[cpu_rate0 / 1e9, cpu_rate1 / 1e9],
+                          memory_gbps_wall=bw / 1e9, memory_gbps_cpu=cpu_bw / 1e9, weight_bytes=weight_bytes,
                           block_params=dims.block_params, finished=time.time())
     print(f"wrote {path}")
 

@@ -268,22 +268,24 @@ def _peers(st: Setup) -> tuple[dict[str, Callable[[], torch.Tensor]], dict[str, 
     return commands, notes
 
 
-def bench(name: str, model: Any, args: Any, layer_step: int = 1) -> list[dict[str, Any]]:
+def bench(name: str, model: Any, args: Any, layer_step: int = 1, engine_rows: bool = True) -> list[dict[str, Any]]:
     """Rows for one model; peers sweep every `layer_step`-th layer (the full grid when 1)."""
     tol = H.tolerance(args)
     max_rows = 64
     full = Setup(name, model, args)
     rows = []
     # 1. the trace engine vs the batched hooks sweep, on the full grid
-    engine = H.alternate({"knowmri hooks, batched": lambda: knowmri_batched(full, max_rows),
-                          "knowmri trace engine": lambda: knowmri_engine(full, max_rows)},
-                         repeats=args.repeats, warmup=1, device=args.device)
-    ref, eng = engine["knowmri hooks, batched"], engine["knowmri trace engine"]
-    equal, diff = H.allclose(eng.result, ref.result, **tol)
-    rows.append(H.row(METHOD + " [trace engine]", "knowmri hooks, batched (same grid, full forwards)", eng, ref, equal,
-                      f"{name}, {full.T}x{full.L} cells, max |diff| {diff:.1e}; prefix reuse, pre-subject cells skipped",
-                      model=name))
-    print(f"{name}: full grid {full.T}x{full.L}: batched {H.fmt_s(ref.median)}, engine {H.fmt_s(eng.median)}", flush=True)
+    if engine_rows:
+        engine = H.alternate({"knowmri hooks, batched": lambda: knowmri_batched(full, max_rows),
+                              "knowmri trace engine": lambda: knowmri_engine(full, max_rows)},
+                             repeats=args.repeats, warmup=1, device=args.device)
+        ref, eng = engine["knowmri hooks, batched"], engine["knowmri trace engine"]
+        equal, diff = H.allclose(eng.result, ref.result, **tol)
+        rows.append(H.row(METHOD + " [trace engine]", "knowmri hooks, batched (same grid, full forwards)", eng, ref,
+                          equal, f"{name}, {full.T}x{full.L} cells, max |diff| {diff:.1e}; prefix reuse, "
+                          "pre-subject cells skipped", model=name))
+        print(f"{name}: full grid {full.T}x{full.L}: batched {H.fmt_s(ref.median)}, engine {H.fmt_s(eng.median)}",
+              flush=True)
     # 2. the batched hooks sweep vs the peers, on every layer_step-th layer
     st = full if layer_step == 1 else Setup(name, model, args, layers=list(range(0, full.L, layer_step)))
     commands = {"knowmri hooks, batched": lambda: knowmri_batched(st, max_rows)}
@@ -310,13 +312,17 @@ def main() -> None:
     p = H.parser(__doc__.splitlines()[0])
     args = p.parse_args()
     H.setup(args)
+    if args.quick:
+        args.repeats = min(args.repeats, 2)
     from knowmri.testing import build_tiny
 
     tiny = build_tiny("gpt2")
     tiny.hf_model.to(device=args.device, dtype=H.dtype_of(args))
     rows = bench("tiny-gpt2 (3 layers, d_model 64)", tiny, args)
     if not args.skip_smollm2:
-        rows += bench("smollm2-135m (30 layers)", H.load_smollm2(args), args, layer_step=3 if args.quick else 1)
+        # --quick: peers on every 5th layer (60 of 300 cells), and no full-grid engine run (bench_causal_tracing has it)
+        rows += bench("smollm2-135m (30 layers)", H.load_smollm2(args), args, layer_step=5 if args.quick else 1,
+                      engine_rows=not args.quick)
     H.print_rows(rows)
     path = H.write_result("patching_peers", rows, model="tiny-gpt2, smollm2-135m", args=args)
     print(f"wrote {path}")

@@ -10,7 +10,10 @@ layer's row in one pass and decodes all rows together. All commands decode the s
 from the same source states; equality of the tokens and the step probabilities is checked.
 Writes benchmarks/results/patchscopes.json.
 
-    python benchmarks/bench_patchscopes.py [--repeats 3] [--skip-smollm2] [--device cuda]
+    python benchmarks/bench_patchscopes.py [--repeats 3] [--quick] [--skip-smollm2] [--threads 1] [--device cuda]
+
+On a CPU shared with other jobs, --threads 1 avoids thread oversubscription (two threads were several
+times slower than one under load here); the JSON records the settings used.
 """
 
 from __future__ import annotations
@@ -106,6 +109,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="greedy tokens decoded per layer on the tiny model")
     p.add_argument("--smollm2-steps", type=int, default=3, help="greedy tokens per layer on SmolLM2 (the loop is slow)")
     args = p.parse_args()
+    if args.quick:  # reduced settings: fewer greedy tokens and rounds
+        args.steps, args.smollm2_steps, args.repeats = 4, 2, min(args.repeats, 2)
     setup(args)
     from knowmri.testing import build_tiny
 
@@ -114,6 +119,7 @@ def main() -> None:
         model = build_tiny(family)
         model.hf_model.to(args.device)
         rows += bench(f"tiny {family}", model, args.steps, args.repeats, args)
+        print_rows(rows[-2:])
     if not args.skip_smollm2:
         # the tiny runs warmed the code paths up; the slow loop is not run untimed on SmolLM2
         rows += bench(

@@ -14,7 +14,7 @@ import torch
 from knowmri.hooks import Hooks, site
 from knowmri.models.model import Encoded
 
-_ROW_BUDGET_BYTES = 1 << 30  # activations kept for the backward pass, per batch of rows
+ROW_BUDGET_BYTES = 1 << 30  # activations kept for the backward pass, per batch of rows
 
 
 def answer_tokens(model: Any, enc: Encoded) -> list[tuple[int, int]]:
@@ -155,7 +155,7 @@ def auto_rows(model: Any, fed: int, prefix: int, steps: int) -> int:
     """Rows per forward/backward that keep the saved activations within a memory budget."""
     per_token = model.n_layers * (12 * model.d_model + 4 * model.d_mlp)
     per_row = 4 * (fed * per_token + model.n_layers * 2 * model.d_model * (prefix + fed) + 3 * model.vocab_size)
-    budget = _ROW_BUDGET_BYTES
+    budget = ROW_BUDGET_BYTES
     if model.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(model.device)
         budget = max(budget, int(0.3 * free))
@@ -311,12 +311,12 @@ def grid_figure(scores: torch.Tensor, *, title: str, colorbar: str, columns: int
 
     n_layers, d = scores.shape
     width = max(1, -(-d // columns))
-    z, labels = [], []
-    for start in range(0, d, width):
-        labels.append(f"{start}-{min(d, start + width) - 1}" if width > 1 else str(start))
-    for layer in range(n_layers):
-        row = scores[layer]
-        z.append([float(row[s: s + width][row[s: s + width].abs().argmax()]) for s in range(0, d, width)])
+    bins = -(-d // width)
+    padded = torch.zeros(n_layers, bins * width)
+    padded[:, :d] = scores.float()
+    grouped = padded.view(n_layers, bins, width)
+    z = grouped.gather(-1, grouped.abs().argmax(-1, keepdim=True)).squeeze(-1).tolist()
+    labels = [f"{s}-{min(d, s + width) - 1}" if width > 1 else str(s) for s in range(0, d, width)]
     peak = float(scores.abs().max()) or 1.0
     return figures.heatmap(z, x=labels, y=list(range(n_layers)), title=title, x_title="neurons (binned)",
                            y_title="layer", colorscale="RdBu", zmin=-peak, zmax=peak, colorbar=colorbar)

@@ -35,17 +35,27 @@ class AttentionWeightsParams(Params):
 
 @contextmanager
 def eager_attention(hf_model: Any) -> Iterator[None]:
-    """Switch a Hugging Face model to eager attention (which returns weights) and back afterwards."""
-    previous = getattr(hf_model.config, "_attn_implementation", None)
+    """Switch a Hugging Face model to eager attention (which returns weights) and back afterwards.
+
+    Some models (Falcon) ignore `set_attn_implementation` and, under sdpa with
+    `output_attentions=True`, compute non-causal weights; their config is switched directly.
+    """
+    config = hf_model.config
+    previous = getattr(config, "_attn_implementation", None)
     can = getattr(hf_model, "_can_set_attn_implementation", lambda: True)
-    switched = False
+    switched = forced = False
     if previous not in (None, "eager") and hasattr(hf_model, "set_attn_implementation") and can():
         hf_model.set_attn_implementation("eager")
         switched = True
+    if getattr(config, "_attn_implementation", None) not in (None, "eager"):
+        config._attn_implementation = "eager"
+        forced = True
     try:
         yield
     finally:
-        if switched:
+        if forced:
+            config._attn_implementation = previous
+        elif switched:
             hf_model.set_attn_implementation(previous)
 
 

@@ -7,6 +7,12 @@ fixed seed shared by every cell. For every token and layer, the clean hidden sta
 output), or the clean MLP / attention output over a `window` of layers centred like ROME, is
 put back into the corrupted run; the score is P(answer's first token) averaged over the noise
 samples. The batched engine lives in `knowmri.methods._tracing`.
+
+Findings: the grids `hidden`, `mlp`, `attn` ([token][layer] probabilities), `high_score` (clean)
+and `low_score` (corrupted); `token_scores` are each token's largest indirect effect (restored
+minus corrupted P) over layers in the hidden grid, `layer_scores` each layer's largest over
+tokens in the MLP grid (`*_kind` says which grid when a kind was not traced); `peaks` gives
+each grid's best cell.
 """
 
 from __future__ import annotations

@@ -1,6 +1,13 @@
 """FiNE (Pan et al. 2023, 'Finding and Editing Multi-Modal Neurons in Pre-Trained Transformers'):
 each MLP neuron's contribution to the answer is its activation times its value vector's
-projection onto the answer token's unembedding, read in one forward pass, no gradients."""
+projection onto the answer token's unembedding, read in one forward pass, no gradients.
+
+As in the paper (and Know-MRI's implementation) the score reads the raw unembedding: the final
+norm is left out (`use_final_norm` scales value vectors by its gain instead). Unlike Know-MRI,
+which scores the model's greedy tokens, each ground-truth token is scored at its own predicting
+position (teacher forced) and the contributions are summed. A layer's contributions add up to its
+MLP's direct effect on the answer logit (before the final norm); the score sees direct effects
+only, not neurons whose output reaches the answer through later layers (e.g. attention)."""
 
 from __future__ import annotations
 

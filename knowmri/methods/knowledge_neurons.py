@@ -1,6 +1,16 @@
 """Knowledge neurons (Dai et al. 2022): integrated gradients of P(answer) with respect to every
 MLP neuron at the answer-predicting position, kept above an adaptive threshold per prompt and
-refined to the neurons that most paraphrases of the query share."""
+refined to the neurons that most paraphrases of the query share.
+
+Choices, per the paper and the authors' code (Hunter-DDM/knowledge-neurons): threshold 0.2 x the
+prompt's largest attribution; a neuron is kept when at least p = 0.7 of the prompts (`prompt` and
+`prompts`) share it (EleutherAI's package uses p = 0.5 and a strict '>'). A multi-token answer is
+teacher forced; each token is attributed at its own predicting position and the per-token
+attributions are summed (EleutherAI averages them: same ranking and same relative threshold).
+`positions` extends the paper to neurons at the subject's tokens or at every position, where a
+fact recalled from the subject is stored (the paper's position only sees what is read out there).
+The IG rows are batched (see `_neurons.ig_neurons`); the result equals the per-layer loop.
+"""
 
 from __future__ import annotations
 
@@ -75,7 +85,9 @@ class KnowledgeNeurons(Method):
         if params.positions != "answer" and model.kind == "causal":
             fed = prompt_tokens // 2
         per_prompt = answer * (jobs * model.n_layers * params.steps * fed + prompt_tokens)
-        return forward_cost(model, sample, forward=1, backward=1, tokens=len(sample.all_prompts()) * per_prompt)
+        est = forward_cost(model, sample, forward=1, backward=1, tokens=len(sample.all_prompts()) * per_prompt)
+        est.memory_bytes = min(est.memory_bytes, nr.ROW_BUDGET_BYTES)  # rows are batched within this budget
+        return est
 
     def run(self, model: Any, sample: Sample, params: KnowledgeNeuronsParams, ctx: RunContext) -> MethodResult:
         prompts = sample.all_prompts()

@@ -89,11 +89,20 @@ def _patch(h: Hooks, states: torch.Tensor, position: int, target_layer: int | No
         h.replace(site(target_layer, "resid_post"), states[:, None, :], positions=[position])
 
 
-def _forward(model: Any, **kwargs: Any) -> Any:
-    """The HF forward with a cache, computing logits only at the last position where the model allows it."""
-    if "logits_to_keep" in inspect.signature(model.hf_model.forward).parameters:
+def _forward(model: Any, past: Any = None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """Last-position logits and the KV cache of an HF forward that continues `past`.
+
+    Logits are computed only at the last position where the model allows it (`logits_to_keep`);
+    the cache argument is `cache` in recent transformers and `past_key_values` before.
+    """
+    params = inspect.signature(model.hf_model.forward).parameters
+    if "logits_to_keep" in params:
         kwargs["logits_to_keep"] = 1
-    return model.hf_model(use_cache=True, **kwargs)
+    if past is not None:
+        kwargs["cache" if "cache" in params else "past_key_values"] = past
+    out = model.hf_model(use_cache=True, **kwargs)
+    cache = out["cache"] if "cache" in out else out.get("past_key_values")
+    return out.logits[:, -1].float(), cache
 
 
 @torch.inference_mode()
@@ -109,23 +118,14 @@ def decode_batched(
     device = model.device
     past = None
     if position > 0:
-        out = _forward(
-            model,
-            input_ids=torch.tensor([ids[:position]], device=device),
-            attention_mask=torch.ones(1, position, dtype=torch.long, device=device),
-        )
-        past = out.past_key_values
+        prefix = torch.tensor([ids[:position]], device=device)
+        _, past = _forward(model, input_ids=prefix, attention_mask=torch.ones_like(prefix))
         past.batch_repeat_interleave(rows)
     mask = torch.ones(rows, len(ids), dtype=torch.long, device=device)
     with Hooks(model) as h:
         _patch(h, states, 0, target_layer)
-        out = _forward(
-            model,
-            input_ids=torch.tensor([ids[position:]], device=device).repeat(rows, 1),
-            attention_mask=mask,
-            past_key_values=past,
-        )
-    logits, past = out.logits[:, -1].float(), out.past_key_values
+        rest = torch.tensor([ids[position:]], device=device).repeat(rows, 1)
+        logits, past = _forward(model, past, input_ids=rest, attention_mask=mask)
     tokens, probs = [], []
     for step in range(steps):
         p = logits.softmax(-1)
@@ -135,8 +135,7 @@ def decode_batched(
         if step + 1 == steps:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = _forward(model, input_ids=nxt[:, None], attention_mask=mask, past_key_values=past)
-        logits, past = out.logits[:, -1].float(), out.past_key_values
+        logits, past = _forward(model, past, input_ids=nxt[:, None], attention_mask=mask)
     return torch.stack(tokens, 1), torch.stack(probs, 1)
 
 

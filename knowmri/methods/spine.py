@@ -83,6 +83,19 @@ def train_spine(
     progress: Callable[[float], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Train SPINE on standardised rows `x` [n, d]: the weights (W_enc [d, h], b_enc, W_dec [h, d], b_dec) and stats."""
+    if torch.is_inference_mode_enabled():  # called under inference mode: train outside it, on a normal copy
+        with torch.inference_mode(False):
+            return train_spine(
+                x.clone(),
+                hidden_dim,
+                rho=rho,
+                noise=noise,
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                seed=seed,
+                progress=progress,
+            )
     n, d = x.shape
     g = torch.Generator(device="cpu").manual_seed(seed)
     dev = x.device
@@ -233,13 +246,15 @@ class Spine(Method):
             z_tok = pre_tok.clamp(0, 1)
         word_order = pre_words.topk(min(params.top_words, len(rows)), dim=0).indices.T  # [h, top_words]
         token_dimensions: dict[str, list[int]] = {}
-        token_scores, dim_score, dim_tokens = [], {}, {}
+        token_activity, dim_score, dim_tokens = [], {}, {}
         for j, pos in enumerate(positions):
             text = tok.decode([ids[pos]])
             active = (z_tok[j] > 0).nonzero().flatten()
             ranked = active[pre_tok[j, active].argsort(descending=True)][: params.top_dims].tolist()
             token_dimensions.setdefault(text, ranked)
-            token_scores.append({"index": pos, "token": text, "score": float(z_tok[j].sum())})
+            token_activity.append(
+                {"index": pos, "token": text, "active": int((z_tok[j] > 0).sum()), "total": float(z_tok[j].sum())}
+            )
             for dim in ranked:
                 dim_score[dim] = dim_score.get(dim, 0.0) + float(z_tok[j, dim])
                 dim_tokens.setdefault(dim, []).append(text)
@@ -258,7 +273,7 @@ class Spine(Method):
         result.findings = {
             "dimensions": dimensions,
             "token_dimensions": token_dimensions,
-            "token_scores": token_scores,
+            "token_activity": token_activity,  # not answer importance, so not `token_scores`
             "training": stats,
             "cached": cached,
             "cache_file": str(path),

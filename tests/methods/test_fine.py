@@ -77,7 +77,7 @@ def test_contributions_add_up_to_each_mlps_direct_logit(family) -> None:
     u = model.unembedding[token].detach().float()
     for layer, cap in enumerate(outs):
         bias = getattr(model.component(layer, "mlp_down"), "bias", None)
-        direct = cap.value[0, 0].float() - (bias.float() if bias is not None else 0.0)
+        direct = cap.value[0, 0].float() - (bias.detach().float() if bias is not None else 0.0)
         assert float(contributions[layer].sum()) == pytest.approx(float(direct @ u), rel=1e-4, abs=1e-5)
         assert result.findings["layer_scores"][layer]["score"] == pytest.approx(float(direct @ u), rel=1e-4, abs=1e-5)
 

@@ -95,7 +95,7 @@ def test_runs_on_every_family(family):
     f = result.findings
     assert f["hidden_dim"] == 32 and f["vocab_rows"] == 200
     assert f["dimensions"] and all(len(d["words"]) == 8 for d in f["dimensions"])
-    assert set(f["token_dimensions"]) <= {t["token"] for t in f["token_scores"]}
+    assert set(f["token_dimensions"]) <= {t["token"] for t in f["token_activity"]}
     assert all(0 <= dim < 32 for dims in f["token_dimensions"].values() for dim in dims)
     assert len(f["training"]["losses"]["total"]) == 3
     json.dumps(result.to_dict(), allow_nan=False)
@@ -117,3 +117,10 @@ def test_word_rows_prefer_word_start_tokens():
 def test_bad_parameters():
     with pytest.raises(ValueError, match="rho"):
         get_method("spine").Params.from_dict({"rho": 1.5})
+
+
+def test_trains_under_inference_mode():
+    with torch.inference_mode():
+        x = torch.randn(64, 16)
+        weights, stats = train_spine(x, 32, epochs=2)
+    assert len(stats["losses"]["total"]) == 2 and weights["w_enc"].shape == (16, 32)
