@@ -9,10 +9,16 @@ stream. v's copy is what flows into v alone (not the skip connection):
 
 - head h of layer l: the VJP of that head's output z_h back to the residual entering the layer
   (through the layer norm and the query/key/value maps; with grouped-query attention each
-  head gets only its share of the shared keys and values), batched over heads;
+  head gets only its share of the shared keys and values), batched over heads. This is the
+  gradient TransformerLens-based EAP gets from split query/key/value inputs; it is exact per
+  head, where using the whole layer's attention-input gradient would give every head of a
+  layer the same incoming scores;
 - the MLP of layer l: g(resid_pre) - g(resid_post) - sum_h g(head h), which is exact for both
   sequential (the MLP reads resid_pre + attn) and parallel blocks (it reads resid_pre);
 - logits: the gradient at the final residual.
+
+Where a norm follows the output projection (Gemma 2/3), each head's residual contribution is
+its share of the normalised branch output within its own run (see `_normed_heads`).
 
 EAP-IG averages the gradients over inputs interpolated between the corrupted and the clean
 input embeddings (alpha = k/steps, k = 1..steps, as in Hanna et al.); plain EAP is the k = 1 of
@@ -99,6 +105,23 @@ def _head_weights(model: Any, layer: int) -> torch.Tensor:
     return w.T.reshape(model.n_heads, model.d_head, model.d_model)
 
 
+def _post_norm(model: Any, layer: int) -> bool:
+    """Whether the attention's residual contribution is not its output projection's output (Gemma 2/3 post-norms)."""
+    attn_o = model.component(layer, "attn_o")
+    return not any(m is attn_o for m in model.component(layer, "attn_out").modules())
+
+
+def _normed_heads(heads: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+    """[H, T, d]: per-head projections rescaled so that they add up to the normalised branch output.
+
+    With an RMSNorm after the projection, normed = r * sum_h heads_h elementwise within one run
+    (r = gain / rms), so head h's share is r * heads_h, r = normed / sum (0 where the sum vanishes).
+    """
+    total = heads.sum(0)
+    ratio = torch.where(total != 0, normed / torch.where(total != 0, total, torch.ones_like(total)), torch.zeros_like(total))
+    return heads * ratio
+
+
 def head_vjp(z: torch.Tensor, resid: torch.Tensor, grad_z: torch.Tensor) -> torch.Tensor:
     """[H, rows, T, d]: gradient reaching `resid` through each head alone (batched over heads)."""
     n_heads = z.shape[2]
@@ -139,6 +162,8 @@ def edge_attribution(model: Any, clean_ids: torch.Tensor, corrupt_ids: torch.Ten
         post = h.read(site(n_layers - 1, "resid_post"), grad=True)
         heads = [h.read(site(layer, "attn.heads"), grad=True) for layer in range(n_layers)]
         mlps = [h.read(site(layer, "mlp.out")) for layer in range(n_layers)]
+        post_normed = [layer for layer in range(n_layers) if _post_norm(model, layer)]
+        attn_outs = {layer: h.read(site(layer, "attn.out"), rows=[0, len(alphas)]) for layer in post_normed}
         with torch.enable_grad():
             values = _metric(forward_logits(model, ids), answer, wrong, metric)
             tensors = [c.value for c in pre] + [post.value] + [c.value for c in heads]
@@ -157,7 +182,12 @@ def edge_attribution(model: Any, clean_ids: torch.Tensor, corrupt_ids: torch.Ten
     for layer in range(n_layers):
         z = heads[layer].value.detach()
         w = _head_weights(model, layer).detach().to(device=z.device, dtype=z.dtype)
-        deltas.append(common(torch.einsum("thk,hkd->htd", z[0] - z[-1], w)))
+        if layer in attn_outs:  # a norm after the output projection: split its output in proportion, per run
+            outs = [torch.einsum("thk,hkd->htd", z[r], w) for r in (0, -1)]
+            runs = [_normed_heads(o, a) for o, a in zip(outs, attn_outs[layer].value)]
+            deltas.append(common(runs[0] - runs[1]))
+        else:
+            deltas.append(common(torch.einsum("thk,hkd->htd", z[0] - z[-1], w)))
         deltas.append(common(mlps[layer].value[0] - mlps[layer].value[-1])[None])
         corrupted_acts[site(layer, "attn.heads")] = z[0]
         corrupted_acts[site(layer, "mlp.out")] = mlps[layer].value[0]

@@ -116,7 +116,7 @@ def test_eap_scores_equal_brute_force_gpt2():
     d = model.d_model
 
     # logits read the final residual
-    g = _grad_through(model, clean, answer, wrong, lambda dl: _add_before(model.hf_model.transformer.ln_f, dl))
+    g = _grad_through(model, clean, answer, wrong, lambda dl: _add_before(model.final_norm, dl))
     for src in ("input", "a1.h2", "m0", "m2"):
         assert score(src, "logits") == pytest.approx(float((delta[src] * g).sum()), rel=1e-9, abs=1e-12)
 
@@ -163,6 +163,22 @@ def test_eap_scores_equal_brute_force_gqa_and_parallel(family):
         g = _grad_through(model, clean, answer, wrong, lambda dl: _add_before(getattr(layers[2], attn_norm), dl))
         total = sum(score(src, f"a2.h{h}") for h in range(model.n_heads))
         assert total == pytest.approx(float((delta[src] * g).sum()), rel=1e-5, abs=1e-9)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "falcon"])
+def test_head_outputs_add_up_to_the_attention_output(family):
+    # Gemma 2 normalises the attention output before the residual add: heads share it in proportion
+    model, clean, answer, wrong, delta, score = _setup(family)
+    corrupt = model.encode(PROMPT.replace("Eiffel Tower", "Big Ben")).input_ids
+    outs = []
+    for ids in (clean, corrupt):
+        with torch.no_grad(), Hooks(model) as h:
+            cap = h.read(site(1, "attn.out"))
+            model.forward(input_ids=ids)
+        outs.append(cap.value[0])
+    g = _grad_through(model, clean, answer, wrong, lambda dl: _add_before(model.final_norm, dl))
+    heads = sum(score(f"a1.h{h}", "logits") for h in range(model.n_heads))
+    assert heads == pytest.approx(float(((outs[1] - outs[0]) * g).sum()), rel=1e-5, abs=1e-9)
 
 
 def test_eap_ig_batch_equals_steps_one_by_one():
