@@ -7,8 +7,10 @@ overhead, shows, and so that depth can be varied: 2, 4 and 8 layers. Curves:
 - layers: 2, 4, 8 at 16 tokens;
 - dataset size: `km.localize` over 5, 10, 20 samples of the built-in known_1000, and
   `km.diagnose` of a dataset (logit_lens + integrated_gradients) over 5, 10, 20 samples.
-Each point is the minimum of `--repeats` runs (load only ever adds time). The fitted exponent
-is the least-squares slope of log(time) against log(size) (1: linear, 2: quadratic).
+Each point is the minimum of `--repeats` runs (load only ever adds time), after one warm-up run;
+both wall and CPU seconds are kept, and the exponent, the least-squares slope of log(CPU time)
+against log(size) (1: linear, 2: quadratic), is fitted on CPU time, which a shared machine's
+load disturbs less.
 SPINE is left out of the length and depth curves: its cost depends on neither (see
 docs/performance.md). Writes benchmarks/results/growth.json.
 
@@ -81,38 +83,47 @@ def exponent(xs: list[float], ys: list[float | None]) -> float | None:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / den if den else None
 
 
-def time_method(name: str, model: Any, sample: Any, repeats: int, device: str) -> tuple[float | None, str]:
+def time_method(name: str, model: Any, sample: Any, repeats: int, device: str) -> tuple[float | None, float | None, str]:
+    """(min wall seconds, min CPU seconds, status) of `repeats` runs of one method."""
     from knowmri.diagnosis import run_method
     from knowmri.methods.base import RunContext, get_method
 
     method = get_method(name)
-    best, status = None, ""
+    wall = cpu = None
+    status = ""
     for _ in range(repeats):
-        seconds, result = H.time_once(lambda: run_method(method, model, sample, PARAMS.get(name), RunContext(), 0), device)
+        w, c, result = H.measure(lambda: run_method(method, model, sample, PARAMS.get(name), RunContext(), 0), device)
         status = result.status if result.status == "ok" else f"{result.status}: {(result.error or '')[:100]}"
         if result.status != "ok":
-            return None, status
-        best = seconds if best is None else min(best, seconds)
-    return best, status
+            return None, None, status
+        wall = w if wall is None else min(wall, w)
+        cpu = c if cpu is None else min(cpu, c)
+    return wall, cpu, status
 
 
 def curve(label: str, sizes: tuple[int, ...], build: Any, methods: list[str], args: Any) -> dict[str, Any]:
-    """Times [method][size] for models/samples from `build(size)`."""
+    """Times [method][size] for models/samples from `build(size)` (each method warmed up once first)."""
     times: dict[str, list[float | None]] = {m: [] for m in methods}
+    cpus: dict[str, list[float | None]] = {m: [] for m in methods}
     notes: dict[str, str] = {}
     tokens = []
-    for size in sizes:
+    for i, size in enumerate(sizes):
         model, sample = build(size)
         model.hf_model.to(device=args.device, dtype=H.dtype_of(args))
         tokens.append(int(model.encode(sample["prompt"]).input_ids.shape[1]))
         for name in methods:
-            seconds, status = time_method(name, model, sample, args.repeats, args.device)
-            times[name].append(seconds)
+            if i == 0:
+                time_method(name, model, sample, 1, args.device)  # warm-up: first-call costs out of the curve
+            wall, cpu, status = time_method(name, model, sample, args.repeats, args.device)
+            times[name].append(wall)
+            cpus[name].append(cpu)
             if status != "ok":
                 notes[name] = status
-        print(f"  {label} {size}: " + ", ".join(f"{m} {H.fmt_s(times[m][-1])}" for m in methods), flush=True)
-    return {"label": label, "sizes": list(sizes), "tokens": tokens, "times_s": times, "notes": notes,
-            "exponent": {m: exponent(list(sizes), times[m]) for m in methods}}
+        print(f"  {label} {size}: " + ", ".join(f"{m} {H.fmt_s(times[m][-1])} (CPU {H.fmt_s(cpus[m][-1])})"
+                                                 for m in methods), flush=True)
+    return {"label": label, "sizes": list(sizes), "tokens": tokens, "times_s": times, "cpu_s": cpus, "notes": notes,
+            "exponent": {m: exponent(list(sizes), cpus[m]) for m in methods},
+            "exponent_wall": {m: exponent(list(sizes), times[m]) for m in methods}}
 
 
 def dataset_curve(args: Any) -> dict[str, Any]:
@@ -121,20 +132,26 @@ def dataset_curve(args: Any) -> dict[str, Any]:
     model = growth_model(4)
     model.hf_model.to(device=args.device, dtype=H.dtype_of(args))
     data = km.load_dataset("known_1000")
-    out: dict[str, list[float | None]] = {"localize": [], "diagnose (logit_lens, integrated_gradients)": []}
+    jobs = {"localize": lambda n: km.localize(data, model, samples=n, progress=False),
+            "diagnose (logit_lens, integrated_gradients)": lambda n: km.diagnose(
+                data, model, methods=["logit_lens", "integrated_gradients"], progress=False, samples=n)}
+    out: dict[str, list[float | None]] = {k: [] for k in jobs}
+    cpus: dict[str, list[float | None]] = {k: [] for k in jobs}
+    for fn in jobs.values():
+        fn(DATASET_SIZES[0])  # warm-up
     for n in DATASET_SIZES:
-        best_loc = best_diag = None
-        for _ in range(args.repeats):
-            s, _ = H.time_once(lambda n=n: km.localize(data, model, samples=n, progress=False), args.device)
-            best_loc = s if best_loc is None else min(best_loc, s)
-            s, _ = H.time_once(lambda n=n: km.diagnose(data, model, methods=["logit_lens", "integrated_gradients"],
-                                                       progress=False, samples=n), args.device)
-            best_diag = s if best_diag is None else min(best_diag, s)
-        out["localize"].append(best_loc)
-        out["diagnose (logit_lens, integrated_gradients)"].append(best_diag)
-        print(f"  dataset {n}: localize {H.fmt_s(best_loc)}, diagnose {H.fmt_s(best_diag)}", flush=True)
-    return {"label": "dataset samples", "sizes": list(DATASET_SIZES), "times_s": out,
-            "exponent": {k: exponent(list(DATASET_SIZES), v) for k, v in out.items()}}
+        for key, fn in jobs.items():
+            best = best_cpu = None
+            for _ in range(args.repeats):
+                w, c, _ = H.measure(lambda fn=fn, n=n: fn(n), args.device)
+                best = w if best is None else min(best, w)
+                best_cpu = c if best_cpu is None else min(best_cpu, c)
+            out[key].append(best)
+            cpus[key].append(best_cpu)
+        print(f"  dataset {n}: " + ", ".join(f"{k} {H.fmt_s(out[k][-1])} (CPU {H.fmt_s(cpus[k][-1])})" for k in jobs),
+              flush=True)
+    return {"label": "dataset samples", "sizes": list(DATASET_SIZES), "times_s": out, "cpu_s": cpus,
+            "exponent": {k: exponent(list(DATASET_SIZES), v) for k, v in cpus.items()}}
 
 
 def main() -> None:
@@ -142,6 +159,8 @@ def main() -> None:
     p.add_argument("--methods", default="", help="comma-separated subset (default: every method but spine)")
     p.set_defaults(repeats=2)
     args = p.parse_args()
+    if args.quick:
+        args.repeats = 1
     H.setup(args)
     from knowmri.matching import match
 
@@ -157,22 +176,23 @@ def main() -> None:
     except Exception as err:  # localize/diagnose of datasets may be unavailable
         print(f"  dataset curve skipped: {type(err).__name__}: {err}")
     rows = []
-    print("\n| method | " + " | ".join(f"{c['label']} {c['sizes']}" for c in curves[:2]) + " |")
+    print("\n| method (CPU seconds) | " + " | ".join(f"{c['label']} {c['sizes']}" for c in curves[:2]) + " |")
     print("|---|---|---|")
     for m in methods:
         cells = []
         for c in curves[:2]:
-            ts = ", ".join(H.fmt_s(t) for t in c["times_s"][m])
+            ts = ", ".join(H.fmt_s(t) for t in c["cpu_s"][m])
             e = c["exponent"][m]
             cells.append(f"{ts} (~n^{e:.1f})" if e is not None else ts)
         print(f"| {m} | " + " | ".join(cells) + " |")
         rows.append(H.row(f"growth: {m}", "", None, None, None, "; ".join(
-            f"{c['label']}: ~n^{c['exponent'][m]:.2f}" for c in curves[:2] if c["exponent"][m] is not None), kind="growth",
-            exponents={c["label"]: c["exponent"][m] for c in curves[:2]}))
+            f"{c['label']} {c['sizes']}: CPU " + ", ".join(H.fmt_s(t) for t in c["cpu_s"][m])
+            + (f" (~n^{c['exponent'][m]:.2f})" if c["exponent"][m] is not None else "") for c in curves[:2]),
+            kind="growth", exponents={c["label"]: c["exponent"][m] for c in curves[:2]}))
     for c in curves[2:]:
         for k, e in c["exponent"].items():
-            rows.append(H.row(f"growth: {k}", "", None, None, None, f"{c['label']} {c['sizes']}: "
-                              + ", ".join(H.fmt_s(t) for t in c["times_s"][k]) + (f" (~n^{e:.2f})" if e else ""),
+            rows.append(H.row(f"growth: {k}", "", None, None, None, f"{c['label']} {c['sizes']}: CPU "
+                              + ", ".join(H.fmt_s(t) for t in c["cpu_s"][k]) + (f" (~n^{e:.2f})" if e else ""),
                               kind="growth", exponents={c["label"]: e}))
     path = H.write_result("growth", rows, model="growth-llama (d_model 128)", args=args, curves=curves)
     print(f"wrote {path}")
