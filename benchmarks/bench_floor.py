@@ -216,6 +216,8 @@ def main() -> None:
     p.add_argument("--no-count", action="store_true", help="skip the FLOP-counting run (faster)")
     args = p.parse_args()
     H.setup(args)
+    if args.quick:
+        args.repeats = 1
     from knowmri.diagnosis import run_method
     from knowmri.matching import match
     from knowmri.methods.base import RunContext, get_method
@@ -241,6 +243,7 @@ def main() -> None:
         params = method.Params.from_dict(overrides)
 
         def call(method: Any = method, overrides: dict = overrides) -> Any:
+            os.environ["KNOWMRI_HOME"] = tempfile.mkdtemp(prefix="knowmri-bench-home-")  # cold: SPINE trains each time
             return run_method(method, model, sample, overrides, RunContext(), 0)
 
         times, cpus, result = [], [], None

@@ -43,6 +43,8 @@ def discover(only: list[str], skip: list[str]) -> list[Path]:
 def arguments(path: Path, args: argparse.Namespace) -> list[str]:
     """The options a bench accepts, as far as its source shows (other authors' benches vary)."""
     source = path.read_text(errors="replace")
+    if "H.parser(" in source:  # the harness's common options
+        source += '"--quick" "--device" "--dtype"'
     out = []
     if not args.full and '"--quick"' in source:
         out.append("--quick")

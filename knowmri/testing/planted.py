@@ -15,12 +15,26 @@ The fact "The Eiffel Tower is located in the city of" -> " Paris" is carried by 
 4. the unembedding reads the answer direction as " Paris" (" Berlin"); otherwise each token's
    unembedding is half its own embedding, so earlier layers predict " of" at the last position.
 
+This is the default variant, "enrich" (the fact is looked up at the subject, then moved). The
+"recall" variant (`variant="recall"`) reverses the order (steps 1 and 4 are shared):
+
+2'. in `head[0]`, head `head[1]` queries with " of" and keys on either subject token, so the last
+   position attends to " Tower" and its OV circuit copies the subject's identity there (as the
+   "fact" feature; " Gate" as "other_fact");
+3'. in the later `neuron[0]`, unit `neuron[1]` is an AND of " of" and that copied identity, so it
+   fires only at the last position (`neuron_position`), and its value vector is the answer
+   direction: read through the unembedding it writes " Paris" (" Gate"'s unit writes " Berlin").
+
+Here the neuron acts at the answer-predicting position, directly on the answer's logit, which is
+what knowledge neurons (Dai et al.) and FiNE measure; `answer_layer` is the neuron's layer.
+
 All other weights are small noise (`noise`), so the planted parts dominate and are the only
 path from the subject to the answer. Two styles: GPT-2 (LayerNorm, learned positions set to
 noise, Conv1D weights) and LLaMA (RMSNorm, gated SiLU MLP with biases, grouped-query attention,
 RoPE with the query/key signal in a rotary pair of ~zero frequency, so attention is content-based).
-The neurons have a threshold (a negative bias), so Gaussian noise on the subject's embeddings, as
-in causal tracing, mostly silences them (the answer's probability falls from ~1 to ~0.1 on average).
+The neurons have a threshold (a negative bias), so in "enrich" Gaussian noise on the subject's
+embeddings, as in causal tracing, mostly silences them (the answer's probability falls from ~1 to
+~0.1 on average).
 """
 
 from __future__ import annotations
@@ -35,14 +49,17 @@ from knowmri.sample import Sample, Span
 from knowmri.testing.tiny import tiny_tokenizer
 
 STYLES: tuple[str, ...] = ("gpt2", "llama")
+VARIANTS: tuple[str, ...] = ("enrich", "recall")
 
 PROMPT = "The Eiffel Tower is located in the city of"
 OTHER_PROMPT = "The Brandenburg Gate is located in the city of"
 
-# Where the mechanism lives, per style: (neuron layer, unit, other subject's unit), (head layer, head).
+# Where the mechanism lives, per style and variant: (neuron layer, unit, other subject's unit), (head layer, head).
 _LAYOUT = {
-    "gpt2": {"n_layers": 4, "neuron": (1, 37), "other_unit": 90, "head": (2, 1)},
-    "llama": {"n_layers": 4, "neuron": (0, 91), "other_unit": 12, "head": (2, 3)},
+    ("gpt2", "enrich"): {"n_layers": 4, "neuron": (1, 37), "other_unit": 90, "head": (2, 1)},
+    ("llama", "enrich"): {"n_layers": 4, "neuron": (0, 91), "other_unit": 12, "head": (2, 3)},
+    ("gpt2", "recall"): {"n_layers": 4, "neuron": (2, 101), "other_unit": 44, "head": (1, 2)},
+    ("llama", "recall"): {"n_layers": 4, "neuron": (2, 58), "other_unit": 23, "head": (0, 1)},
 }
 D_MODEL, D_MLP, N_HEADS, N_KV_HEADS = 64, 128, 4, 2
 D_HEAD = D_MODEL // N_HEADS
@@ -66,6 +83,7 @@ class Planted:
     other_answer_id: int
     other_neuron: tuple[int, int]
     last_position: int
+    variant: str = "enrich"
 
 
 def _directions(gen: torch.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -125,24 +143,28 @@ def _build_gpt2(vocab: int, tok: object, lay: dict, dirs: dict[str, torch.Tensor
     emb, unemb = _embeddings(vocab, dirs, junk, ids, gen)
     hf.transformer.wte.weight.copy_(emb)
     hf.lm_head.weight.copy_(unemb)
+    return hf
 
-    layer, unit = lay["neuron"]
+
+def _gpt2_neuron(hf: torch.nn.Module, layer: int, unit: int, read: torch.Tensor, write: torch.Tensor,
+                 threshold: float = _THRESHOLD) -> None:
+    """A GELU unit that fires when the normalised input's projection on `read` passes `threshold`, writing `write`."""
     mlp = hf.transformer.h[layer].mlp  # Conv1D weights are [in, out]
-    for u, subject, fact in ((unit, "subject", "fact"), (lay["other_unit"], "other_subject", "other_fact")):
-        mlp.c_fc.weight[:, u] = dirs[subject]
-        mlp.c_fc.bias[u] = -_THRESHOLD  # fires only where the normalised input is the subject token
-        mlp.c_proj.weight[u] = dirs["flag"] + dirs[fact]
+    mlp.c_fc.weight[:, unit] = read
+    mlp.c_fc.bias[unit] = -threshold
+    mlp.c_proj.weight[unit] = write
 
-    layer, head = lay["head"]
+
+def _gpt2_head(hf: torch.nn.Module, layer: int, head: int, query: torch.Tensor, key: torch.Tensor,
+               copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """A head whose query reads `query` and key reads `key`; its OV circuit maps each (read, write) pair."""
     attn = hf.transformer.h[layer].attn
     col = head * D_HEAD
-    attn.c_attn.weight[:, col] = dirs["relation"]  # query
-    attn.c_attn.weight[:, D_MODEL + col] = dirs["flag"]  # key
-    attn.c_attn.weight[:, 2 * D_MODEL + col] = dirs["fact"]  # value
-    attn.c_attn.weight[:, 2 * D_MODEL + col + 1] = dirs["other_fact"]
-    attn.c_proj.weight[col] = dirs["answer"]  # output
-    attn.c_proj.weight[col + 1] = dirs["other_answer"]
-    return hf
+    attn.c_attn.weight[:, col] = query
+    attn.c_attn.weight[:, D_MODEL + col] = key
+    for i, (read, write) in enumerate(copies):
+        attn.c_attn.weight[:, 2 * D_MODEL + col + i] = read  # value
+        attn.c_proj.weight[col + i] = write  # output
 
 
 @torch.no_grad()
@@ -163,25 +185,50 @@ def _build_llama(vocab: int, tok: object, lay: dict, dirs: dict[str, torch.Tenso
     emb, unemb = _embeddings(vocab, dirs, junk, ids, gen)
     hf.model.embed_tokens.weight.copy_(emb)
     hf.lm_head.weight.copy_(unemb)
+    return hf
 
-    layer, unit = lay["neuron"]
-    mlp = hf.model.layers[layer].mlp  # neuron = silu(gate) * up, the input of down_proj
-    for u, subject, fact in ((unit, "subject", "fact"), (lay["other_unit"], "other_subject", "other_fact")):
-        mlp.gate_proj.weight[u] = dirs[subject]
-        mlp.gate_proj.bias[u] = -_THRESHOLD  # noise on the subject's embedding silences the unit
-        mlp.up_proj.weight[u] = 0.5 * dirs[subject]
-        mlp.down_proj.weight[:, u] = 0.35 * (dirs["flag"] + dirs[fact])  # silu(3) * 4 * 0.35 ~ 4
 
-    layer, head = lay["head"]
+def _llama_neuron(hf: torch.nn.Module, layer: int, unit: int, read: torch.Tensor, write: torch.Tensor,
+                  threshold: float = _THRESHOLD) -> None:
+    """A gated unit (silu(gate) * up, the input of down_proj) that fires when the normalised input's
+    projection on `read` passes `threshold` (noise on the subject's embedding silences it), writing `write`."""
+    mlp = hf.model.layers[layer].mlp
+    mlp.gate_proj.weight[unit] = read
+    mlp.gate_proj.bias[unit] = -threshold
+    mlp.up_proj.weight[unit] = 0.5 * read
+    mlp.down_proj.weight[:, unit] = 0.35 * write  # silu(3) * 4 * 0.35 ~ 4
+
+
+def _llama_head(hf: torch.nn.Module, layer: int, head: int, query: torch.Tensor, key: torch.Tensor,
+                copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """As `_gpt2_head`, with the query/key signal in the rotary pair of ~zero frequency (content-based attention)."""
     attn = hf.model.layers[layer].self_attn
     kv = head // (N_HEADS // N_KV_HEADS)
-    attn.q_proj.weight[head * D_HEAD + _ROPE_DIM] = dirs["relation"]
-    attn.k_proj.weight[kv * D_HEAD + _ROPE_DIM] = dirs["flag"]
-    attn.v_proj.weight[kv * D_HEAD] = dirs["fact"]
-    attn.v_proj.weight[kv * D_HEAD + 1] = dirs["other_fact"]
-    attn.o_proj.weight[:, head * D_HEAD] = dirs["answer"]
-    attn.o_proj.weight[:, head * D_HEAD + 1] = dirs["other_answer"]
-    return hf
+    attn.q_proj.weight[head * D_HEAD + _ROPE_DIM] = query
+    attn.k_proj.weight[kv * D_HEAD + _ROPE_DIM] = key
+    for i, (read, write) in enumerate(copies):
+        attn.v_proj.weight[kv * D_HEAD + i] = read
+        attn.o_proj.weight[:, head * D_HEAD + i] = write
+
+
+@torch.no_grad()
+def _plant(hf: torch.nn.Module, style: str, variant: str, lay: dict, dirs: dict[str, torch.Tensor]) -> None:
+    """Write the variant's neurons and head into `hf` (see the module doc)."""
+    neuron, head = (_gpt2_neuron, _gpt2_head) if style == "gpt2" else (_llama_neuron, _llama_head)
+    (layer, unit), other = lay["neuron"], lay["other_unit"]
+    if variant == "enrich":
+        for u, subject, fact in ((unit, "subject", "fact"), (other, "other_subject", "other_fact")):
+            neuron(hf, layer, u, dirs[subject], dirs["flag"] + dirs[fact])
+        head(hf, *lay["head"], dirs["relation"], dirs["flag"],
+             [(dirs["fact"], dirs["answer"]), (dirs["other_fact"], dirs["other_answer"])])
+        return
+    # recall: the head copies the subject's identity (1/8 of a normalised input's norm: as large as the
+    # relation's embedding) to the last position; the neuron is an AND of both (pre-activation 12 - 10 = 2
+    # with both, 8.5 - 10 < 0 with either alone), so it fires nowhere else and not without the head
+    head(hf, *lay["head"], dirs["relation"], dirs["subject"] + dirs["other_subject"],
+         [(dirs["subject"], dirs["fact"] / 8), (dirs["other_subject"], dirs["other_fact"] / 8)])
+    for u, fact, answer in ((unit, "fact", "answer"), (other, "other_fact", "other_answer")):
+        neuron(hf, layer, u, 1.5 * (dirs["relation"] + dirs[fact]) / 2**0.5, 2.0 * dirs[answer], threshold=10.0)
 
 
 def _answer_layer(model: Model, prompt: str, answer_id: int) -> int:
@@ -198,11 +245,14 @@ def _answer_layer(model: Model, prompt: str, answer_id: int) -> int:
     raise ValueError("the planted model does not predict its answer at any layer")
 
 
-def build_planted(style: str, seed: int = 0, noise: float = 0.01) -> Planted:
-    """A new (uncached) planted-fact model in `style` ("gpt2" or "llama"); see the module doc."""
+def build_planted(style: str, seed: int = 0, noise: float = 0.01, variant: str = "enrich") -> Planted:
+    """A new (uncached) planted-fact model in `style` ("gpt2" or "llama") whose fact is carried by
+    `variant`'s mechanism ("enrich" or "recall"); see the module doc."""
     if style not in STYLES:
         raise ValueError(f"unknown planted style {style!r}; expected one of {', '.join(STYLES)}")
-    lay = _LAYOUT[style]
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown planted variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    lay = _LAYOUT[style, variant]
     tok = tiny_tokenizer("causal", bos=style == "llama")
     ids = {"subject": _token(tok, " Tower"), "other_subject": _token(tok, " Gate"), "relation": _token(tok, " of"),
            "answer": _token(tok, " Paris"), "other_answer": _token(tok, " Berlin")}
@@ -212,9 +262,11 @@ def build_planted(style: str, seed: int = 0, noise: float = 0.01) -> Planted:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         hf = build(len(tok), tok, lay, dirs, junk, ids, gen, noise)
+        _plant(hf, style, variant, lay, dirs)
     hf.to(torch.float32).eval()
-    hf.config._name_or_path = f"planted-{style}"
-    model = Model(hf, tok, name=f"planted-{style}")
+    name = f"planted-{style}" if variant == "enrich" else f"planted-{style}-{variant}"
+    hf.config._name_or_path = name
+    model = Model(hf, tok, name=name)
 
     sample = Sample(prompt=PROMPT, ground_truth=" Paris", triple_subject="Eiffel Tower",
                     triple_relation="is located in the city of", triple_object="Paris", target_new=" Rome")
@@ -225,14 +277,19 @@ def build_planted(style: str, seed: int = 0, noise: float = 0.01) -> Planted:
         raise ValueError("the planted subjects must have the same number of tokens")
     enc = model.encode(PROMPT)
     return Planted(
-        model=model, sample=sample, other_sample=other, neuron=lay["neuron"], neuron_position=span.stop - 1,
-        head=lay["head"], subject_span=span, answer_id=ids["answer"],
-        answer_layer=_answer_layer(model, PROMPT, ids["answer"]), other_answer_id=ids["other_answer"],
-        other_neuron=(lay["neuron"][0], lay["other_unit"]), last_position=enc.last,
+        model=model, sample=sample, other_sample=other, neuron=lay["neuron"],
+        neuron_position=span.stop - 1 if variant == "enrich" else enc.last, head=lay["head"], subject_span=span,
+        answer_id=ids["answer"], answer_layer=_answer_layer(model, PROMPT, ids["answer"]),
+        other_answer_id=ids["other_answer"], other_neuron=(lay["neuron"][0], lay["other_unit"]), last_position=enc.last,
+        variant=variant,
     )
 
 
+def planted_model(style: str, seed: int = 0, variant: str = "enrich") -> Planted:
+    """A cached planted-fact model ("gpt2" or "llama"; variant "enrich" or "recall"); read-only, shared per process."""
+    return _cached_planted(style, variant, seed)
+
+
 @cache
-def planted_model(style: str, seed: int = 0) -> Planted:
-    """A cached planted-fact model ("gpt2" or "llama"); read-only, shared per process."""
-    return build_planted(style, seed)
+def _cached_planted(style: str, variant: str, seed: int) -> Planted:
+    return build_planted(style, seed, variant=variant)

@@ -1,5 +1,6 @@
-"""fine: a neuron that writes the answer directly ranks first, contributions add up to each MLP's
-direct effect on the answer logit, multi-token answers, every family, and SmolLM2's Eiffel Tower."""
+"""fine: a neuron that writes the answer directly ranks first (added to a planted model, or the
+"recall" variant's planted one), contributions add up to each MLP's direct effect on the answer
+logit, multi-token answers, every family, and SmolLM2's Eiffel Tower."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from knowmri.hooks import Hooks, site
 from knowmri.methods import _neurons as nr
 from knowmri.methods.base import RunContext, get_method
 from knowmri.sample import Sample
-from knowmri.testing import build_planted, build_tiny, tiny_model
+from knowmri.testing import build_planted, build_tiny, planted_model, tiny_model
 
 PROMPT = "The Eiffel Tower is located in the city of"
 
@@ -53,6 +54,21 @@ def test_planted_direct_writer_ranks_first(style) -> None:
     first = result.findings["neurons"][0]
     assert (first["layer"], first["unit"]) == neuron
     assert first["top_tokens"][0].strip() == "Paris"
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_recall_neuron_ranks_first_at_default_settings(style) -> None:
+    """In the "recall" planted model a neuron at the last position writes the answer directly (after
+    a head copied the subject there): FiNE's default score ranks it first, by far."""
+    planted = planted_model(style, variant="recall")
+    result = run(planted.model, planted.sample)
+    f = result.findings
+    first = f["neurons"][0]
+    assert (first["layer"], first["unit"]) == planted.neuron
+    assert first["top_tokens"][0].strip() == "Paris"
+    assert f["tokens"][0]["position"] == planted.neuron_position
+    assert first["score"] > 10 * max(abs(n["score"]) for n in f["neurons"][1:])
+    assert max(f["layer_scores"], key=lambda s: s["score"])["layer"] == planted.neuron[0]
 
 
 def test_planted_subject_neuron_has_no_direct_effect(planted) -> None:

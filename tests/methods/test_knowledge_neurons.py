@@ -1,5 +1,6 @@
-"""knowledge_neurons: the planted neuron is found, batched IG equals the per-layer loop, every
-family runs, refinement across paraphrases, multi-token answers, and a causal check on SmolLM2."""
+"""knowledge_neurons: the planted neurons are found (at the subject, and the "recall" variant's at
+the answer position with default settings), batched IG equals the per-layer loop, every family
+runs, refinement across paraphrases, multi-token answers, and a causal check on SmolLM2."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from knowmri.hooks import Hooks, site
 from knowmri.methods import _neurons as nr
 from knowmri.methods.base import RunContext, get_method
 from knowmri.sample import Sample
-from knowmri.testing import tiny_model
+from knowmri.testing import planted_model, tiny_model
 
 PROMPT = "The Eiffel Tower is located in the city of"
 PARAPHRASES = ["The Eiffel Tower is in the city of", "Where is the Eiffel Tower? It is in the city of",
@@ -31,6 +32,20 @@ def test_planted_neuron_ranks_first(planted, positions) -> None:
     assert (first["layer"], first["unit"]) == planted.neuron
     top = result.findings["prompts"][0]["top"][0]
     assert top["position"] == planted.neuron_position and top["token"].strip() == "Tower"
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_recall_neuron_ranks_first_at_default_settings(style) -> None:
+    """In the "recall" planted model a neuron at the last position writes the answer (after a head
+    copied the subject there): the paper's own setting (position, threshold, p) ranks it first."""
+    planted = planted_model(style, variant="recall")
+    result = run(planted.model, planted.sample, steps=8)
+    f = result.findings
+    assert (f["neurons"][0]["layer"], f["neurons"][0]["unit"]) == planted.neuron
+    assert (f["top_neurons"][0]["layer"], f["top_neurons"][0]["unit"]) == planted.neuron
+    assert f["prompts"][0]["positions"] == [planted.neuron_position]
+    assert f["neurons"][0]["top_tokens"][0].strip() == "Paris"
+    assert f["neurons"][0]["score"] > 10 * max(abs(n["score"]) for n in f["top_neurons"][1:])
 
 
 def test_answer_position_only_sees_what_is_there(planted) -> None:

@@ -1,4 +1,6 @@
-"""The planted-fact models carry their fact by exactly the planted route."""
+"""The planted-fact models carry their fact by exactly the planted route: "enrich" (the `planted`
+fixture: a subject neuron, then a head) and "recall" (a head copies the subject, then a neuron at
+the last position writes the answer)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,8 @@ import pytest
 import torch
 
 from knowmri.hooks import Hooks
-from knowmri.testing import Planted, build_planted
+from knowmri.testing import Planted, build_planted, planted_model
+from knowmri.testing.planted import STYLES
 
 
 def answer_prob(p: Planted, prompt: str | None = None, edit=None) -> float:
@@ -126,3 +129,95 @@ def test_logit_lens_answer_layer(planted: Planted) -> None:
 def test_unknown_style() -> None:
     with pytest.raises(ValueError, match="unknown planted style"):
         build_planted("bert")
+    with pytest.raises(ValueError, match="unknown planted variant"):
+        build_planted("gpt2", variant="lookup")
+
+
+@pytest.fixture(params=STYLES, ids=list(STYLES))
+def recall(request: pytest.FixtureRequest) -> Planted:
+    """The "recall" variant: head (subject -> last position), then a neuron at the last position."""
+    return planted_model(request.param, variant="recall")
+
+
+def test_recall_predicts_answer_and_other_answer(recall: Planted) -> None:
+    assert answer_prob(recall) > 0.5
+    top = recall.model.predict(recall.other_sample["prompt"], top_k=1)[0]
+    assert top[0] == recall.other_sample["ground_truth"] != recall.sample["ground_truth"] and top[1] > 0.5
+    assert answer_prob(recall, recall.other_sample["prompt"]) < 0.01
+
+
+def test_recall_facts_are_consistent(recall: Planted) -> None:
+    model = recall.model
+    assert recall.variant == "recall" and recall.model.name.endswith("-recall")
+    assert recall.neuron_position == recall.last_position == model.encode(recall.sample["prompt"]).last
+    assert 0 <= recall.head[0] < recall.neuron[0] < model.n_layers
+    assert recall.other_neuron[0] == recall.neuron[0] and recall.other_neuron != recall.neuron
+    assert recall.subject_span == model.token_span(recall.sample["prompt"], recall.sample["triple_subject"])
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_cache_is_keyed_by_style_and_variant(style: str) -> None:
+    enrich, recall = planted_model(style), planted_model(style, variant="recall")
+    assert planted_model(style, variant="enrich") is enrich and planted_model(style, variant="recall") is recall
+    assert enrich.variant == "enrich" and recall.variant == "recall" and enrich.model is not recall.model
+    assert recall.sample == enrich.sample and recall.other_sample == enrich.other_sample
+    assert recall.model.tokenizer.get_vocab() == enrich.model.tokenizer.get_vocab()
+    assert (recall.answer_id, recall.other_answer_id) == (enrich.answer_id, enrich.other_answer_id)
+
+
+def test_recall_neuron_fires_only_at_last_position_and_writes_answer(recall: Planted) -> None:
+    model = recall.model
+    layer, unit = recall.neuron
+    enc = model.encode(recall.sample["prompt"])
+    with torch.no_grad(), Hooks(model) as h:
+        cap = h.read(f"blocks.{layer}.mlp.neurons")
+        model.forward(**enc.inputs())
+    acts = cap.value[0]
+    assert int(acts[:, unit].abs().argmax()) == recall.neuron_position
+    assert int(acts[recall.neuron_position].abs().argmax()) == unit
+    assert acts[recall.neuron_position, unit] > 10 * acts[: recall.neuron_position, unit].abs().max()
+    with torch.no_grad():
+        logits = model.unembedding @ model.mlp_value_vectors(layer)[unit]
+        assert int(logits.argmax()) == recall.answer_id
+        other = model.unembedding @ model.mlp_value_vectors(layer)[recall.other_neuron[1]]
+        assert int(other.argmax()) == recall.other_answer_id
+
+
+def test_recall_ablations(recall: Planted) -> None:
+    clean = answer_prob(recall)
+    layer, unit = recall.neuron
+    neurons = f"blocks.{layer}.mlp.neurons"
+    assert answer_prob(recall, edit=lambda h: h.ablate(neurons, units=[unit])) < 0.2 * clean
+    assert answer_prob(recall, edit=lambda h: h.ablate(neurons, units=[unit], positions=[recall.last_position])) < 0.2 * clean
+    rng = torch.Generator().manual_seed(1)
+    for u in [u for u in torch.randperm(recall.model.d_mlp, generator=rng).tolist() if u != unit][:5]:
+        assert answer_prob(recall, edit=lambda h, u=u: h.ablate(neurons, units=[u])) > 0.9 * clean
+    head_layer, head = recall.head
+    assert answer_prob(recall, edit=lambda h: h.ablate(f"blocks.{head_layer}.attn.heads", units=[head])) < 0.2 * clean
+    for a in range(recall.model.n_layers):
+        for b in range(recall.model.n_heads):
+            if (a, b) != recall.head:
+                kept = answer_prob(recall, edit=lambda h, a=a, b=b: h.ablate(f"blocks.{a}.attn.heads", units=[b]))
+                assert kept > 0.9 * clean
+
+
+def test_recall_head_attends_to_subject(recall: Planted) -> None:
+    layer, head = recall.head
+    enc = recall.model.encode(recall.sample["prompt"])
+    with torch.no_grad():
+        out = recall.model.hf_model(**enc.inputs(), output_attentions=True, use_cache=False)
+    pattern = out.attentions[layer][0, head, enc.last]
+    subject_last = recall.subject_span.stop - 1
+    assert int(pattern.argmax()) == subject_last and float(pattern[subject_last]) > 0.9
+
+
+def test_recall_logit_lens_answer_layer(recall: Planted) -> None:
+    model = recall.model
+    enc = model.encode(recall.sample["prompt"])
+    with torch.no_grad(), Hooks(model) as h:
+        caps = [h.read(f"blocks.{layer}.resid_post") for layer in range(model.n_layers)]
+        model.forward(**enc.inputs())
+        top = [int(model.readout(c.value[0, enc.last]).argmax()) for c in caps]
+    assert recall.answer_layer == recall.neuron[0]
+    assert all(t != recall.answer_id for t in top[: recall.answer_layer])
+    assert all(t == recall.answer_id for t in top[recall.answer_layer:])
