@@ -25,13 +25,16 @@ $(STAMP): pyproject.toml | $(PY)
 
 setup: $(STAMP)
 
+# The demo runs the fast methods (a few minutes on 2 CPU cores) and a 2-sample causal trace;
+# `make demo DEMO_METHODS=all` runs all eleven with their paper defaults.
+DEMO_METHODS ?= logit_lens,integrated_gradients,attention_weights,causal_tracing,knowledge_neurons,fine,knowledge_circuits,embedding_projection,patchscopes
+DEMO_PARAMS ?= --param causal_tracing.samples=2
+
 demo: setup
 	$(PY) -m knowmri diagnose --model smollm2-135m \
 	  --prompt "The Eiffel Tower is located in the city of" --subject "Eiffel Tower" --target " Paris" \
-	  --methods $(DEMO_METHODS) --out report --progress
+	  $(if $(filter all,$(DEMO_METHODS)),,--methods $(DEMO_METHODS) $(DEMO_PARAMS)) --out report --progress
 	@echo "open report/index.html"
-
-DEMO_METHODS ?= logit_lens
 
 lint: setup
 	$(PY) -m ruff check knowmri tests benchmarks

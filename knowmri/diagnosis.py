@@ -98,7 +98,7 @@ def diagnose_dataset(dataset: Any, model: Any, methods: list[str] | str | None =
         raise ValueError("the dataset is empty")
     agg = Aggregator(model)
     report = Report(model=model.info(), sample={"dataset": getattr(dataset, "name", "dataset"), "samples": n})
-    bar = _progress_bar(n) if progress is True else None
+    bar = _progress_bar(n, "sample") if progress is True else None
     for i in range(n):
         sample = dataset[i]
         one = diagnose(sample, model, methods=methods, params=params, progress=False, seed=seed, consensus=False)
@@ -138,7 +138,7 @@ def run_method(method: Any, model: Any, sample: Any, overrides: dict | None, ctx
     return result
 
 
-def _progress_bar(total: int) -> Any:
+def _progress_bar(total: int, unit: str = "method") -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="knowmri", unit="method", leave=False)
+    return tqdm(total=total, desc="knowmri", unit=unit, leave=False)
