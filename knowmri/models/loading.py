@@ -28,8 +28,12 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def load_model(spec: Any, tokenizer: Any = None, *, device: str | None = None, dtype: str | torch.dtype | None = None,
-               device_map: str | dict | None = None, trust_remote_code: bool = False) -> Model:
-    """Load and wrap a model (SPEC §2): a preset name, hub id, local folder, `.gguf` file or model object."""
+               device_map: str | dict | None = None, trust_remote_code: bool = False, allow_pickle: bool = False) -> Model:
+    """Load and wrap a model (SPEC §2): a preset name, hub id, local folder, `.gguf` file or model object.
+
+    Weights load from safetensors only, and no remote code runs, unless the user asks
+    (`allow_pickle=True`, `trust_remote_code=True`).
+    """
     torch_dtype = parse_dtype(dtype)
     if isinstance(spec, Model):
         return spec
@@ -52,7 +56,7 @@ def load_model(spec: Any, tokenizer: Any = None, *, device: str | None = None, d
     local = path.is_dir()
     if not local and (text.startswith((".", "/", "~")) or text.count("/") > 1):
         raise ValueError(f"no such model folder: {path}")
-    hf, tok = _from_pretrained(str(path) if local else text, torch_dtype, device_map, trust_remote_code, local)
+    hf, tok = _from_pretrained(str(path) if local else text, torch_dtype, device_map, trust_remote_code, local, allow_pickle)
     model = Model(hf, tokenizer or tok, name=path.name if local else text)
     return model if device_map else _place(model, device, None)
 
@@ -78,7 +82,8 @@ def _auto_class(config: Any) -> Any:
     return transformers.AutoModelForCausalLM
 
 
-def _from_pretrained(source: str, dtype: torch.dtype | None, device_map: Any, trust_remote_code: bool, local: bool) -> tuple[Any, Any]:
+def _from_pretrained(source: str, dtype: torch.dtype | None, device_map: Any, trust_remote_code: bool, local: bool,
+                     allow_pickle: bool = False) -> tuple[Any, Any]:
     import transformers
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": local}
@@ -90,6 +95,8 @@ def _from_pretrained(source: str, dtype: torch.dtype | None, device_map: Any, tr
     except ValueError as err:
         raise ValueError(f"unknown or unsupported model {source!r}: {str(err).splitlines()[0]}") from err
     load_kwargs = dict(kwargs, config=config)
+    if not allow_pickle:
+        load_kwargs["use_safetensors"] = True
     if dtype is not None:
         load_kwargs["dtype"] = dtype
     if device_map is not None:
@@ -98,7 +105,8 @@ def _from_pretrained(source: str, dtype: torch.dtype | None, device_map: Any, tr
         hf = _auto_class(config).from_pretrained(source, **load_kwargs)
         tok = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
-        raise ValueError(f"could not load {source!r}: {str(err).splitlines()[0]}") from err
+        hint = "" if allow_pickle else " (only safetensors weights are loaded; pass allow_pickle=True to trust pickled .bin files)"
+        raise ValueError(f"could not load {source!r}: {str(err).splitlines()[0]}{hint}") from err
     return hf, tok
 
 

@@ -490,3 +490,19 @@ def test_tiny_attention_is_eager(model: Model) -> None:
     attentions = out.decoder_attentions if model.kind == "seq2seq" else out.attentions
     assert len(attentions) == model.n_layers
     assert attentions[0].shape[1] == model.n_heads
+
+
+def test_pickled_weights_need_explicit_consent(tmp_path):
+    """A folder holding only a pickled .bin checkpoint is refused unless allow_pickle=True."""
+    import torch as _torch
+
+    from knowmri.models import load_model
+    from knowmri.testing import build_tiny
+
+    model = build_tiny("gpt2")
+    model.hf_model.config.save_pretrained(tmp_path)
+    model.tokenizer.save_pretrained(tmp_path)
+    _torch.save(model.hf_model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="allow_pickle"):
+        load_model(str(tmp_path))
+    assert load_model(str(tmp_path), allow_pickle=True).n_layers == model.n_layers
