@@ -46,6 +46,7 @@ class Aggregator:
         self.status: dict[str, Counter] = defaultdict(Counter)
         self.seconds: dict[str, list[float]] = defaultdict(list)
         self.role_share: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.role_per_token: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.top_role: dict[str, Counter] = defaultdict(Counter)
         self.layer_scores: dict[str, list[np.ndarray]] = defaultdict(list)
         self.grids: dict[str, dict[str, list[np.ndarray]]] = defaultdict(lambda: defaultdict(list))
@@ -89,6 +90,14 @@ class Aggregator:
             share[roles.get(int(s["index"]), "relation")] += abs(float(s["score"])) / total
         for role in ROLES:
             self.role_share[name][role].append(share.get(role, 0.0))
+        mean_all = total / len(scores)
+        by_role: dict[str, list[float]] = defaultdict(list)
+        for s in scores:
+            by_role[roles.get(int(s["index"]), "relation")].append(abs(float(s["score"])))
+        by_role["subject"] = [v for k in ROLES if k.startswith("subject") for v in by_role.get(k, [])]
+        for role, values in by_role.items():
+            if values:
+                self.role_per_token[name][role].append(float(np.mean(values)) / mean_all)
         best = max(scores, key=lambda s: abs(float(s["score"])))
         self.top_role[name][roles.get(int(best["index"]), "relation")] += 1
 
@@ -113,14 +122,18 @@ class Aggregator:
                 r.findings["role_share"] = means
                 r.findings["subject_share"] = subject
                 r.findings["top_role_counts"] = dict(self.top_role[name])
+                per_token = {role: float(np.mean(v)) for role, v in self.role_per_token[name].items()}
+                r.findings["role_per_token"] = per_token
                 r.findings["token_scores"] = []
                 top = self.top_role[name].most_common(1)[0]
-                parts.append(f"subject tokens hold {subject:.0%} of the importance on average; the top token is a "
+                parts.append(f"subject tokens hold {subject:.0%} of the importance on average, "
+                             f"{per_token.get('subject', 0.0):.2f}x the mean token's importance per token "
+                             f"(relation {per_token.get('relation', 0.0):.2f}x, last {per_token.get('last', 0.0):.2f}x); the top token is a "
                              f"{top[0].replace('_', ' ')} token in {top[1]} of {sum(self.top_role[name].values())} samples")
                 r.add_figure("Importance share by token role", figures.bars(list(means), list(means.values()),
                              title=f"{name}: mean share of token importance by role", x_title="role", y_title="share"))
-                r.add_table("Importance share by token role", ["role", "mean share", "top token in # samples"],
-                            [[k, round(v, 4), self.top_role[name].get(k, 0)] for k, v in means.items()])
+                r.add_table("Importance by token role", ["role", "mean share", "per token (x mean token)", "top token in # samples"],
+                            [[k, round(v, 4), round(per_token.get(k, 0.0), 3), self.top_role[name].get(k, 0)] for k, v in means.items()])
             if name in self.layer_scores:
                 mean = np.mean(self.layer_scores[name], axis=0)
                 r.findings["layer_scores"] = [{"layer": i, "score": float(v)} for i, v in enumerate(mean)]
