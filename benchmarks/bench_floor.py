@@ -10,7 +10,9 @@ executed (`torch.utils.flop_counter`), so a ratio above 1 splits into "more FLOP
 Work model (T prompt tokens, L layers, S noise samples, V vocabulary, d model width):
 - a token through one block = 2 x (block matmul params) FLOPs + 4 x T x d (attention scores);
 - a read-out (final norm + unembedding at one position) = 2 x V x d; the embedding lookup is free;
-- backward = 2 x forward (gradients of activations and weights; x3 in all for forward+backward);
+- backward = 1 x forward: the methods need gradients of activations only, the weights are frozen
+  (a backward that also forms weight gradients costs 2 x forward, the usual "x3" of training;
+  only SPINE trains, and its count includes that);
 - the floor time is the longer of FLOPs / matmul rate and (weight sweeps that must happen one
   after another) x (weight bytes) / memory bandwidth: a forward over ten tokens is bound by
   reading the 0.5 GB of weights, not by arithmetic (a roofline). Both rates are measured here.
@@ -80,14 +82,14 @@ class Dims:
 @dataclass
 class Work:
     fwd: float  # forward FLOPs
-    bwd_of: float = 0.0  # FLOPs of the forward work that is also back-propagated
+    bwd_of: float = 0.0  # FLOPs of the forward work that is also back-propagated (to activations only)
     extra: float = 0.0  # other FLOPs (projections, training)
     passes: str = ""
     sweeps: float = 1.0  # passes over the weights that must happen one after another (memory floor)
 
     @property
     def flops(self) -> float:
-        return self.fwd + 2 * self.bwd_of + self.extra
+        return self.fwd + self.bwd_of + self.extra
 
 
 def floor_work(name: str, model: Any, dims: Dims, prep: Any, params: Any, result: Any) -> Work | None:
@@ -107,13 +109,13 @@ def floor_work(name: str, model: Any, dims: Dims, prep: Any, params: Any, result
     if name == "integrated_gradients":
         s = params.steps
         w = s * (full + dims.readouts(n_ans))
-        return Work(w, bwd_of=w, passes=f"{s} forward+backward", sweeps=3)
+        return Work(w, bwd_of=w, passes=f"{s} forward+backward", sweeps=2)
     if name == "knowledge_neurons":
         s = params.steps
         rows = sum(s * (L - layer) for layer in range(L))  # block passes at the answer position
         w = dims.tokens(rows * n_ans, T) + dims.readouts(L * s * n_ans)
         return Work(full + dims.readouts(1) + w, bwd_of=w, passes=f"1 forward + {L}x{s} rows over blocks l..L-1 (fwd+bwd)",
-                    sweeps=4)
+                    sweeps=3)
     if name == "causal_tracing":
         S = params.samples
         s0 = prep.subject.start if prep.subject is not None else 0
@@ -130,7 +132,7 @@ def floor_work(name: str, model: Any, dims: Dims, prep: Any, params: Any, result
         steps = 1 + (params.ig_steps if params.method == "eap-ig" else 1)
         one = full + dims.readouts(1)
         return Work(3 * one + steps * one, bwd_of=steps * one, passes=f"2 forwards + {steps} forward+backward + 1 check",
-                    sweeps=5)
+                    sweeps=4)
     if name == "patchscopes":
         f = result.findings if result is not None else {}
         tgt = len(model.tokenizer(params.target_prompt)["input_ids"])

@@ -1,10 +1,11 @@
 """Benchmark: how each method's time grows with prompt length, depth and dataset size.
 
 Models are small LLaMA-architecture models built from a config (random weights, the word-level
-tokenizer of `knowmri.testing`, d_model 128, 4 heads, d_mlp 344) so that compute, not Python
-overhead, shows, and so that depth can be varied: 2, 4 and 8 layers. Curves:
-- prompt length: 8, 16, 32 tokens (filler words before "Eiffel Tower is in the city of"), 4 layers;
-- layers: 2, 4, 8 at 16 tokens;
+tokenizer of `knowmri.testing`, d_model 256, 8 heads, d_mlp 688) so that depth can be varied
+(2, 4, 8, 16 layers) and compute is not hidden by fixed costs (figures, tokenizing), which
+still flatten the curves of the cheapest methods. Curves:
+- prompt length: 8, 16, 32, 64 tokens (filler words before "Eiffel Tower is in the city of"), 4 layers;
+- layers: 2, 4, 8, 16 at 16 tokens;
 - dataset size: `km.localize` over 5, 10, 20 samples of the built-in known_1000, and
   `km.diagnose` of a dataset (logit_lens + integrated_gradients) over 5, 10, 20 samples.
 Each point is the minimum of `--repeats` runs (load only ever adds time), after one warm-up run;
@@ -27,8 +28,8 @@ from typing import Any
 import _harness as H
 import torch
 
-LENGTHS = (8, 16, 32)
-DEPTHS = (2, 4, 8)
+LENGTHS = (8, 16, 32, 64)
+DEPTHS = (2, 4, 8, 16)
 DATASET_SIZES = (5, 10, 20)
 FILLER = ["good", "morning", "my", "friend", "the", "famous", "author", "wrote", "that", "the", "capital", "city", "of",
           "France", "is", "known", "for", "music", "and", "painting", "and", "the", "old", "river", "and", "the",
@@ -43,15 +44,15 @@ PARAMS: dict[str, dict[str, Any]] = {
 
 
 def growth_model(n_layers: int, seed: int = 0) -> Any:
-    """A random LLaMA (d_model 128, 4 heads, 2 KV heads, d_mlp 344) over the tiny word tokenizer."""
+    """A random LLaMA (d_model 256, 8 heads, 4 KV heads, d_mlp 688) over the tiny word tokenizer."""
     import transformers as T
 
     from knowmri.models.model import Model
     from knowmri.testing import tiny_tokenizer
 
     tok = tiny_tokenizer("causal", bos=True)
-    config = T.LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=344, num_hidden_layers=n_layers,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+    config = T.LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=688, num_hidden_layers=n_layers,
+                           num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=256,
                            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                            initializer_range=0.1)
     config._attn_implementation = "eager"
@@ -194,7 +195,7 @@ def main() -> None:
             rows.append(H.row(f"growth: {k}", "", None, None, None, f"{c['label']} {c['sizes']}: CPU "
                               + ", ".join(H.fmt_s(t) for t in c["cpu_s"][k]) + (f" (~n^{e:.2f})" if e else ""),
                               kind="growth", exponents={c["label"]: e}))
-    path = H.write_result("growth", rows, model="growth-llama (d_model 128)", args=args, curves=curves)
+    path = H.write_result("growth", rows, model="growth-llama (d_model 256)", args=args, curves=curves)
     print(f"wrote {path}")
 
 

@@ -125,7 +125,7 @@ class Report:
 
     def summary(self) -> str:
         """A few plain-language lines: each method's summary and the consensus verdict."""
-        lines = [f"{self.model.get('name')} on {self.sample.get('prompt')!r}"]
+        lines = [f"{self.model.get('name')} on {self.sample.get('prompt') or self.sample.get('dataset')!r}"]
         for name, r in self.results.items():
             lines.append(f"- {name} [{r.status}]: {r.summary or r.error or ''}")
         if self.consensus.get("verdict"):
