@@ -174,12 +174,23 @@ def setting(r: dict[str, Any]) -> str:
     return model.strip()
 
 
+def _settings(rows: list[dict[str, Any]]) -> list[str]:
+    """`setting` per row, extended with the next part of the detail where two rows would read the same."""
+    out = [setting(r) for r in rows]
+    keys = [(r["method"], s, r["baseline"]) for r, s in zip(rows, out)]
+    for i, r in enumerate(rows):
+        if keys.count(keys[i]) > 1:
+            rest = r["detail"][len(out[i]):].lstrip(":;, ").split(";")[0]
+            out[i] += " (" + ",".join(rest.split(",")[:2]).strip() + ")"
+    return out
+
+
 def comparison_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| method | on | compared against | knowmri median | peer median | ratio (peer / knowmri) | results equal? |",
              "|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r, on in zip(rows, _settings(rows)):
         stale = f" *(stale: {r['stale']})*" if r.get("stale") else ""
-        lines.append(f"| {r['method']}{stale} | {setting(r)} | {r['baseline']} | {H.fmt_s(r['knowmri_s'])} | "
+        lines.append(f"| {r['method']}{stale} | {on} | {r['baseline']} | {H.fmt_s(r['knowmri_s'])} | "
                      f"{H.fmt_s(r['baseline_s'])} | {H.fmt_ratio(r['ratio'])} | {_eq(r['equal'])} |")
     return "\n".join(lines)
 
@@ -217,6 +228,15 @@ def machine_lines(machine: dict[str, Any], load_end: list[float] | None) -> str:
             f"(the machine is shared: compare ratios, not absolute times).")
 
 
+def _timestamp(iso: str | None) -> float | None:
+    import datetime as dt
+
+    try:
+        return dt.datetime.fromisoformat(iso).timestamp() if iso else None
+    except ValueError:
+        return None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--full", action="store_true", help="the benches' full settings (default: their --quick ones)")
@@ -238,7 +258,17 @@ def main() -> None:
     env.update({"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
                 "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(H.ROOT), env.get("PYTHONPATH", "")]))})
-    runs = []
+    runs: list[dict[str, Any]] = []
+    last_load: list[float] | None = None
+    previous = H.RESULTS / "summary.json"
+    if args.no_run and previous.is_file():  # re-collect: keep the last run's machine, runs and start time
+        try:
+            last = json.loads(previous.read_text())
+            runs, machine = last.get("runs", []), last.get("machine", machine)
+            started = last.get("started") or _timestamp(machine.get("date")) or started
+            last_load = last.get("load_average_end")
+        except (OSError, ValueError):
+            pass
     if not args.no_run:
         only = [s.strip() for s in args.only.split(",") if s.strip()]
         skip = [s.strip() for s in args.skip.split(",") if s.strip()]
@@ -246,10 +276,10 @@ def main() -> None:
             runs.append(run_one(path, args, env))
     rows, files = read_results(started if runs else 0.0)
     compare = [r for r in rows if r["kind"] not in ("floor", "diagnose", "growth")]
-    load_end = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    load_end = last_load or ([round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None)
     table = comparison_table(compare)
     print("\n" + table)
-    total = time.time() - started
+    total = sum(r["seconds"] for r in runs) if args.no_run else time.time() - started
     md = ["# knowmri benchmarks: summary", "", machine_lines(machine, load_end), "",
           f"Settings: {'full' if args.full else 'reduced (--quick)'}; each bench's own settings are in its JSON. "
           f"Ratio = peer median / knowmri median (above 1: knowmri is faster). Total run {total / 60:.1f} min.", "",
@@ -263,7 +293,7 @@ def main() -> None:
     (H.RESULTS / "summary.md").write_text("\n".join(md) + "\n")
     (H.RESULTS / "summary.json").write_text(json.dumps(
         {"machine": machine, "load_average_end": load_end, "settings": vars(args), "runs": runs, "files": files,
-         "rows": rows, "total_s": total}, indent=2, default=str))
+         "rows": rows, "total_s": total, "started": started}, indent=2, default=str))
     print(f"\nwrote {H.RESULTS / 'summary.md'} and summary.json ({total / 60:.1f} min)")
     failed = [r for r in runs if r["status"] != "ok"]
     if failed:
