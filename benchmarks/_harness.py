@@ -114,6 +114,21 @@ def setup(args: argparse.Namespace) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def scratch_home() -> str:
+    """A fresh, empty $KNOWMRI_HOME for cold-cache runs (SPINE trains), removed when the process exits."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if "root" not in _SCRATCH:
+        _SCRATCH["root"] = tempfile.mkdtemp(prefix="knowmri-bench-home-")
+        atexit.register(shutil.rmtree, _SCRATCH["root"], True)
+    return tempfile.mkdtemp(dir=_SCRATCH["root"])
+
+
+_SCRATCH: dict[str, str] = {}
+
+
 def dtype_of(args: argparse.Namespace) -> torch.dtype:
     return DTYPES[args.dtype]
 

@@ -13,7 +13,6 @@ benchmarks/results/diagnose.json.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from typing import Any
 
@@ -64,7 +63,7 @@ def main() -> None:
     args = p.parse_args()
     H.setup(args)
     model = H.load_smollm2(args)
-    os.environ["KNOWMRI_HOME"] = tempfile.mkdtemp(prefix="knowmri-bench-home-")  # cold: SPINE trains
+    os.environ["KNOWMRI_HOME"] = H.scratch_home()  # cold: SPINE trains
     params = QUICK_PARAMS if args.quick else None
     note = " with causal_tracing samples=3" if args.quick else " at the defaults"
     runs = [one_run(model, "cold (fresh $KNOWMRI_HOME)" + note, params)]

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -228,7 +227,7 @@ def main() -> None:
     model = H.load_smollm2(args)
     dims = Dims.of(model)
     sample = H.eiffel()
-    os.environ["KNOWMRI_HOME"] = tempfile.mkdtemp(prefix="knowmri-bench-home-")  # cold caches (SPINE trains)
+    os.environ["KNOWMRI_HOME"] = H.scratch_home()  # cold caches (SPINE trains)
     prep = prepare(model, sample, need_subject=True)
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     names = [m.name for m in match(sample, model) if m.eligible and (not wanted or m.name in wanted)]
@@ -245,7 +244,7 @@ def main() -> None:
         params = method.Params.from_dict(overrides)
 
         def call(method: Any = method, overrides: dict = overrides) -> Any:
-            os.environ["KNOWMRI_HOME"] = tempfile.mkdtemp(prefix="knowmri-bench-home-")  # cold: SPINE trains each time
+            os.environ["KNOWMRI_HOME"] = H.scratch_home()  # cold: SPINE trains each time
             return run_method(method, model, sample, overrides, RunContext(), 0)
 
         times, cpus, result = [], [], None

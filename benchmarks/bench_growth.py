@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Any
 
 import _harness as H
@@ -165,7 +164,7 @@ def main() -> None:
     H.setup(args)
     from knowmri.matching import match
 
-    os.environ["KNOWMRI_HOME"] = tempfile.mkdtemp(prefix="knowmri-bench-home-")
+    os.environ["KNOWMRI_HOME"] = H.scratch_home()
     base = growth_model(4)
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     methods = [m.name for m in match(prompt_of(base, 16), base) if m.eligible and m.name != "spine"

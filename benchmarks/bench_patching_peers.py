@@ -27,7 +27,6 @@ compute-dominated), both loaded offline. Writes benchmarks/results/patching_peer
 from __future__ import annotations
 
 import copy
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -37,7 +36,7 @@ import torch
 from knowmri.hooks import Hooks, site
 from knowmri.methods._tracing import embedding_std, subject_noise, trace
 
-METHOD = "activation patching (resid_post, every token x layer)"
+METHOD = "activation patching sweep"
 
 
 class Setup:
@@ -134,7 +133,7 @@ def tl_bridge(st: Setup) -> Any:
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoTokenizer
 
-    folder = tempfile.mkdtemp(prefix="knowmri-bench-tok-")
+    folder = H.scratch_home()
     st.model.tokenizer.save_pretrained(folder)  # TL re-loads the tokenizer by its name_or_path
     tok = AutoTokenizer.from_pretrained(folder)
     name = st.model.config._name_or_path if "/" in str(st.model.config._name_or_path) else st.model.config.model_type

@@ -130,7 +130,7 @@ def _load_preset(name: str, *, device: str | None, dtype: torch.dtype | None, de
     except FileNotFoundError as err:
         raise ValueError(f"the preset {name!r} needs its package: {preset.install} ({err})") from err
     cache = home() / "models" / name
-    stamp = {"gguf": str(gguf), "size": gguf.stat().st_size, "mtime": int(gguf.stat().st_mtime)}
+    stamp = {"gguf": gguf.name, "size": gguf.stat().st_size}  # not the path: venvs holding the same file share it
     marker = cache / "knowmri-source.json"
     fresh = marker.is_file() and json.loads(marker.read_text()) == stamp
     want = dtype or parse_dtype(preset.dtype)
