@@ -122,14 +122,9 @@ class Localization:
     @classmethod
     def load(cls, directory: str | Path) -> Localization:
         """Reopen a saved localisation (its directory or its localization.json)."""
-        path = Path(directory)
-        file = path / "localization.json" if path.is_dir() else path
-        if not file.is_file():
-            raise ValueError(f"no localization.json at {path}")
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{file} is not valid JSON: {err}") from err
+        from knowmri.report.report import read_saved_json
+
+        file, data = read_saved_json(directory, "localization.json")
         if "neurons" not in data:
             raise ValueError(f"{file} is not a knowmri localisation: it has no 'neurons'")
         scores = {}

@@ -24,6 +24,18 @@ def versions() -> dict[str, str]:
     return out
 
 
+def read_saved_json(location: str | Path, filename: str) -> tuple[Path, dict[str, Any]]:
+    """The JSON file saved as `filename` in a directory (or the file itself), parsed; clear errors."""
+    path = Path(location)
+    file = path / filename if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"no {filename} at {path}")
+    try:
+        return file, json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON: {err}") from err
+
+
 def knowmri_version() -> str:
     from knowmri import __version__
 
@@ -108,14 +120,7 @@ class Report:
         """Reopen a saved report (its directory or its report.json); arrays are loaded too."""
         import numpy as np
 
-        path = Path(directory)
-        file = path / "report.json" if path.is_dir() else path
-        if not file.is_file():
-            raise ValueError(f"no report.json at {path}")
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{file} is not valid JSON: {err}") from err
+        file, data = read_saved_json(directory, "report.json")
         report = cls.from_dict(data)
         for name, arrays in (data.get("arrays") or {}).items():
             for key, rel in arrays.items():
