@@ -123,7 +123,7 @@ def bench(name: str, model: Any, kinds: list[str], samples: int, window: int, re
            "layers": model.n_layers, "repeats": repeats, "knowmri_s": statistics.median(ours),
            "rome_loop_s": statistics.median(theirs), "knowmri_method_s": statistics.median(whole) if whole else None,
            "knowmri_all_s": ours, "rome_loop_all_s": theirs, "max_abs_diff": diff, "allclose": equal,
-           "engine": "block replay" if got.direct else "full forwards"}
+           "engine": got.engine}
     row["speedup"] = row["rome_loop_s"] / row["knowmri_s"]
     print(f"  {name}: knowmri {row['knowmri_s']:.2f} s, ROME loop {row['rome_loop_s']:.2f} s, "
           f"x{row['speedup']:.1f}, max |diff| {diff:.1e}", flush=True)

@@ -23,7 +23,8 @@ Per method (what the algorithm needs, not what any implementation does):
 - knowledge_neurons: 1 clean forward; per layer l, `steps` scaled rows that need only blocks
   l..L-1 at the answer position (the prefix's keys/values are the clean run's) + backward;
 - causal_tracing: clean + S corrupted forwards; restoring (token t >= subject start, layer l)
-  re-runs blocks l+1..L-1 (hidden) or window start..L-1 (mlp, attn) for S rows, 1 read-out each;
+  re-runs blocks l+1..L-1 (hidden) or window start..L-1 (mlp, attn) for S rows over positions
+  t..T-1 only (on a causal model the states before t are the corrupted run's), 1 read-out each;
 - knowledge_circuits (EAP-IG): clean forward + (1 + ig_steps) forward+backward + 1 forward for
   the faithfulness check;
 - patchscopes: source forward + target prefix once + per layer l the patched token through
@@ -118,15 +119,18 @@ def floor_work(name: str, model: Any, dims: Dims, prep: Any, params: Any, result
     if name == "causal_tracing":
         S = params.samples
         s0 = prep.subject.start if prep.subject is not None else 0
-        cells_t = T - s0
-        blocks = 0
+        cells = range(s0, T) if model.kind == "causal" else range(T)
+        work = 0.0
         for kind in params.kinds:
             for layer in range(L):
                 start = layer + 1 if kind == "hidden" else max(0, layer - params.window // 2)
-                blocks += S * cells_t * (L - start)
-        reads = S * cells_t * L * len(params.kinds)
-        fwd = (1 + S) * (full + dims.readouts(1)) + dims.tokens(blocks * T, T) + dims.readouts(reads)
-        return Work(fwd, passes=f"{1 + S} forwards + {reads} restorations over blocks l..L-1", sweeps=3)
+                for t in cells:  # a causal model's states before t are the corrupted run's
+                    suffix = T - t if model.kind == "causal" else T
+                    work += S * (L - start) * dims.tokens(suffix, T)
+        reads = S * len(cells) * L * len(params.kinds)
+        fwd = (1 + S) * (full + dims.readouts(1)) + work + dims.readouts(reads)
+        return Work(fwd, passes=f"{1 + S} forwards + {reads} restorations over blocks l..L-1, positions t..T-1",
+                    sweeps=3)
     if name == "knowledge_circuits":
         steps = 1 + (params.ig_steps if params.method == "eap-ig" else 1)
         one = full + dims.readouts(1)

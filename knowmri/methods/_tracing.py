@@ -21,12 +21,15 @@ falls back to full forwards (with the block input replaced) when the check fails
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from knowmri.hooks import Hooks, site
 from knowmri.sample import Span
@@ -158,6 +161,97 @@ class BlockRunner:
         self.direct = bool(ok)
 
 
+class SuffixRunner:
+    """Runs blocks over the positions `t..T-1` only, for causal models: a restoration at token `t` cannot
+    change the states before `t`, so those come from the corrupted run's keys and values (its cache).
+
+    The block arguments (masks, rotary embeddings, cache positions) are recorded from the model's own
+    forward over the suffix with a prefix cache, and each block call gets a fresh cache layer holding the
+    corrupted prefix for its rows. `check` compares it with the corrupted run; callers fall back to the
+    full-length `BlockRunner` when it does not reproduce it.
+    """
+
+    def __init__(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, t: int, cache: Any,
+                 S: int) -> None:
+        self.model, self.t, self.S = model, t, S
+        self.prefix = [_prefix_layer(layer, t, S) for layer in cache.layers[:model.n_layers]]
+        self.template = cache
+        recorded = []
+        for b in (1, 2):
+            with record_calls(model) as calls:
+                model.hf_model(input_ids=input_ids[:, t:].repeat(b, 1), attention_mask=attention_mask.repeat(b, 1),
+                               use_cache=True, **{cache_keyword(model): self._cache(None, b)})
+            recorded.append(list(calls))
+        self.blocks = BlockRunner(model, recorded[0], recorded[1], 2, input_ids, attention_mask)
+        args, kwargs = recorded[0][0]
+        self.cache_at: int | str = next((k for k, v in kwargs.items() if isinstance(v, Cache)), "")
+        if not self.cache_at:
+            where = [i for i, v in enumerate(args[1:]) if isinstance(v, Cache)]
+            if len(where) != 1:
+                raise ValueError("cannot find the cache among the block arguments")
+            self.cache_at = where[0]
+
+    def _cache(self, layer: int | None, rows: int) -> Any:
+        """A cache whose layer `layer` (every layer when None) holds the corrupted prefix for `rows` rows."""
+        cache = copy.copy(self.template)
+        cache.layers = list(cache.layers)
+        for j in range(self.model.n_layers) if layer is None else (layer,):
+            cache.layers[j] = _rows_of(self.prefix[j], rows)
+        return cache
+
+    def block(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Block `layer` over the suffix states `hidden` [B, T - t, d] (row i uses noise sample i % S)."""
+        args, kwargs, by_name = self.blocks._call(layer, hidden.shape[0])
+        cache = self._cache(layer, hidden.shape[0])
+        if isinstance(self.cache_at, str):
+            kwargs = {**kwargs, self.cache_at: cache}
+        else:
+            args = (*args[:self.cache_at], cache, *args[self.cache_at + 1:])
+        if by_name:
+            out = self.model.layers[layer](**kwargs, hidden_states=hidden)
+        else:
+            out = self.model.layers[layer](hidden, *args, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def check(self, suffix_input: torch.Tensor, expected: torch.Tensor) -> bool:
+        """Whether blocks 0..L-1 over the corrupted suffix [S, T - t, d] reproduce the corrupted logits."""
+        try:
+            hidden = suffix_input
+            for layer in range(self.model.n_layers):
+                hidden = self.block(layer, hidden)
+            got = self.model.readout(hidden[:, -1])
+            return torch.allclose(got.float().softmax(-1).cpu(), expected.float().softmax(-1).cpu(), atol=1e-3)
+        except (ValueError, TypeError, RuntimeError, IndexError, KeyError, AttributeError):
+            return False
+
+
+def cache_keyword(model: Any) -> str:
+    """The name the model's forward takes its key/value cache by (`cache` in recent transformers)."""
+    params = inspect.signature(model.hf_model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _prefix_layer(layer: Any, t: int, S: int) -> Any:
+    """A copy of a cache layer cut to the first `t` positions and `S` rows (only layers that keep every token)."""
+    if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) or not getattr(layer, "is_initialized", False):
+        raise ValueError(f"cannot cut a {type(layer).__name__} cache layer")
+    if isinstance(layer, DynamicSlidingWindowLayer) and layer.cumulative_length >= layer.sliding_window - 1:
+        raise ValueError("the prompt fills the sliding window")
+    out = copy.copy(layer)
+    out.keys, out.values = layer.keys[:S, :, :t], layer.values[:S, :, :t]
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        out.cumulative_length = t
+    return out
+
+
+def _rows_of(layer: Any, rows: int) -> Any:
+    """A copy of a prefix cache layer for `rows` rows, row i holding noise sample i % S."""
+    out = copy.copy(layer)
+    n = -(-rows // layer.keys.shape[0])
+    out.keys, out.values = layer.keys.repeat(n, 1, 1, 1)[:rows], layer.values.repeat(n, 1, 1, 1)[:rows]
+    return out
+
+
 @dataclass
 class TraceResult:
     """The grids [tokens, layers] of P(answer) per restored kind, the clean and corrupted P."""
@@ -165,7 +259,7 @@ class TraceResult:
     high: float
     low: float
     grids: dict[str, torch.Tensor]
-    direct: bool
+    engine: str
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> range:
@@ -175,8 +269,12 @@ def window_layers(layer: int, window: int, n_layers: int) -> range:
 
 def trace(model: Any, input_ids: torch.Tensor, position: int, answer: int, subject: Span, noise: torch.Tensor,
           kinds: list[str], window: int, batch_size: int,
-          progress: Callable[[float, str], None] | None = None) -> TraceResult:
-    """ROME's causal-tracing grids for `kinds` (hidden, mlp, attn); `noise` [S, len(subject), d_model]."""
+          progress: Callable[[float, str], None] | None = None, suffix: bool = True) -> TraceResult:
+    """ROME's causal-tracing grids for `kinds` (hidden, mlp, attn); `noise` [S, len(subject), d_model].
+
+    With `suffix` (causal models), a restoration at token t re-runs only positions t..T-1; otherwise, or
+    when that does not reproduce the model, whole sequences from the restored block on.
+    """
     L, T, S = model.n_layers, input_ids.shape[1], noise.shape[0]
     mask = torch.ones_like(input_ids)
     subj = list(subject)
@@ -190,11 +288,14 @@ def trace(model: Any, input_ids: torch.Tensor, position: int, answer: int, subje
 
     n_run = max(S, 2)  # two batch sizes reveal each block argument's batch axis
     noise_run = noise if S > 1 else noise.expand(2, -1, -1)
+    suffix = suffix and model.kind == "causal" and position == T - 1
     with Hooks(model) as h, record_calls(model) as calls_many:
         h.add("embed", noise_run, positions=subj)
         last = h.read(site(L - 1, "resid_post"))
-        logits = model.forward(input_ids=input_ids.repeat(n_run, 1), attention_mask=mask.repeat(n_run, 1))
-    corrupt_logits = logits[:S, position]
+        out = model.hf_model(input_ids=input_ids.repeat(n_run, 1), attention_mask=mask.repeat(n_run, 1),
+                             use_cache=suffix)
+    cache = (getattr(out, "cache", None) or getattr(out, "past_key_values", None)) if suffix else None
+    corrupt_logits = out.logits[:S, position]
     low = float(corrupt_logits.float().softmax(-1)[:, answer].mean())
     corrupt = [_hidden_of(calls_many[layer])[:S] for layer in range(L)] + [last.value[:S]]
     runner = BlockRunner(model, calls_one, list(calls_many), n_run, input_ids, mask)
@@ -203,6 +304,22 @@ def trace(model: Any, input_ids: torch.Tensor, position: int, answer: int, subje
     cells = [t for t in range(T) if model.kind != "causal" or t >= subject.start]
     per_batch = max(1, batch_size // S)
     grids = {kind: torch.full((T, L), low) for kind in kinds}
+    suffixes = _suffix_runners(model, input_ids, mask, cells, cache, S, corrupt[0], corrupt_logits) \
+        if runner.direct and isinstance(cache, Cache) else None
+    if suffixes is not None:
+        done, total = 0, len(kinds) * len(cells)
+        for kind in kinds:
+            starts = [layer + 1 if kind == "hidden" else window_layers(layer, window, L).start for layer in range(L)]
+            for t in cells:
+                rows = max(1, batch_size * T // ((T - t) * S))  # the same tokens per forward as whole sequences
+                for i in range(0, L, rows):
+                    layers = list(range(i, min(L, i + rows)))
+                    grids[kind][t, layers] = _restore_suffix(model, suffixes[t], kind, t, layers, starts, clean,
+                                                             corrupt, answer, window, S)
+                done += 1
+                if progress is not None:
+                    progress(done / total, f"{kind} token {t}")
+        return TraceResult(high, low, grids, "suffix block replay")
     done, total = 0, len(kinds) * L
     for kind in kinds:
         for layer in range(L):
@@ -214,7 +331,56 @@ def trace(model: Any, input_ids: torch.Tensor, position: int, answer: int, subje
             done += 1
             if progress is not None:
                 progress(done / total, f"{kind} layer {layer}")
-    return TraceResult(high, low, grids, runner.direct)
+    return TraceResult(high, low, grids, "block replay" if runner.direct else "full forwards")
+
+
+def _suffix_runners(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, cells: list[int], cache: Any, S: int,
+                    embedded: torch.Tensor, corrupt_logits: torch.Tensor) -> dict[int, SuffixRunner] | None:
+    """A checked `SuffixRunner` per restored token, or None when one does not reproduce the corrupted run."""
+    runners = {}
+    for t in cells:
+        try:
+            runner = SuffixRunner(model, input_ids, mask, t, cache, S)
+        except (ValueError, TypeError, RuntimeError, IndexError, KeyError, AttributeError):
+            return None
+        if not runner.check(embedded[:, t:], corrupt_logits):
+            return None
+        runners[t] = runner
+    return runners
+
+
+def _restore_suffix(model: Any, runner: SuffixRunner, kind: str, t: int, layers: list[int], starts: list[int],
+                    clean: dict[str, list[torch.Tensor]], corrupt: list[torch.Tensor], answer: int, window: int,
+                    S: int) -> torch.Tensor:
+    """P(answer) averaged over noise samples for restoring (t, l), l in `layers`, in one staircase batch.
+
+    Rows are (layer l, sample s), ordered by the block they start at: rows join the batch at their start
+    block (until then they equal the corrupted run), so each block runs once over the rows that need it.
+    """
+    L = model.n_layers
+    first = min(starts[layer] for layer in layers)
+    hidden = None
+    with Hooks(model) as h:
+        if kind != "hidden":
+            for j in range(first, L):
+                rows = [i * S + s for i, layer in enumerate(layers) if j in window_layers(layer, window, L)
+                        for s in range(S)]
+                if rows:
+                    value = clean[kind][j][t]
+                    h.replace(site(j, KIND_SITES[kind]), value.expand(len(rows), -1), rows=rows,
+                              positions=[0] * len(rows), paired=True)
+        for j in range(first, L + 1):
+            new = [i for i, layer in enumerate(layers) if starts[layer] == j]
+            if new:
+                block = corrupt[j][:, t:].repeat(len(new), 1, 1)
+                if kind == "hidden":
+                    for k, i in enumerate(new):
+                        block[k * S:(k + 1) * S, 0] = clean["hidden"][layers[i]][t].to(block.device)
+                hidden = block if hidden is None else torch.cat([hidden, block.to(hidden.device)])
+            if j < L and hidden is not None:
+                hidden = runner.block(j, hidden)
+        logits = model.readout(hidden[:, -1])
+    return logits.float().softmax(-1)[:, answer].view(len(layers), S).mean(1).cpu()
 
 
 def _restore(model: Any, runner: BlockRunner, kind: str, layer: int, start: int, chunk: list[int],

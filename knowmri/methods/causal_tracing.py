@@ -42,7 +42,8 @@ class CausalTracingParams(Params):
     kinds: list = field(default_factory=lambda: list(KINDS),
                         metadata={"help": "states to restore: hidden, mlp, attn (comma-separated subset)"})
     seed: int = field(default=1, metadata={"help": "seed of the noise (the same noise for every cell)"})
-    batch_size: int = field(default=128, metadata={"help": "rows (cells x noise samples) per forward pass"})
+    batch_size: int = field(default=128, metadata={"help": "rows (cells x noise samples) of whole prompts per forward "
+                                                                "pass (more rows when only a suffix is re-run)"})
 
     def validate(self) -> None:
         if not 0.0 < self.noise <= 100.0:
@@ -84,7 +85,9 @@ class CausalTracing(Method):
                   "mlp": [window_layers(layer, p.window, L).start for layer in range(L)]}
         starts["attn"] = starts["mlp"]
         blocks = sum(L - s for k in p.kinds for s in starts[k])  # block runs per (token, noise sample)
-        return forward_cost(model, sample, forward=1 + p.samples + round(tokens * p.samples * blocks / L), tokens=tokens)
+        # restoring token t re-runs positions t..T-1 on a causal model (T - t of T tokens), all T otherwise
+        per_token = (tokens + 1) / 2 if model.kind == "causal" else tokens
+        return forward_cost(model, sample, forward=1 + p.samples + round(per_token * p.samples * blocks / L), tokens=tokens)
 
     @torch.inference_mode()
     def run(self, model: Any, sample: Sample, params: CausalTracingParams, ctx: RunContext) -> MethodResult:
@@ -118,7 +121,7 @@ class CausalTracing(Method):
             "peaks": peaks, "subject_span": {"start": span.start, "stop": span.stop},
             "subject_tokens": tokens[span.start:span.stop], "tokens": tokens, "position": enc.pred_pos,
             "answer": prep.answer, "answer_token": answer, "answer_source": prep.answer_source,
-            "noise_std": noise_std, "engine": "block replay" if res.direct else "full forwards",
+            "noise_std": noise_std, "engine": res.engine,
         }
         result.summary = _summary(res, peaks, tokens, span, enc.pred_pos, answer, sample["triple_subject"], params)
         labels = [f"{t}:{tok}{'*' if t in span else ''}" for t, tok in enumerate(tokens)]

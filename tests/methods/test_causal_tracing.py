@@ -62,7 +62,7 @@ def test_equals_rome_loop(model_name):
     result = run(model, sample, samples=2, window=2, kinds=kinds, batch_size=5)
     inputs = bench.rome_inputs(model, sample, samples=2, noise=3.0, seed=1)
     low, grids = bench.rome_trace(model, **inputs, kinds=kinds, window=2)
-    assert result.findings["engine"] == "block replay"
+    assert result.findings["engine"] == ("suffix block replay" if model.kind == "causal" else "block replay")
     assert result.findings["low_score"] == pytest.approx(low, abs=1e-6)
     for kind in kinds:
         torch.testing.assert_close(torch.tensor(result.findings[kind]), grids[kind], atol=1e-6, rtol=1e-4)
@@ -83,6 +83,20 @@ def test_fallback_full_forwards_equal_rome_loop(monkeypatch):
         torch.testing.assert_close(torch.tensor(result.findings[kind]), grids[kind], atol=1e-6, rtol=1e-4)
 
 
+def test_suffix_check_failure_falls_back_to_whole_sequences(monkeypatch):
+    """When replaying only the positions after the restored token does not reproduce the model, the
+    engine re-runs whole sequences from the restored block: the same grids."""
+    from knowmri.methods._tracing import SuffixRunner
+
+    model = km.testing.planted_model("llama").model
+    fast = run(model, FACT, samples=2, window=2).findings
+    monkeypatch.setattr(SuffixRunner, "check", lambda self, *args: False)
+    slow = run(model, FACT, samples=2, window=2).findings
+    assert (fast["engine"], slow["engine"]) == ("suffix block replay", "block replay")
+    for kind in ("hidden", "mlp", "attn"):
+        torch.testing.assert_close(torch.tensor(fast[kind]), torch.tensor(slow[kind]), atol=1e-6, rtol=1e-4)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family(family):
     model = tiny_model(family)
@@ -96,7 +110,7 @@ def test_every_family(family):
     for kind in ("hidden", "mlp", "attn"):
         assert len(f[kind]) == n_tok and all(len(row) == model.n_layers for row in f[kind])
     assert 0 <= f["low_score"] <= 1 and 0 <= f["high_score"] <= 1
-    assert f["engine"] == "block replay"
+    assert f["engine"] == ("suffix block replay" if model.kind == "causal" else "block replay")
     assert [s["index"] for s in f["token_scores"]] == list(range(n_tok))
     assert len(f["layer_scores"]) == model.n_layers
 
