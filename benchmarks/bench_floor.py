@@ -13,9 +13,12 @@ Work model (T prompt tokens, L layers, S noise samples, V vocabulary, d model wi
 - backward = 1 x forward: the methods need gradients of activations only, the weights are frozen
   (a backward that also forms weight gradients costs 2 x forward, the usual "x3" of training;
   only SPINE trains, and its count includes that);
-- the floor time is the longer of FLOPs / matmul rate and (weight sweeps that must happen one
-  after another) x (weight bytes) / memory bandwidth: a forward over ten tokens is bound by
-  reading the 0.5 GB of weights, not by arithmetic (a roofline). Both rates are measured here.
+- the floor time is the longer of the FLOPs at the matmul rate and (weight sweeps that must happen
+  one after another) x (weight bytes) / memory bandwidth (a roofline). The matmul rate is measured
+  for the rows the work can batch (`RowRates`: [rows, d] through every MLP matrix of the model in
+  sequence, so the weights stream from memory as in a forward): a short prompt (10 rows) or one
+  decoding step (1 row) cannot reach the rate of a big matmul, and no implementation could either.
+  Big-matmul rate and bandwidth are measured too and reported.
 Per method (what the algorithm needs, not what any implementation does):
 - logit_lens: 1 forward + L x T read-outs (positions "all");
 - attention_weights, embedding_projection, fine: 1 forward (+ their vocabulary projections);
@@ -86,10 +89,15 @@ class Work:
     extra: float = 0.0  # other FLOPs (projections, training)
     passes: str = ""
     sweeps: float = 1.0  # passes over the weights that must happen one after another (memory floor)
+    rows: float = 640  # rows per matmul the algorithm can batch (tokens x copies), for the matmul rate
+    parts: list | None = None  # [(FLOPs, rows)] when parts of the work batch differently
 
     @property
     def flops(self) -> float:
         return self.fwd + self.bwd_of + self.extra
+
+    def split(self) -> list[tuple[float, float]]:
+        return self.parts or [(self.flops, self.rows)]
 
 
 def floor_work(name: str, model: Any, dims: Dims, prep: Any, params: Any, result: Any) -> Work | None:
@@ -99,23 +107,26 @@ def floor_work(name: str, model: Any, dims: Dims, prep: Any, params: Any, result
     n_ans = max(1, len(prep.enc.target_ids))
     if name == "logit_lens":
         reads = L * T if getattr(params, "positions", "all") == "all" else L
-        return Work(full + dims.readouts(reads), passes=f"1 forward + {reads} read-outs")
+        return Work(full + dims.readouts(reads), passes=f"1 forward + {reads} read-outs",
+                    parts=[(full, T), (dims.readouts(reads), reads)])
     if name in ("attention_weights", "fine"):
         extra = 2 * L * dims.d_mlp * dims.d * n_ans if name == "fine" else 0.0
-        return Work(full + dims.readouts(1), extra=extra, passes="1 forward")
+        return Work(full + dims.readouts(1), extra=extra, passes="1 forward", rows=T)
     if name == "embedding_projection":
         k = getattr(params, "top_neurons", 10) + getattr(params, "top_heads", 3) + T
-        return Work(full + dims.readouts(1), extra=dims.readouts(k), passes=f"1 forward + {k} vocabulary projections")
+        return Work(full + dims.readouts(1), extra=dims.readouts(k), passes=f"1 forward + {k} vocabulary projections",
+                    parts=[(full + dims.readouts(1), T), (dims.readouts(k), k)])
     if name == "integrated_gradients":
         s = params.steps
         w = s * (full + dims.readouts(n_ans))
-        return Work(w, bwd_of=w, passes=f"{s} forward+backward", sweeps=2)
+        return Work(w, bwd_of=w, passes=f"{s} forward+backward", sweeps=2,
+                    rows=min(s, getattr(params, "internal_batch_size", s) or s) * T)
     if name == "knowledge_neurons":
         s = params.steps
         rows = sum(s * (L - layer) for layer in range(L))  # block passes at the answer position
         w = dims.tokens(rows * n_ans, T) + dims.readouts(L * s * n_ans)
         return Work(full + dims.readouts(1) + w, bwd_of=w, passes=f"1 forward + {L}x{s} rows over blocks l..L-1 (fwd+bwd)",
-                    sweeps=3)
+                    sweeps=3, parts=[(full + dims.readouts(1), T), (2 * w, s * n_ans * L / 2)])
     if name == "causal_tracing":
         S = params.samples
         s0 = prep.subject.start if prep.subject is not None else 0
@@ -130,29 +141,31 @@ def floor_work(name: str, model: Any, dims: Dims, prep: Any, params: Any, result
         reads = S * len(cells) * L * len(params.kinds)
         fwd = (1 + S) * (full + dims.readouts(1)) + work + dims.readouts(reads)
         return Work(fwd, passes=f"{1 + S} forwards + {reads} restorations over blocks l..L-1, positions t..T-1",
-                    sweeps=3)
+                    sweeps=3, rows=params.batch_size * T)
     if name == "knowledge_circuits":
         steps = 1 + (params.ig_steps if params.method == "eap-ig" else 1)
         one = full + dims.readouts(1)
         return Work(3 * one + steps * one, bwd_of=steps * one, passes=f"2 forwards + {steps} forward+backward + 1 check",
-                    sweeps=4)
+                    sweeps=4, parts=[(3 * one, T), (2 * steps * one, steps * T)])
     if name == "patchscopes":
         f = result.findings if result is not None else {}
         tgt = len(model.tokenizer(params.target_prompt)["input_ids"])
         steps = params.max_new_tokens
         patched = sum(L - 1 - layer for layer in range(L))
         w = full + dims.tokens((tgt - 1) * L, tgt) + dims.tokens(patched, tgt)
-        w += dims.tokens(L * (steps - 1) * L, tgt + steps) + dims.readouts(L * steps)
+        decode = dims.tokens(L * (steps - 1) * L, tgt + steps) + dims.readouts(L * steps)
         del f
-        return Work(w, passes=f"source + target prefix + {L} rows x {steps} cached steps", sweeps=1 + steps)
+        return Work(w + decode, passes=f"source + target prefix + {L} rows x {steps} cached steps", sweeps=1 + steps,
+                    parts=[(w, T), (decode, L)])
     if name == "self_explanation":
         f = result.findings if result is not None else {}
         req = f.get("request") or ""
         t_req = len(model.tokenizer(req)["input_ids"]) + 20 if req else T + 60
         a, g = params.answer_tokens, params.max_new_tokens
-        w = dims.tokens(T * L, T) + dims.tokens((a - 1) * L, T + a) + dims.readouts(a)
-        w += dims.tokens(t_req * L, t_req) + dims.tokens((g - 1) * L, t_req + g) + dims.readouts(g)
-        return Work(w, passes=f"2 cached generations ({a} + {g} tokens)", sweeps=a + g)
+        prefill = dims.tokens(T * L, T) + dims.tokens(t_req * L, t_req)
+        decode = dims.tokens((a - 1) * L, T + a) + dims.readouts(a) + dims.tokens((g - 1) * L, t_req + g) + dims.readouts(g)
+        return Work(prefill + decode, passes=f"2 cached generations ({a} + {g} tokens)", sweeps=a + g,
+                    parts=[(prefill, T), (decode, 1)])
     if name == "spine":
         f = result.findings if result is not None else {}
         stats = f.get("training") or f.get("stats") or {}
@@ -160,7 +173,8 @@ def floor_work(name: str, model: Any, dims: Dims, prep: Any, params: Any, result
         updates = stats.get("updates") or 1500
         rows = stats.get("rows") or params.vocab_limit or dims.V
         train = 12 * updates * params.batch_size * dims.d * hidden
-        return Work(0.0, extra=train + 2 * rows * dims.d * hidden, passes=f"{updates} autoencoder updates", sweeps=0)
+        return Work(0.0, extra=train + 2 * rows * dims.d * hidden, passes=f"{updates} autoencoder updates", sweeps=0,
+                    rows=params.batch_size)
     return None
 
 
@@ -186,6 +200,42 @@ def matmul_rate(dims: Dims, device: str, dtype: torch.dtype, rows: int = 640, re
     return max(wall), statistics.median(cpu)
 
 
+class RowRates:
+    """The matmul rate at a given number of rows, measured on the model's own MLP matrices in sequence
+    (every layer's, so the weights stream from memory as in a forward): [rows, d] times each matrix.
+    A few rows (one decoding step, one short prompt) cannot reach the big-matmul rate; this is the
+    rate the machine's BLAS gives for exactly that shape, with nothing else (no attention, no Python)."""
+
+    def __init__(self, model: Any, dims: Dims, device: str, dtype: torch.dtype) -> None:
+        n = dims.d * dims.d_mlp
+        self.mats = [p.detach() for layer in model.layers for p in layer.parameters() if p.dim() == 2 and p.numel() == n]
+        self.dims, self.device, self.dtype = dims, device, dtype
+        self.cache: dict[int, tuple[float, float]] = {}
+
+    def __call__(self, rows: float) -> tuple[float, float]:
+        """(FLOP/s per wall second, best of 5; FLOP/s per CPU second, median) at `rows` rows."""
+        rows = max(1, int(round(rows)))
+        if rows not in self.cache:
+            d = self.dims.d
+            x = torch.randn(rows, d, device=self.device, dtype=self.dtype)
+            flops_once = 2 * rows * d * self.dims.d_mlp * len(self.mats)
+            reps = max(1, int(2e9 // max(flops_once, 1)))
+
+            def run() -> None:
+                for _ in range(reps):
+                    for w in self.mats:
+                        x @ w.T if w.shape[1] == d else x @ w
+
+            run()
+            wall, cpu = [], []
+            for _ in range(5):
+                w_s, c_s, _ = H.measure(run, self.device)
+                wall.append(flops_once * reps / max(w_s, 1e-9))
+                cpu.append(flops_once * reps / max(c_s, 1e-9))
+            self.cache[rows] = (max(wall), statistics.median(cpu))
+        return self.cache[rows]
+
+
 def bandwidth(device: str, mbytes: int = 256, samples: int = 5) -> tuple[float, float]:
     """Bytes/s of reading a large float32 tensor (`sum`): per wall second (best) and per CPU second (median)."""
     x = torch.ones(mbytes * (1 << 20) // 4, device=device)
@@ -198,10 +248,10 @@ def bandwidth(device: str, mbytes: int = 256, samples: int = 5) -> tuple[float, 
     return max(wall), statistics.median(cpu)
 
 
-def floor_seconds(work: Work, rate: float, bw: float, weight_bytes: float) -> float:
-    """The roofline floor: the FLOPs at the matmul rate, or the sequential weight sweeps at the memory
-    bandwidth, whichever is longer (a forward over a few tokens is bound by reading the weights)."""
-    return max(work.flops / rate, work.sweeps * weight_bytes / bw)
+def floor_seconds(work: Work, rate: Any, bw: float, weight_bytes: float) -> float:
+    """The roofline floor: each part's FLOPs at the matmul rate for its rows (`rate(rows)`), or the
+    sequential weight sweeps at the memory bandwidth, whichever is longer."""
+    return max(sum(flops / rate(rows) for flops, rows in work.split()), work.sweeps * weight_bytes / bw)
 
 
 def counted_flops(fn: Any) -> float | None:
@@ -238,6 +288,7 @@ def main() -> None:
     rate0, cpu_rate0 = matmul_rate(dims, args.device, H.dtype_of(args))
     bw, cpu_bw = bandwidth(args.device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.hf_model.parameters())
+    rates = RowRates(model, dims, args.device, H.dtype_of(args))
     print(f"matmul rate {rate0 / 1e9:.1f} GFLOP/s per wall second (best of 5), {cpu_rate0 / 1e9:.1f} per CPU second; "
           f"memory {bw / 1e9:.1f} GB/s ({cpu_bw / 1e9:.1f} per CPU second); weights {weight_bytes / 1e6:.0f} MB; "
           f"block params {dims.block_params / 1e6:.2f} M x {dims.L} layers", flush=True)
@@ -259,8 +310,8 @@ def main() -> None:
         counted = None if args.no_count else counted_flops(call)
         work = floor_work(name, model, dims, prep, params, result)
         achieved, achieved_cpu = statistics.median(times), statistics.median(cpus)
-        floor_s = floor_seconds(work, rate0, bw, weight_bytes) if work else None
-        floor_cpu = floor_seconds(work, cpu_rate0, cpu_bw, weight_bytes) if work else None
+        floor_s = floor_seconds(work, lambda r: rates(r)[0], bw, weight_bytes) if work else None
+        floor_cpu = floor_seconds(work, lambda r: rates(r)[1], cpu_bw, weight_bytes) if work else None
         entry = {"method": name, "params": overrides, "status": result.status, "error": result.error,
                  "seconds": achieved, "times_s": times, "cpu_s": achieved_cpu, "cpu_times_s": cpus,
                  "floor_flops": work.flops if work else None, "floor_s": floor_s, "floor_cpu_s": floor_cpu,
@@ -294,6 +345,7 @@ def main() -> None:
               f"{f(e['cpu_over_counted'])} | {e['passes']} |")
     path = H.write_result("floor", rows, model="smollm2-135m", args=args, methods=table,
                           matmul_gflops_wall=[rate0 / 1e9, rate1 / 1e9], matmul_gflops_cpu=[cpu_rate0 / 1e9, cpu_rate1 / 1e9],
+                          row_rates_gflops={r: [w / 1e9, c / 1e9] for r, (w, c) in sorted(rates.cache.items())},
                           memory_gbps_wall=bw / 1e9, memory_gbps_cpu=cpu_bw / 1e9, weight_bytes=weight_bytes,
                           block_params=dims.block_params, finished=time.time())
     print(f"wrote {path}")
