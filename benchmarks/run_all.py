@@ -26,7 +26,7 @@ import _harness as H
 HERE = Path(__file__).resolve().parent
 LOGS = H.ROOT / "build" / "bench-logs"
 #: Benches run last (they time whole methods, after the comparisons).
-SPECIAL_ORDER = ("bench_diagnose", "bench_floor", "bench_growth")  # run last: they time whole methods
+SPECIAL_ORDER = ("bench_diagnose", "bench_floor", "bench_estimate", "bench_growth")  # run last: they time whole methods
 
 
 def discover(only: list[str], skip: list[str]) -> list[Path]:
@@ -211,6 +211,12 @@ def other_tables(rows: list[dict[str, Any]]) -> str:
                   "| step | seconds | note |", "|---|---|---|"]
         for r in sorted(diag, key=lambda r: (r["method"].endswith("total (11 methods + consensus)"), -(r["knowmri_s"] or 0))):
             parts.append(f"| {r['method'].removeprefix('diagnose: ')} | {H.fmt_s(r['knowmri_s'])} | {r['detail']} |")
+    est = [r for r in rows if r["kind"] == "estimate"]
+    if est:
+        parts += ["\n### `estimate()` against measurement (SmolLM2, defaults)\n",
+                  "| method | measured | estimated | detail |", "|---|---|---|---|"]
+        for r in est:
+            parts.append(f"| {r['method']} | {H.fmt_s(r['knowmri_s'])} | {H.fmt_s(r['baseline_s'])} | {r['detail']} |")
     growth = [r for r in rows if r["kind"] == "growth"]
     if growth:
         parts += ["\n### Measured growth (fitted exponent of time vs size)\n", "| method | growth |", "|---|---|"]
@@ -275,7 +281,7 @@ def main() -> None:
         for path in discover(only, skip):
             runs.append(run_one(path, args, env))
     rows, files = read_results(started if runs else 0.0)
-    compare = [r for r in rows if r["kind"] not in ("floor", "diagnose", "growth")]
+    compare = [r for r in rows if r["kind"] not in ("floor", "diagnose", "growth", "estimate")]
     load_end = last_load or ([round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None)
     table = comparison_table(compare)
     print("\n" + table)
