@@ -12,7 +12,11 @@ stream. v's copy is what flows into v alone (not the skip connection):
   head gets only its share of the shared keys and values), batched over heads. This is the
   gradient TransformerLens-based EAP gets from split query/key/value inputs; it is exact per
   head, where using the whole layer's attention-input gradient would give every head of a
-  layer the same incoming scores;
+  layer the same incoming scores. It is taken in three steps (`split_head_vjp`): through the
+  attention core to the q/k/v projections' outputs (batched over heads; small), through each
+  head's own columns of the projections only (H products of d_head columns, where a VJP of
+  the whole projection per head would cost H times the layer's q/k/v backward), then through
+  the layer norm (elementwise);
 - the MLP of layer l: g(resid_pre) - g(resid_post) - sum_h g(head h), which is exact for both
   sequential (the MLP reads resid_pre + attn) and parallel blocks (it reads resid_pre);
 - logits: the gradient at the final residual.
@@ -134,6 +138,98 @@ def head_vjp(z: torch.Tensor, resid: torch.Tensor, grad_z: torch.Tensor) -> torc
     return g
 
 
+def _qkv_modules(model: Any, layer: int) -> list[torch.nn.Module]:
+    """The modules computing a layer's queries, keys and values (one fused module or three)."""
+    from knowmri.methods._weights import _module, qkv_layout
+
+    keys = ("attn_q", "attn_k", "attn_v") if qkv_layout(model) == "separate" else ("attn_qkv",)
+    return [_module(model, layer, key) for key in keys]
+
+
+def _own_columns(g_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[H, rows, T, d_in]: g_out [H, rows, T, out] @ weight [out, d_in], head h using only the output
+    columns its gradient reaches (its own q/k/v columns; the others are exactly zero, and the
+    padding to a common width takes columns whose gradient is zero too)."""
+    n_heads = g_out.shape[0]
+    used = g_out.reshape(n_heads, -1, g_out.shape[-1]).ne(0).any(1)  # [H, out]
+    width = max(1, int(used.sum(1).max()))
+    idx = used.to(torch.int8).sort(dim=1, descending=True, stable=True).indices[:, :width]  # [H, width]
+    picked = g_out.gather(-1, idx[:, None, None, :].expand(*g_out.shape[:-1], width))
+    return torch.einsum("hrtk,hkd->hrtd", picked, weight.to(g_out.dtype)[idx])
+
+
+def _batched_grad(outputs: list[torch.Tensor], inputs: list[torch.Tensor], cotangents: list[torch.Tensor]
+                  ) -> tuple[torch.Tensor | None, ...]:
+    """VJPs batched over the leading axis of `cotangents` (one backward per entry where an op has no batching rule)."""
+    try:
+        return torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True, is_grads_batched=True, allow_unused=True)
+    except RuntimeError:
+        per = [torch.autograd.grad(outputs, inputs, [c[i] for c in cotangents], retain_graph=True, allow_unused=True)
+               for i in range(cotangents[0].shape[0])]
+        return tuple(None if parts[0] is None else torch.stack(parts) for parts in zip(*per))
+
+
+def split_head_vjp(z: torch.Tensor, resid: torch.Tensor, grad_z: torch.Tensor, projections: list[Any],
+                   budget: int = 1 << 28) -> torch.Tensor | None:
+    """`head_vjp` summed over rows ([H, T, d]), in three steps that avoid a whole q/k/v backward
+    per head: through the attention core to the q/k/v projections' outputs (batched over heads),
+    through each head's own columns of the projections, and through the norm to `resid`.
+    `projections` holds each q/k/v projection's (input, output, weight [out, in]) from the
+    forward; every path from `resid` to `z` must pass through them (the projections of the layer
+    that `z` belongs to). Heads go in chunks whose per-head output gradients fit in `budget`
+    bytes. None where a step finds no path (the caller then uses `head_vjp`)."""
+    n_heads = z.shape[2]
+    eye = torch.eye(n_heads, dtype=grad_z.dtype, device=grad_z.device)
+    outs = [out for _, out, _ in projections]
+    per_head = sum(out.numel() for out in outs) * outs[0].element_size()
+    chunk = max(1, min(n_heads, budget // max(per_head, 1)))
+    parts = []
+    for first in range(0, n_heads, chunk):
+        heads = eye[first: first + chunk]  # [h, H]: the heads of this chunk
+        cotangent = grad_z[None] * heads[:, None, None, :, None]  # head h's gradient kept in slice h
+        g_outs = _batched_grad([z], outs, [cotangent])  # through the attention core only
+        if any(g is None for g in g_outs):
+            return None
+        inputs: list[torch.Tensor] = []
+        g_inputs: list[torch.Tensor] = []
+        for (x, _, weight), g_out in zip(projections, g_outs):
+            g = _own_columns(g_out, weight)  # through head h's columns of the projection
+            for i, seen in enumerate(inputs):
+                if seen is x:
+                    g_inputs[i] = g_inputs[i] + g
+                    break
+            else:
+                inputs.append(x)
+                g_inputs.append(g)
+        (g_resid,) = _batched_grad(inputs, [resid], g_inputs)  # through the norm
+        if g_resid is None:
+            return None
+        parts.append(g_resid.sum(1))
+    return torch.cat(parts)
+
+
+def _record_projections(model: Any) -> tuple[list[list[Any]], list[Any]]:
+    """Forward hooks keeping each layer's q/k/v projections' (input, output, weight [out, in]) in the
+    next forward, and the hook handles. A layer's list holds None where a projection is unknown or
+    did not run exactly once (`split_head_vjp` is then not used for that layer)."""
+    recorded: list[list[Any]] = [[None] for _ in range(model.n_layers)]
+    handles: list[Any] = []
+    for layer in range(model.n_layers):
+        try:
+            modules = _qkv_modules(model, layer)
+        except (ValueError, KeyError, AttributeError):
+            continue
+        recorded[layer] = [None] * len(modules)
+        for i, module in enumerate(modules):
+            def keep(mod: Any, args: tuple, kwargs: dict, output: Any, layer: int = layer, i: int = i) -> None:
+                x = args[0] if args else next(iter(kwargs.values()), None)
+                ok = recorded[layer][i] is None and isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor)
+                recorded[layer][i] = (x, output, model.linear_weight(mod).detach()) if ok else False
+
+            handles.append(module.register_forward_hook(keep, with_kwargs=True))
+    return recorded, handles
+
+
 def edge_attribution(model: Any, clean_ids: torch.Tensor, corrupt_ids: torch.Tensor, answer: int, wrong: int, *,
                      alphas: list[float], metric: str = "logit_diff", noise: torch.Tensor | None = None,
                      noise_positions: list[int] | None = None) -> Graph:
@@ -164,12 +260,23 @@ def edge_attribution(model: Any, clean_ids: torch.Tensor, corrupt_ids: torch.Ten
         mlps = [h.read(site(layer, "mlp.out")) for layer in range(n_layers)]
         post_normed = [layer for layer in range(n_layers) if _post_norm(model, layer)]
         attn_outs = {layer: h.read(site(layer, "attn.out"), rows=[0, len(alphas)]) for layer in post_normed}
+        projections, handles = _record_projections(model)
+        try:
+            with torch.enable_grad():
+                values = _metric(forward_logits(model, ids), answer, wrong, metric)
+        finally:
+            for handle in handles:
+                handle.remove()
         with torch.enable_grad():
-            values = _metric(forward_logits(model, ids), answer, wrong, metric)
             tensors = [c.value for c in pre] + [post.value] + [c.value for c in heads]
             grads = torch.autograd.grad(values[1:].mean(), tensors, retain_graph=True)
             g_pre, g_post, g_z = grads[:n_layers], grads[n_layers], grads[n_layers + 1:]
-            g_heads = [head_vjp(heads[layer].value, pre[layer].value, g_z[layer]).sum(1) for layer in range(n_layers)]
+            g_heads = []
+            for layer in range(n_layers):
+                z, resid = heads[layer].value, pre[layer].value
+                known = all(projections[layer])
+                g = split_head_vjp(z, resid, g_z[layer], projections[layer]) if known else None
+                g_heads.append(head_vjp(z, resid, g_z[layer]).sum(1) if g is None else g)
     acc = torch.promote_types(model.dtype, torch.float32)  # accumulate in float32 at least
     dev = pre[0].value.device  # layers may live on several devices (sharded models)
 

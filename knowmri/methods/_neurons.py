@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from knowmri.hooks import Hooks, site
+from knowmri.methods._tracing import BlockRunner, _hidden_of, record_calls
 from knowmri.models.model import Encoded
 
 ROW_BUDGET_BYTES = 1 << 30  # activations kept for the backward pass, per batch of rows
@@ -113,10 +114,7 @@ class _Rows:
         self.prefix = scaled if self.incremental else 0
 
     def _prefix_cache(self) -> Any:
-        with torch.no_grad():
-            out = self.model.hf_model(input_ids=self.enc.input_ids[:, : self.scaled],
-                                      attention_mask=self.enc.attention_mask[:, : self.scaled], use_cache=True)
-        return out["cache"] if "cache" in out else out.get("past_key_values")
+        return _prefix_cache(self.model, self.enc, self.scaled)
 
     def __call__(self, batch: int) -> torch.Tensor:
         enc, hf = self.enc, self.model.hf_model
@@ -137,6 +135,14 @@ class _Rows:
         return self.model.forward(**enc.inputs(batch))[:, self.predict]
 
 
+def _prefix_cache(model: Any, enc: Encoded, length: int) -> Any:
+    """The key/value cache of a clean forward over the first `length` positions."""
+    with torch.no_grad():
+        out = model.hf_model(input_ids=enc.input_ids[:, :length], attention_mask=enc.attention_mask[:, :length],
+                             use_cache=True)
+    return out["cache"] if "cache" in out else out.get("past_key_values")
+
+
 def _cache_kwarg(hf_model: Any) -> str:
     """The forward's name for a key/value cache: `cache` (transformers >= 5.2x) or `past_key_values`."""
     return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
@@ -151,18 +157,169 @@ def _expandable(cache: Any) -> bool:
     return isinstance(cache, Cache) and hasattr(cache, "batch_repeat_interleave")
 
 
-def auto_rows(model: Any, fed: int, prefix: int, steps: int) -> int:
-    """Rows per forward/backward that keep the saved activations within a memory budget."""
-    per_token = model.n_layers * (12 * model.d_model + 4 * model.d_mlp)
-    per_row = 4 * (fed * per_token + model.n_layers * 2 * model.d_model * (prefix + fed) + 3 * model.vocab_size)
+def _row_bytes(model: Any, fed: int, prefix: int, blocks: int) -> int:
+    """Bytes a row keeps for the backward pass when it runs `blocks` blocks over `fed` tokens."""
+    per_token = 12 * model.d_model + 4 * model.d_mlp
+    return 4 * (blocks * (fed * per_token + 2 * model.d_model * (prefix + fed)) + 3 * model.vocab_size)
+
+
+def _budget(model: Any) -> int:
     budget = ROW_BUDGET_BYTES
     if model.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(model.device)
         budget = max(budget, int(0.3 * free))
-    return max(steps, budget // max(per_row, 1))
+    return budget
+
+
+def _is_cache(x: Any) -> bool:
+    try:
+        from transformers import Cache
+    except ImportError:
+        return False
+    return isinstance(x, Cache)
+
+
+def _layered(cache: Any) -> bool:
+    """Whether each layer of a `transformers.Cache` can be repeated over rows on its own."""
+    layers = getattr(cache, "layers", None)
+    return _is_cache(cache) and bool(layers) and all(hasattr(layer, "batch_repeat_interleave") for layer in layers)
+
+
+class _StartRunner(BlockRunner):
+    """`_tracing.BlockRunner` for the IG rows: rows scaled at layer l start at block l, fed the clean
+    residual stream entering it, and rows that start at different blocks share one batch (a
+    layer's rows join the batch at its own block). On a causal model the blocks run the fed
+    tokens only, over a fresh copy of the clean prefix's key/value cache (`template`)."""
+
+    def __init__(self, *args: Any, template: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.template = template
+
+    def _fresh_cache(self, active: list[int]) -> Any:
+        """The prefix cache with layer j repeated over the `active[j]` rows that run block j."""
+        if self.template is None:
+            return None
+        cache = copy.deepcopy(self.template)
+        for layer, rows in zip(cache.layers, active):
+            if rows:
+                layer.batch_repeat_interleave(rows)
+        return cache
+
+    def run(self, start: int, hidden: torch.Tensor, position: int, hooks: Hooks | None = None) -> torch.Tensor:
+        return self.run_rows([(start, hidden)], position)
+
+    def run_rows(self, entries: Sequence[tuple[int, torch.Tensor]], position: int) -> torch.Tensor:
+        """Logits [B, vocab] at `position`; `entries` are (start block, its rows' input [n, T, d]),
+        by start block; rows are ordered as the entries."""
+        n_layers = self.model.n_layers
+        active, rows = [0] * n_layers, 0
+        joins: dict[int, list[torch.Tensor]] = {}
+        for start, x in entries:
+            joins.setdefault(start, []).append(x)
+        for layer in range(n_layers):
+            rows += sum(x.shape[0] for x in joins.get(layer, []))
+            active[layer] = rows
+        cache = self._fresh_cache(active)
+        hidden: torch.Tensor | None = None
+        for layer in range(min(joins), n_layers):
+            for x in joins.get(layer, []):
+                hidden = x if hidden is None else torch.cat([hidden, x.to(hidden.device, hidden.dtype)])
+            assert hidden is not None
+            args, kwargs, by_name = self._call(layer, hidden.shape[0])
+            if cache is not None:
+                args = tuple(cache if _is_cache(a) else a for a in args)
+                kwargs = {k: cache if _is_cache(v) else v for k, v in kwargs.items()}
+            if by_name:
+                out = self.model.layers[layer](**kwargs, hidden_states=hidden)
+            else:
+                out = self.model.layers[layer](hidden, *args, **kwargs)
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+        assert hidden is not None
+        return self.model.readout(hidden[:, position])
+
+
+class _Direct:
+    """The IG rows of one job (scaled position q, predicting position p) run from the scaled layer's
+    block on, through `_StartRunner`, with the arguments each block got in a clean run.
+
+    Causal models feed positions q..p over the clean prefix's key/value cache (or positions 0..p
+    when q is 0 or the model's cache cannot be repeated per layer); masked and seq2seq models
+    feed the whole input (a seq2seq decoder's blocks reuse the recorded encoder output).
+    `runner` is None when the direct block calls do not reproduce the model's own logits; the
+    caller then falls back to `_Rows` (whole forwards)."""
+
+    def __init__(self, model: Any, enc: Encoded, scaled: int, predict: int) -> None:
+        self.model = model
+        template = None
+        hf = model.hf_model
+        if model.kind == "causal":
+            if scaled > 0:
+                template = _prefix_cache(model, enc, scaled)
+                if not _layered(template):
+                    template = None
+            first = scaled if template is not None else 0
+            ids, mask = enc.input_ids[:, first: predict + 1], enc.attention_mask[:, : predict + 1]
+            self.local, self.position, self.prefix = scaled - first, predict - first, first
+
+            def feed(batch: int) -> torch.Tensor:
+                kwargs: dict[str, Any] = {"input_ids": ids.repeat(batch, 1), "attention_mask": mask.repeat(batch, 1)}
+                if template is not None:
+                    cache = copy.deepcopy(template)
+                    cache.batch_repeat_interleave(batch)
+                    kwargs.update(use_cache=True, **{_cache_kwarg(hf): cache})
+                else:
+                    kwargs["use_cache"] = False
+                return hf(**kwargs).logits[:, self.position]
+        else:
+            ids, mask = enc.input_ids, enc.attention_mask
+            self.local, self.position, self.prefix = scaled, predict, 0
+
+            def feed(batch: int) -> torch.Tensor:
+                return model.forward(**enc.inputs(batch))[:, self.position]
+
+        self.fed = self.position + 1 if model.kind == "causal" else (
+            enc.decoder_input_ids.shape[1] if model.kind == "seq2seq" else enc.input_ids.shape[1])
+        with torch.no_grad():
+            with record_calls(model) as one:
+                expected = feed(1)
+            with record_calls(model) as many:
+                feed(2)
+        calls_one = list(one)
+        self.clean = [_hidden_of(call) for call in calls_one]  # the clean residual stream entering each block
+        runner = _StartRunner(model, calls_one, list(many), 2, ids, mask, template=template)
+        with torch.no_grad():
+            runner.check(self.clean[0], self.position, expected)
+        self.runner: _StartRunner | None = runner if runner.direct else None
+
+    def rows(self, layers: Sequence[int], steps: int) -> torch.Tensor:
+        """Logits [len(layers) x steps, vocab]: `steps` rows per layer, entering at that layer's block."""
+        entries = [(layer, self.clean[layer].repeat(steps, 1, 1)) for layer in layers]
+        assert self.runner is not None
+        return self.runner.run_rows(entries, self.position)
 
 
 Job = tuple[int, int, int]  # (scaled position, predicting position, answer token id)
+
+
+def _chunks(model: Any, steps: int, fed: int, prefix: int, batch_size: int, starts: Sequence[int]) -> list[list[int]]:
+    """Consecutive layers whose rows share a batch: `batch_size` // steps layers each, or (automatic)
+    as many as keep the saved activations within the memory budget (rows of layer l run L - l blocks
+    when they start at their own block, L when `starts` is all zeros)."""
+    n_layers = model.n_layers
+    if batch_size:
+        per = max(1, batch_size // steps)
+        return [list(range(first, min(n_layers, first + per))) for first in range(0, n_layers, per)]
+    budget = _budget(model)
+    chunks: list[list[int]] = [[]]
+    used = 0
+    for layer in range(n_layers):
+        cost = steps * _row_bytes(model, fed, prefix, n_layers - starts[layer])
+        if chunks[-1] and used + cost > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(layer)
+        used += cost
+    return chunks
 
 
 def ig_neurons(model: Any, enc: Encoded, jobs: Sequence[Job], clean: Sequence[torch.Tensor], positions: Sequence[int], *,
@@ -174,9 +331,12 @@ def ig_neurons(model: Any, enc: Encoded, jobs: Sequence[Job], clean: Sequence[to
     (0 -> their clean value, `steps` points) while every other layer runs as it would, and the
     attribution is the clean activation x the mean gradient of P(t) read at position p (teacher
     forced). Rows are (layer, step) pairs, several layers per batch (each layer's hook scales
-    only its own rows), one backward per batch. `clean[l]` holds layer l's clean neurons at
-    `positions` ([len(positions), d_mlp], from `clean_neurons`). Returns [n_jobs, n_layers, d_mlp]
-    float32 on the CPU.
+    only its own rows), one backward per batch. Blocks before l compute the clean run for layer
+    l's rows, so those rows start at block l from the clean residual stream entering it (`_Direct`;
+    on a causal model only positions q..p, over the clean prefix's key/value cache); where the
+    model's blocks cannot be called directly, every row runs the whole model (`_Rows`).
+    `clean[l]` holds layer l's clean neurons at `positions` ([len(positions), d_mlp], from
+    `clean_neurons`). Returns [n_jobs, n_layers, d_mlp] float32 on the CPU.
     """
     a = alphas(steps, riemann)
     n_layers = model.n_layers
@@ -184,19 +344,24 @@ def ig_neurons(model: Any, enc: Encoded, jobs: Sequence[Job], clean: Sequence[to
     done, total = 0, len(jobs) * n_layers
     index = {q: i for i, q in enumerate(positions)}
     for j, (scaled, predict, token) in enumerate(jobs):
-        runner = _Rows(model, enc, scaled, predict)
-        rows = batch_size or auto_rows(model, runner.fed, runner.prefix, steps)
-        per_batch = max(1, rows // steps)
-        for first in range(0, n_layers, per_batch):
-            chunk = list(range(first, min(n_layers, first + per_batch)))
+        with torch.inference_mode(False):
+            direct = _Direct(model, enc, scaled, predict)
+        if direct.runner is not None:
+            run_rows, local = direct.rows, direct.local
+            chunks = _chunks(model, steps, direct.fed, direct.prefix, batch_size, range(n_layers))
+        else:
+            runner = _Rows(model, enc, scaled, predict)
+            run_rows, local = (lambda layers, n, runner=runner: runner(len(layers) * n)), runner.local
+            chunks = _chunks(model, steps, runner.fed, runner.prefix, batch_size, [0] * n_layers)
+        for chunk in chunks:
             leaves = []
             with torch.inference_mode(False), torch.enable_grad(), Hooks(model) as h:
                 for k, layer in enumerate(chunk):
                     base = clean[layer][index[scaled]]
                     leaf = (a.to(base.device, base.dtype)[:, None] * base[None, :]).requires_grad_(True)
                     leaves.append(leaf)
-                    h.edit(site(layer, "mlp.neurons"), _put(leaf, k * steps, (k + 1) * steps, runner.local))
-                logits = runner(len(chunk) * steps)
+                    h.edit(site(layer, "mlp.neurons"), _put(leaf, k * steps, (k + 1) * steps, local))
+                logits = run_rows(chunk, steps)
                 prob = logits.float().softmax(-1)[:, token].sum()
                 grads = torch.autograd.grad(prob, leaves)
             for layer, grad in zip(chunk, grads):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
-from knowmri.methods.common import forward_cost, prepare
+from knowmri.methods.common import forward_cost, prepare, takes_logits_to_keep
 from knowmri.report import figures
 from knowmri.sample import Sample
 
@@ -61,8 +61,9 @@ def eager_attention(hf_model: Any) -> Iterator[None]:
 
 def attention_patterns(model: Any, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """Per layer, [heads, queries, keys] attention weights of one input (cross-attention for seq2seq)."""
+    extra = {"logits_to_keep": 1} if takes_logits_to_keep(type(model.hf_model)) else {}  # no vocabulary read-out needed
     with eager_attention(model.hf_model):
-        out = model.hf_model(**inputs, output_attentions=True, use_cache=False)
+        out = model.hf_model(**inputs, output_attentions=True, use_cache=False, **extra)
     atts = out.cross_attentions if model.kind == "seq2seq" else out.attentions
     if not atts or any(a is None for a in atts) or len(atts) != model.n_layers:
         raise ValueError(f"{model.architecture} did not return attention weights")
@@ -88,7 +89,7 @@ class AttentionWeights(Method):
 
     @torch.inference_mode()
     def run(self, model: Any, sample: Sample, params: AttentionWeightsParams, ctx: RunContext) -> MethodResult:
-        prep = prepare(model, sample)
+        prep = prepare(model, sample, ctx=ctx)
         enc, span = prep.enc, prep.subject
         if model.kind == "causal":
             n_tok = enc.prompt_len
@@ -142,11 +143,10 @@ class AttentionWeights(Method):
         top = heads[0]
         pattern = patterns[top["layer"]][top["head"]]
         queries = [f"dec {q}" for q in range(pattern.shape[0])] if model.kind == "seq2seq" else labels
-        fig = figures.heatmap(pattern[:, :n_tok].tolist(), x=labels, y=queries, colorscale="Blues", zmin=0, zmax=1,
-                              title=f"Attention pattern of layer {top['layer']} head {top['head']} (top head)",
-                              x_title="key token", y_title="query", colorbar="weight")
-        fig.update_layout(yaxis={"autorange": "reversed"})
-        result.add_figure("Top head's attention pattern", fig)
+        result.add_figure("Top head's attention pattern", figures.heatmap(
+            pattern[:, :n_tok].tolist(), x=labels, y=queries, colorscale="Blues", zmin=0, zmax=1,
+            title=f"Attention pattern of layer {top['layer']} head {top['head']} (top head)",
+            x_title="key token", y_title="query", colorbar="weight", reverse_y=True))
         result.add_table("Top heads", ["layer", "head", f"attention to the {basis}", "most-attended token"],
                          [[h["layer"], h["head"], round(h["score"], 5),
                            tokens[int(per_head[h["layer"], h["head"]].argmax())]] for h in heads[:params.top_k]])

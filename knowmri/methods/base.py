@@ -108,9 +108,21 @@ class MethodResult:
         self.tables.append({"name": name, "columns": list(columns), "rows": [list(r) for r in rows]})
 
     def add_figure(self, name: str, figure: Any) -> None:
-        """Add a Plotly figure (a `go.Figure` or its JSON dict)."""
-        plotly = figure.to_plotly_json() if hasattr(figure, "to_plotly_json") else figure
-        self.figures.append({"name": name, "plotly": _jsonable(plotly)})
+        """Add a Plotly figure (its JSON dict, as `knowmri.report.figures` builds it, or a `go.Figure`).
+
+        The figure is stored as plain JSON; the shared template of `knowmri.report.figures` (plain
+        JSON already) is kept by reference, not copied into every figure."""
+        from knowmri.report.figures import is_shared_template
+
+        plotly = figure if isinstance(figure, dict) else figure.to_plotly_json() if hasattr(figure, "to_plotly_json") else figure
+        layout = plotly.get("layout") if isinstance(plotly, dict) else None
+        template = layout.get("template") if isinstance(layout, dict) else None
+        if template is not None and is_shared_template(template):
+            plotly = _jsonable({**plotly, "layout": {k: v for k, v in layout.items() if k != "template"}})
+            plotly["layout"]["template"] = template
+        else:
+            plotly = _jsonable(plotly)
+        self.figures.append({"name": name, "plotly": plotly})
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -129,8 +129,7 @@ class CausalTracing(Method):
             what = _LABEL[kind] + ("" if kind == "hidden" else f" (window {params.window})")
             fig = figures.heatmap(grid, x=list(range(L)), y=labels, title=f"Restoring the {what}: P({answer!r})",
                                   x_title="layer", y_title="token (* subject)", colorscale=_COLOURS[kind],
-                                  zmin=low, colorbar="p")
-            fig.update_layout(yaxis={"autorange": "reversed"})
+                                  zmin=low, colorbar="p", reverse_y=True)
             result.add_figure(f"Causal trace: {_LABEL[kind]}", fig)
         rows = []
         for kind, grid in res.grids.items():

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import time
+import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 import torch
 
-from knowmri.methods.base import Estimate
+from knowmri.hooks import Hooks, site
+from knowmri.methods.base import Estimate, RunContext
 from knowmri.models.model import Encoded
 from knowmri.sample import Sample, Span
 
@@ -39,11 +43,13 @@ class Prepared:
 
 
 def prepare(model: Any, sample: Sample, *, prompt: str | None = None, need_subject: bool = False,
-            max_answer_tokens: int | None = None) -> Prepared:
+            max_answer_tokens: int | None = None, ctx: RunContext | None = None) -> Prepared:
     """Encode `prompt` (default the sample's) with the ground truth, or the model's top prediction.
 
     The answer is teacher-forced (never the model's greedy continuation when a ground truth
-    exists); `max_answer_tokens` truncates long answers (e.g. a worked solution).
+    exists); `max_answer_tokens` truncates long answers (e.g. a worked solution). Without a
+    ground truth, the forward pass that finds the prediction is the shared `clean_pass` when a
+    `ctx` is given (so a method reading that pass runs no second forward).
     """
     prompt = prompt or sample.get("prompt")
     if not prompt:
@@ -58,8 +64,11 @@ def prepare(model: Any, sample: Sample, *, prompt: str | None = None, need_subje
     else:
         enc = model.encode(prompt)
         with torch.inference_mode():
-            logits = model.forward(**enc.inputs())
-        top = int(logits[0, enc.pred_pos].argmax())
+            if ctx is not None:
+                clean = clean_pass(model, enc, ctx)
+                top = int(clean.logits[clean.rows([enc.pred_pos])[0]].argmax())
+            else:
+                top = int(model.forward(**enc.inputs())[0, enc.pred_pos].argmax())
         enc = _with_target(model, prompt, enc, top)
         truth = model.tokenizer.decode([top])
         source = "model prediction"
@@ -73,6 +82,142 @@ def prepare(model: Any, sample: Sample, *, prompt: str | None = None, need_subje
         raise ValueError("this method needs the subject (triple_subject) to locate it in the prompt")
     ids = enc.input_ids[0].tolist()
     return Prepared(prompt, truth, source, enc, model.to_str_tokens(ids), span)
+
+
+@dataclass
+class CleanPass:
+    """What one clean forward pass of an input showed, read once and shared (see `clean_pass`).
+
+    `resid[l]` is the residual stream leaving block l at every position ([L, T, d_model]; the
+    decoder's positions for seq2seq); `neurons`, `heads` and `logits` are read at `positions`
+    only ([L, P, d_mlp], [L, P, H, d_head] or None where the heads cannot be read, [P, vocab]).
+    Tensors stay in the model's dtype, on the device of the unembedding.
+    """
+
+    positions: list[int]
+    resid: torch.Tensor
+    neurons: torch.Tensor
+    heads: torch.Tensor | None
+    logits: torch.Tensor
+
+    def rows(self, positions: Iterable[int]) -> list[int]:
+        """Indices into `neurons`, `heads` and `logits` of input positions (negative ones count from the end)."""
+        length = self.resid.shape[1]
+        return [self.positions.index(p % length) for p in positions]
+
+
+@dataclass
+class _CleanEntry:
+    model: Any  # a weak reference
+    state: tuple
+    value: CleanPass
+
+
+def clean_pass(model: Any, enc: Encoded, ctx: RunContext | None = None, *, positions: Iterable[int] = (),
+               heads: bool = False) -> CleanPass:
+    """The clean forward pass of `enc`, run once per model, input and weights and kept in `ctx.cache`.
+
+    Neurons, heads and logits are read at the answer's positions, the predicting position and
+    `positions`; a later request for other positions (or for heads the cached pass could not
+    read) runs the pass again, covering both. The entry is keyed by the model object and the
+    exact input ids, and checked against the model's device, dtype and weights (their version
+    counters, bumped by in-place edits), so a different prompt, answer or model never reads a
+    stale pass. Without a `ctx` the pass is run and not kept.
+    """
+    length = int((enc.decoder_input_ids if enc.decoder_input_ids is not None else enc.input_ids).shape[1])
+    wanted = {p % length for p in (*enc.target_positions, enc.pred_pos, *positions)}
+    key = ("knowmri.clean_pass", id(model), _tensor_key(enc.input_ids), _tensor_key(enc.attention_mask),
+           None if enc.decoder_input_ids is None else _tensor_key(enc.decoder_input_ids))
+    state = _model_state(model)
+    entry = ctx.cache.get(key) if ctx is not None else None
+    if entry is not None and (entry.model() is not model or entry.state != state):
+        entry = None
+    if entry is not None:
+        cached = entry.value
+        if wanted <= set(cached.positions) and (cached.heads is not None or not heads):
+            return cached
+        wanted |= set(cached.positions)
+    value = _run_clean_pass(model, enc, sorted(wanted))
+    if heads and value.heads is None:
+        raise ValueError(f"{model.architecture}: the attention heads' outputs cannot be read")
+    if ctx is not None:
+        ctx.cache[key] = _CleanEntry(weakref.ref(model), state, value)
+    return value
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (tuple(t.shape), tuple(t.flatten().tolist()))
+
+
+def _version(t: torch.Tensor) -> Any:
+    """A tensor's version counter (bumped by every in-place edit); a never-equal object for inference
+    tensors (weights created under `torch.inference_mode`), which have none: no caching for those."""
+    try:
+        return t._version
+    except RuntimeError:
+        return object()
+
+
+def _model_state(model: Any) -> tuple:
+    """What must not have changed for a cached pass to hold: placement and the weights' versions."""
+    return (str(model.device), model.dtype, tuple(_version(p) for p in model.hf_model.parameters()))
+
+
+@cache
+def takes_logits_to_keep(cls: type) -> bool:
+    """Whether a Hugging Face model class can compute logits at chosen positions only (`logits_to_keep`)."""
+    try:
+        return "logits_to_keep" in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _run_clean_pass(model: Any, enc: Encoded, positions: list[int]) -> CleanPass:
+    readout_device = model.unembedding.device
+    try:
+        for layer in range(model.n_layers):
+            model.component(layer, "attn_o")
+        read_heads = True
+    except ValueError:
+        read_heads = False
+    inputs = enc.inputs()
+    with torch.inference_mode(), Hooks(model) as h:
+        resid = [h.read(site(layer, "resid_post")) for layer in range(model.n_layers)]
+        neurons = [h.read(site(layer, "mlp.neurons"), positions=positions) for layer in range(model.n_layers)]
+        heads = [h.read(site(layer, "attn.heads"), positions=positions) for layer in range(model.n_layers)] if read_heads else []
+        hf = model.hf_model
+        if takes_logits_to_keep(type(hf)):  # the unembedding only at the positions read
+            index = torch.tensor(positions, dtype=torch.long, device=model.device)
+            logits = hf(**inputs, use_cache=False, logits_to_keep=index).logits[0]
+        else:
+            logits = hf(**inputs, use_cache=False).logits[0]
+        if logits.shape[0] != len(positions):
+            logits = logits[torch.tensor(positions, device=logits.device)]
+
+        def stack(caps: list) -> torch.Tensor:
+            return torch.stack([c.value[0].to(readout_device) for c in caps])
+
+        return CleanPass(positions=list(positions), resid=stack(resid), neurons=stack(neurons),
+                         heads=stack(heads) if read_heads else None, logits=logits.to(readout_device))
+
+
+_DERIVED: dict[tuple[int, str], tuple[Any, tuple, Any]] = {}
+
+
+def weight_derived(weight: torch.Tensor, name: str, fn: Any) -> Any:
+    """`fn(weight)` (e.g. row norms of a weight matrix), computed once per process and weight tensor and
+    recomputed when the tensor is edited in place (version counter), moved or freed."""
+    key = (id(weight), name)
+    state = (_version(weight), weight.data_ptr(), weight.dtype, str(weight.device), tuple(weight.shape))
+    found = _DERIVED.get(key)
+    if found is not None and found[0]() is weight and found[1] == state:
+        return found[2]
+    for stale in [k for k, (ref, _, _) in list(_DERIVED.items()) if ref() is None]:
+        _DERIVED.pop(stale, None)
+    with torch.inference_mode():
+        value = fn(weight)
+    _DERIVED[key] = (weakref.ref(weight), state, value)
+    return value
 
 
 def _with_target(model: Any, prompt: str, enc: Encoded, token: int) -> Encoded:

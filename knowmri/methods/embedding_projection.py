@@ -18,10 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from knowmri.hooks import Hooks, site
 from knowmri.methods._weights import output_weights, ov_circuit
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
-from knowmri.methods.common import forward_cost, prepare
+from knowmri.methods.common import clean_pass, forward_cost, prepare, weight_derived
 from knowmri.report import figures
 from knowmri.sample import Sample
 
@@ -105,7 +104,7 @@ class EmbeddingProjection(Method):
 
     @torch.inference_mode()
     def run(self, model: Any, sample: Sample, params: EmbeddingProjectionParams, ctx: RunContext) -> MethodResult:
-        prep = prepare(model, sample)
+        prep = prepare(model, sample, ctx=ctx)
         enc, pos, tok = prep.enc, prep.enc.pred_pos, model.tokenizer
         if params.position != -1:
             length = enc.input_ids.shape[1] if model.kind != "seq2seq" else enc.decoder_input_ids.shape[1]
@@ -113,12 +112,13 @@ class EmbeddingProjection(Method):
                 raise ValueError(f"position {params.position} is out of range for {length} tokens")
             pos = params.position % length
         n_layers = model.n_layers
-        with Hooks(model) as h:
-            resid = [h.read(site(layer, "resid_post"), positions=[pos]) for layer in range(n_layers)]
-            neurons = [h.read(site(layer, "mlp.neurons"), positions=[pos]) for layer in range(n_layers)]
-            heads = [h.read(site(layer, "attn.heads"), positions=[pos]) for layer in range(n_layers)]
-            model.forward(**enc.inputs())
+        clean = clean_pass(model, enc, ctx, positions=[pos], heads=True)  # shared with the other light methods
+        row = clean.rows([pos])[0]
+        resid = clean.resid[:, pos]  # [L, d_model]
+        neurons = clean.neurons[:, row]  # [L, d_mlp]
+        heads = clean.heads[:, row]  # [L, H, d_head]
         unembed = model.unembedding  # [V, d], in the model's dtype (no float32 copy of a large vocabulary)
+        emb = model.embed_module.weight
 
         def project(vectors: torch.Tensor) -> torch.Tensor:
             vectors = vectors.to(device=unembed.device, dtype=unembed.dtype)
@@ -126,50 +126,41 @@ class EmbeddingProjection(Method):
                 return model.readout(vectors).float()
             return (vectors @ unembed.T).float()
 
+        def inner(vectors: torch.Tensor) -> torch.Tensor:  # dot products with every input embedding
+            return (vectors @ emb.T).float()
+
+        decoded: dict[int, str] = {}
+
+        def name(i: int) -> str:
+            if i not in decoded:
+                decoded[i] = tok.decode([i])
+            return decoded[i]
+
         def names(ids: torch.Tensor) -> list[str]:
-            return [tok.decode([int(i)]) for i in ids]
+            return [name(i) for i in ids.tolist()]
 
         k = min(params.top_k, model.vocab_size)
         target = enc.target_ids[0]
         answer = tok.decode([target])
-        ctx.progress(0.2, "residual stream")
-        # (1) the residual stream of every layer in the vocabulary
-        logits = project(torch.cat([c.value[0, 0][None] for c in resid]))  # [L, V]
-        target_score = logits[:, target]
-        target_rank = ((logits > target_score[:, None]).sum(-1) + 1).tolist()
-        layer_tokens = [names(row) for row in logits.topk(k, dim=-1).indices]
-        final_top = logits[-1].topk(k).indices.tolist()
-        shown = [target] + [i for i in final_top if i != target][: max(0, k - 1)]
-        shown_scores = logits[:, torch.tensor(shown, device=logits.device)]  # [L, S]
-        rank_grid = ((logits[:, None, :] > shown_scores[:, :, None]).sum(-1) + 1).tolist()
 
-        ctx.progress(0.4, "MLP neurons")
+        # What is read in the vocabulary (projected together below, in a few large products):
+        # (1) the residual stream of every layer at the position
+        ctx.progress(0.2, "MLP neurons")
         # (2) the MLP neurons that write most at the position: |a| x ||v||, read as sign(a) * v
-        neuron_rows: list[dict[str, Any]] = []
+        picked: list[tuple[int, int]] = []
+        vectors = resid[:0]
         if params.top_neurons:
-            acts = torch.stack([c.value[0, 0].float().to(unembed.device) for c in neurons])  # [L, d_mlp]
+            acts = neurons.float().to(unembed.device)  # [L, d_mlp]
             values = [model.mlp_value_vectors(layer) for layer in range(n_layers)]
-            norms = torch.stack(
-                [torch.linalg.vector_norm(v, dim=-1, dtype=torch.float32).to(unembed.device) for v in values]
-            )
+            norms = torch.stack([value_norms(model, layer).to(unembed.device) for layer in range(n_layers)])
             score = acts.abs() * norms
-            top = score.flatten().topk(min(params.top_neurons, score.numel())).indices
-            picked = [(int(i) // score.shape[1], int(i) % score.shape[1]) for i in top]
+            top = score.flatten().topk(min(params.top_neurons, score.numel())).indices.tolist()
+            picked = [(i // score.shape[1], i % score.shape[1]) for i in top]
             vectors = torch.stack(
                 [values[layer][unit].to(unembed.device) * acts[layer, unit].sign() for layer, unit in picked]
             )
-            for (layer, unit), row in zip(picked, project(vectors).topk(k, dim=-1).indices):
-                neuron_rows.append(
-                    {
-                        "layer": layer,
-                        "unit": unit,
-                        "score": float(score[layer, unit]),
-                        "activation": float(acts[layer, unit]),
-                        "tokens": names(row),
-                    }
-                )
 
-        ctx.progress(0.6, "attention heads")
+        ctx.progress(0.4, "attention heads")
         # (3) OV circuits of the heads that write most: what each would write for each prompt token
         prompt_ids = (
             enc.input_ids[0, : enc.prompt_len].tolist() if model.kind != "masked" else enc.input_ids[0].tolist()
@@ -179,7 +170,7 @@ class EmbeddingProjection(Method):
         norms_per_layer = []
         for layer in range(n_layers):  # what each head writes at the position: z_h @ W_O[h]
             w_o = output_weights(model, layer)
-            z = heads[layer].value[0, 0].to(device=w_o.device, dtype=w_o.dtype)
+            z = heads[layer].to(device=w_o.device, dtype=w_o.dtype)
             norms_per_layer.append((z[:, None, :] @ w_o).squeeze(1).float().norm(dim=-1).cpu())
         head_norms = torch.stack(norms_per_layer)  # [L, H]
         chosen = parse_heads(params.heads)
@@ -193,13 +184,62 @@ class EmbeddingProjection(Method):
             chosen = [(int(i) // model.n_heads, int(i) % model.n_heads) for i in order]
         id_tensor = torch.tensor([unique_ids], device=model.device)
         embedded = model.embed_module(id_tensor)[0]  # the embedding as the residual stream receives it
-        head_rows = []
+        ovs = []
         for layer, head in chosen:
             w_v, w_o = ov_circuit(model, layer, head)
-            ov = embedded.to(device=w_v.device, dtype=w_v.dtype) @ w_v @ w_o  # [n, d_model]
-            top_ids = project(ov).topk(k, dim=-1).indices
-            copies = [{"token": tok.decode([t]), "writes": names(row)} for t, row in zip(unique_ids, top_ids)]
-            copying = float(np.mean([t in row.tolist() for t, row in zip(unique_ids, top_ids)]))
+            ovs.append((embedded.to(device=w_v.device, dtype=w_v.dtype) @ w_v @ w_o).to(unembed.device))  # [n, d_model]
+
+        # (4) nearest neighbours in the input embedding space (cosine)
+        row_norms = embedding_norms(model).clamp_min(1e-12)
+        query_ids = torch.tensor(unique_ids, device=emb.device)
+        n_nb = min(params.n_neighbours, model.vocab_size - 1)
+
+        def neighbours_of(dots: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+            q = query_ids[first: first + dots.shape[0]]
+            sims = dots / (row_norms[q, None] * row_norms[None, :])
+            sims[torch.arange(len(q), device=sims.device), q] = -2.0
+            return sims.topk(n_nb, dim=-1)
+
+        def top_ids(logits: torch.Tensor, first: int) -> tuple[torch.Tensor]:
+            return (logits.topk(k, dim=-1).indices,)
+
+        def cast(x: torch.Tensor) -> torch.Tensor:
+            return x.to(device=unembed.device, dtype=unembed.dtype)
+
+        ctx.progress(0.6, "vocabulary projections")
+        # With tied embeddings (and no final norm) the neighbours' dot products are the same product.
+        neighbour_fn = project if emb is unembed and not params.final_norm else inner
+        (logits,), (neuron_ids,), (ov_ids,), (nb_vals, nb_ids) = project_parts([
+            (project, cast(resid), lambda x, first: (x,)),
+            (project, cast(vectors), top_ids),
+            (project, cast(torch.cat(ovs)) if ovs else cast(resid[:0]), top_ids),
+            (neighbour_fn, emb[query_ids], neighbours_of),
+        ], width=model.vocab_size)
+
+        ctx.progress(0.8, "tables")
+        target_score = logits[:, target]
+        target_rank = ((logits > target_score[:, None]).sum(-1, dtype=torch.int32) + 1).tolist()
+        layer_tokens = [names(row) for row in logits.topk(k, dim=-1).indices]
+        final_top = logits[-1].topk(k).indices.tolist()
+        shown = [target] + [i for i in final_top if i != target][: max(0, k - 1)]
+        shown_scores = logits[:, torch.tensor(shown, device=logits.device)]  # [L, S]
+        rank_grid = ((logits[:, None, :] > shown_scores[:, :, None]).sum(-1, dtype=torch.int32) + 1).tolist()
+        neuron_rows: list[dict[str, Any]] = [
+            {
+                "layer": layer,
+                "unit": unit,
+                "score": float(score[layer, unit]),
+                "activation": float(acts[layer, unit]),
+                "tokens": names(row),
+            }
+            for (layer, unit), row in zip(picked, neuron_ids)
+        ]
+        head_rows = []
+        n_ids = len(unique_ids)
+        for j, (layer, head) in enumerate(chosen):
+            rows = ov_ids[j * n_ids: (j + 1) * n_ids]
+            copies = [{"token": name(t), "writes": names(row)} for t, row in zip(unique_ids, rows)]
+            copying = float(np.mean([t in row.tolist() for t, row in zip(unique_ids, rows)]))
             head_rows.append(
                 {
                     "layer": layer,
@@ -209,17 +249,7 @@ class EmbeddingProjection(Method):
                     "copies": copies,
                 }
             )
-
-        ctx.progress(0.8, "neighbours")
-        # (4) nearest neighbours in the input embedding space and their PCA map
-        emb = model.embed_module.weight
-        row_norms = torch.linalg.vector_norm(emb, dim=-1, dtype=torch.float32).clamp_min(1e-12)
-        query_ids = torch.tensor(unique_ids, device=emb.device)
-        sims = (emb[query_ids] @ emb.T).float() / (row_norms[query_ids, None] * row_norms[None, :])  # cosine
-        sims[torch.arange(len(unique_ids), device=emb.device), torch.tensor(unique_ids, device=emb.device)] = -2.0
-        n_nb = min(params.n_neighbours, model.vocab_size - 1)
-        nb_vals, nb_ids = sims.topk(n_nb, dim=-1)
-        neighbours = {tok.decode([t]): names(row) for t, row in zip(unique_ids, nb_ids)}
+        neighbours = {name(t): names(row) for t, row in zip(unique_ids, nb_ids)}
         map_fig = _neighbour_map(emb, row_norms, unique_ids, nb_ids, tok, params.map_dims)
 
         result = self.new_result(params)
@@ -239,7 +269,7 @@ class EmbeddingProjection(Method):
             "heads": head_rows,
             "neighbours": neighbours,
             "neighbour_similarity": {
-                tok.decode([t]): [round(float(v), 4) for v in row] for t, row in zip(unique_ids, nb_vals)
+                name(t): [round(v, 4) for v in row] for t, row in zip(unique_ids, nb_vals.tolist())
             },
         }
         how = "through the final norm" if params.final_norm else "directly by the unembedding"
@@ -321,13 +351,68 @@ class EmbeddingProjection(Method):
         return result
 
 
+PROJECT_CHUNK_BYTES = 1 << 27  # float32 scores of one batch of projected rows
+
+
+def value_norms(model: Any, layer: int) -> torch.Tensor:
+    """[d_mlp] float32 norms of one layer's MLP value vectors (computed once per weight)."""
+    def norms(_: torch.Tensor) -> torch.Tensor:
+        v = model.mlp_value_vectors(layer)  # [d_mlp, d_model], often a transposed view of [d_model, d_mlp]
+        if v.stride(-1) == 1:
+            return torch.linalg.vector_norm(v, dim=-1, dtype=torch.float32)
+        return v.T.float().square().sum(0).sqrt()  # column sums: strided row norms are several times slower
+
+    return weight_derived(model.component(layer, "mlp_down").weight, "value_norms", norms)  # the stored parameter
+
+
+def embedding_norms(model: Any) -> torch.Tensor:
+    """[vocab] float32 norms of the input embeddings (computed once per weight)."""
+    return weight_derived(model.embed_module.weight, "row_norms",
+                          lambda w: torch.linalg.vector_norm(w, dim=-1, dtype=torch.float32))
+
+
+def project_parts(parts: list[tuple[Any, torch.Tensor, Any]], width: int) -> list[tuple[torch.Tensor, ...]]:
+    """For each (fn, rows [n, d], reduce): `reduce(fn(rows)[i:j], i)` over its rows, concatenated.
+
+    Consecutive parts with the same `fn` are projected together, in batches of rows whose [rows,
+    width] float32 output stays under PROJECT_CHUNK_BYTES: a few large products instead of many
+    small ones (a [10, d] x [d, vocab] product is several times slower per row than a [300, d] one).
+    """
+    max_rows = max(1, PROJECT_CHUNK_BYTES // (4 * width))
+    results: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in parts]
+    i = 0
+    while i < len(parts):
+        fn = parts[i][0]
+        j = i
+        while j < len(parts) and parts[j][0] is fn:
+            j += 1
+        pieces = [(p, s, parts[p][1][s:s + max_rows]) for p in range(i, j)
+                  for s in range(0, parts[p][1].shape[0], max_rows)]
+        batch: list[tuple[int, int, torch.Tensor]] = []
+        for piece in [*pieces, None]:
+            if batch and (piece is None or sum(len(t) for _, _, t in batch) + len(piece[2]) > max_rows):
+                out = fn(torch.cat([t for _, _, t in batch]))
+                offset = 0
+                for p, first, t in batch:
+                    results[p].append(parts[p][2](out[offset:offset + len(t)], first))
+                    offset += len(t)
+                batch = []
+            if piece is not None:
+                batch.append(piece)
+        i = j
+    final = []
+    for p, (_, rows, reduce) in enumerate(parts):
+        if not results[p]:
+            results[p].append(reduce(torch.zeros(0, width, device=rows.device), 0))
+        final.append(tuple(torch.cat(items) for items in zip(*results[p])))
+    return final
+
+
 def _neighbour_map(
     emb: torch.Tensor, row_norms: torch.Tensor, ids: list[int], nb_ids: torch.Tensor, tok: Any, dims: int
 ) -> Any:
     """A PCA (numpy SVD) scatter of the prompt's tokens and their nearest neighbours."""
-    import plotly.graph_objects as go
-
-    groups = {t: [t] + [int(i) for i in row] for t, row in zip(ids, nb_ids)}
+    groups = {t: [t] + [int(i) for i in row] for t, row in zip(ids, nb_ids.tolist())}
     order = list(dict.fromkeys(i for members in groups.values() for i in members))
     index_t = torch.tensor(order, device=emb.device)
     points = (emb[index_t].double() / row_norms[index_t, None].double()).cpu().numpy()  # unit vectors
@@ -337,28 +422,27 @@ def _neighbour_map(
     if coords.shape[1] < dims:
         coords = np.pad(coords, ((0, 0), (0, dims - coords.shape[1])))
     index = {i: n for n, i in enumerate(order)}
+    decoded = {i: tok.decode([i]) for i in order}
     traces = []
     for t, members in groups.items():
         rows = [index[i] for i in members]
-        labels = [tok.decode([i]) for i in members]
-        sizes = [14] + [8] * (len(members) - 1)
-        common = {
+        trace: dict[str, Any] = {
+            "marker": {"size": [14] + [8] * (len(members) - 1)},
             "mode": "markers+text",
-            "text": labels,
-            "name": repr(tok.decode([t])),
-            "marker": {"size": sizes},
+            "name": repr(decoded[t]),
+            "text": [decoded[i] for i in members],
             "textposition": "top center",
+            "x": coords[rows, 0].tolist(),
+            "y": coords[rows, 1].tolist(),
         }
         if dims == 3:
-            traces.append(go.Scatter3d(x=coords[rows, 0], y=coords[rows, 1], z=coords[rows, 2], **common))
-        else:
-            traces.append(go.Scatter(x=coords[rows, 0], y=coords[rows, 1], **common))
-    fig = go.Figure(traces)
-    fig.update_layout(
+            trace["z"] = coords[rows, 2].tolist()
+        trace["type"] = "scatter3d" if dims == 3 else "scatter"
+        traces.append(trace)
+    return figures.figure(
+        traces,
         title="Prompt tokens (large) and their nearest neighbours in the input embedding space (PCA)",
-        xaxis_title="PC 1",
-        yaxis_title="PC 2",
-        template="plotly_white",
-        legend_title_text="token",
+        x_title="PC 1",
+        y_title="PC 2",
+        legend={"title": {"text": "token"}},
     )
-    return fig

@@ -18,7 +18,7 @@ import torch
 
 from knowmri.methods import _neurons as nr
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
-from knowmri.methods.common import forward_cost, prepare
+from knowmri.methods.common import clean_pass, forward_cost, prepare
 from knowmri.sample import Sample
 
 
@@ -57,16 +57,20 @@ class Fine(Method):
 
     @torch.inference_mode()
     def run(self, model: Any, sample: Sample, params: FineParams, ctx: RunContext) -> MethodResult:
-        prep = prepare(model, sample, max_answer_tokens=params.max_answer_tokens)
+        prep = prepare(model, sample, max_answer_tokens=params.max_answer_tokens, ctx=ctx)
         pairs = nr.answer_tokens(model, prep.enc)
         ids = [t for _, t in pairs]
-        clean, logits = nr.clean_neurons(model, prep.enc, [pos for pos, _ in pairs])
-        probs = logits.float().softmax(-1)[torch.arange(len(pairs)), torch.tensor(ids)]
+        positions = [pos for pos, _ in pairs]
+        clean_run = clean_pass(model, prep.enc, ctx, positions=positions)  # shared with the other light methods
+        rows = clean_run.rows(positions)
+        clean = clean_run.neurons[:, rows]  # [L, n_tokens, d_mlp]
+        # each answer token's probability at its own predicting position
+        probs = clean_run.logits[rows].float().softmax(-1)[torch.arange(len(pairs)), torch.tensor(ids)]
         gain = nr.final_norm_gain(model) if params.use_final_norm else None
         per_token = torch.zeros(len(pairs), model.n_layers, model.d_mlp)
         for layer in range(model.n_layers):
             weights = nr.value_logits(model, layer, ids, gain)  # [d_mlp, n_tokens]
-            per_token[:, layer] = (clean[layer].float() * weights.T).cpu()
+            per_token[:, layer] = (clean[layer].to(weights.device).float() * weights.T).cpu()
             ctx.progress((layer + 1) / model.n_layers, f"layer {layer}")
         scores = per_token.sum(0)
         top = nr.ranked(scores, params.top_k)

@@ -174,7 +174,7 @@ def _layer(name: str, n_layers: int) -> int:
 
 def _graph_figure(edges: list[tuple[str, str, float]], node_score: dict[str, float], n_layers: int, n_heads: int) -> Any:
     """Nodes by layer on the x axis (heads stacked, the MLP above them); edge width grows with |score|."""
-    import plotly.graph_objects as go
+    from knowmri.report import figures
 
     def pos(name: str) -> tuple[float, float]:
         layer = _layer(name, n_layers)
@@ -188,18 +188,16 @@ def _graph_figure(edges: list[tuple[str, str, float]], node_score: dict[str, flo
     traces = []
     for src, dst, score in sorted(edges, key=lambda e: abs(e[2])):
         (x0, y0), (x1, y1) = pos(src), pos(dst)
-        traces.append(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", showlegend=False, hoverinfo="text",
-                                 text=f"{src} -> {dst}: {score:+.4g}", opacity=0.75,
-                                 line={"width": 1 + 7 * abs(score) / peak, "color": "#2b6cb0" if score <= 0 else "#c53030"}))
+        traces.append({"hoverinfo": "text", "mode": "lines", "opacity": 0.75, "showlegend": False,
+                       "text": f"{src} -> {dst}: {score:+.4g}", "x": [x0, x1], "y": [y0, y1], "type": "scatter",
+                       "line": {"width": 1 + 7 * abs(score) / peak, "color": "#2b6cb0" if score <= 0 else "#c53030"}})
     names = sorted({n for e in edges for n in e[:2]}, key=lambda n: (_layer(n, n_layers), n))
     xy = [pos(n) for n in names]
-    traces.append(go.Scatter(x=[p[0] for p in xy], y=[p[1] for p in xy], mode="markers+text", text=names,
-                             textposition="top center", showlegend=False,
-                             hovertext=[f"{n}: attribution {node_score.get(n, 0.0):+.4g}" for n in names], hoverinfo="text",
-                             marker={"size": 14, "color": ["#805ad5" if n.startswith("a") else "#dd6b20" if n.startswith("m")
-                                                           else "#4a5568" for n in names]}))
-    fig = go.Figure(traces)
-    fig.update_layout(title="Knowledge circuit (blue: corrupting the edge lowers the metric, red: raises it; width: |score|)",
-                      xaxis={"title": "layer (input = -1, logits = last)", "dtick": 1}, yaxis={"title": "head (MLP on top)"},
-                      template="plotly_white", margin={"l": 60, "r": 20, "t": 50, "b": 60})
-    return fig
+    traces.append({"x": [p[0] for p in xy], "y": [p[1] for p in xy], "mode": "markers+text", "text": names,
+                   "textposition": "top center", "showlegend": False,
+                   "hovertext": [f"{n}: attribution {node_score.get(n, 0.0):+.4g}" for n in names], "hoverinfo": "text",
+                   "marker": {"size": 14, "color": ["#805ad5" if n.startswith("a") else "#dd6b20" if n.startswith("m")
+                                                    else "#4a5568" for n in names]}, "type": "scatter"})
+    return figures.figure(traces, title="Knowledge circuit (blue: corrupting the edge lowers the metric, red: raises it; width: |score|)",
+                          xaxis={"title": {"text": "layer (input = -1, logits = last)"}, "dtick": 1},
+                          yaxis={"title": {"text": "head (MLP on top)"}}, margin=figures.MARGIN)

@@ -9,7 +9,8 @@ teacher forced; each token is attributed at its own predicting position and the 
 attributions are summed (EleutherAI averages them: same ranking and same relative threshold).
 `positions` extends the paper to neurons at the subject's tokens or at every position, where a
 fact recalled from the subject is stored (the paper's position only sees what is read out there).
-The IG rows are batched (see `_neurons.ig_neurons`); the result equals the per-layer loop.
+The IG rows are batched, and the rows scaling layer l start at block l from the clean residual
+stream (see `_neurons.ig_neurons`); the result equals the per-layer loop.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from knowmri.methods import _neurons as nr
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
-from knowmri.methods.common import forward_cost, prepare
+from knowmri.methods.common import forward_cost, n_params, prepare
 from knowmri.sample import Sample
 
 
@@ -84,7 +85,12 @@ class KnowledgeNeurons(Method):
         jobs = {"answer": 1, "subject": 3, "all": prompt_tokens}[params.positions]
         if params.positions != "answer" and model.kind == "causal":
             fed = prompt_tokens // 2
-        per_prompt = answer * (jobs * model.n_layers * params.steps * fed + prompt_tokens)
+        # a row of layer l runs blocks l..L-1 ((L + 1) / 2L of the blocks on average) and one read-out,
+        # counted in passes of one token through the whole model
+        n, total = model.n_layers, max(1, n_params(model))
+        readout = model.vocab_size * model.d_model
+        row = (fed * max(total - readout, 0) * (n + 1) / (2 * n) + readout) / total
+        per_prompt = answer * (int(jobs * n * params.steps * row) + prompt_tokens)
         est = forward_cost(model, sample, forward=1, backward=1, tokens=len(sample.all_prompts()) * per_prompt)
         est.memory_bytes = min(est.memory_bytes, nr.ROW_BUDGET_BYTES)  # rows are batched within this budget
         return est

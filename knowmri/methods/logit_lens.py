@@ -8,9 +8,8 @@ from typing import Any
 
 import torch
 
-from knowmri.hooks import Hooks, site
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
-from knowmri.methods.common import forward_cost, prepare
+from knowmri.methods.common import clean_pass, forward_cost, prepare
 from knowmri.report import figures
 from knowmri.sample import Sample
 
@@ -44,29 +43,26 @@ class LogitLens(Method):
 
     @torch.inference_mode()
     def run(self, model: Any, sample: Sample, params: LogitLensParams, ctx: RunContext) -> MethodResult:
-        prep = prepare(model, sample)
+        prep = prepare(model, sample, ctx=ctx)
         enc = prep.enc
         n_pos = enc.prompt_len if model.kind != "seq2seq" else enc.decoder_input_ids.shape[1]
         positions = list(range(n_pos)) if params.positions == "all" and model.kind == "causal" else [enc.pred_pos]
-        with Hooks(model) as h:
-            caps = [h.read(site(layer, "resid_post"), positions=positions) for layer in range(model.n_layers)]
-            model.forward(**enc.inputs())
+        clean = clean_pass(model, enc, ctx)
         target = enc.target_ids[0]
         k = min(params.top_k, model.vocab_size)
         last_idx = positions.index(enc.pred_pos)
-        probs_t, ranks_t, top_ids, top_probs = [], [], [], []
-        for layer, cap in enumerate(caps):
-            logp = model.readout(cap.value[0]).float().log_softmax(-1)  # [P, V]
-            tp = logp[:, target]
-            probs_t.append(tp.exp())
-            ranks_t.append((logp > tp[:, None]).sum(-1) + 1)
-            values, ids = logp.topk(k, dim=-1)
-            top_ids.append(ids)
-            top_probs.append(values.exp())
-            ctx.progress((layer + 1) / model.n_layers, f"layer {layer}")
-        target_prob = [float(p[last_idx]) for p in probs_t]
-        target_rank = [int(r[last_idx]) for r in ranks_t]
+        probs_t, ranks_t, top_ids, top1_ids, top1_probs = read_layers(
+            model, clean.resid[:, positions], target, k, last_idx, ctx)
+        target_prob = probs_t.tolist()
+        target_rank = ranks_t.tolist()
         tok = model.tokenizer
+        decoded: dict[int, str] = {}
+
+        def decode(i: int) -> str:
+            if i not in decoded:
+                decoded[i] = tok.decode([i])
+            return decoded[i]
+
         pos_tokens = [prep.tokens[p] if p < len(prep.tokens) else "" for p in positions]
         result = self.new_result(params)
         first_top = next((i for i, r in enumerate(target_rank) if r == 1), None)
@@ -75,10 +71,10 @@ class LogitLens(Method):
             "position": enc.pred_pos, "target_prob": target_prob, "target_rank": target_rank,
             "first_top1_layer": first_top,
             "layer_scores": [{"layer": i, "score": p} for i, p in enumerate(target_prob)],
-            "top_tokens": [[tok.decode([int(i)]) for i in top_ids[layer][last_idx]] for layer in range(model.n_layers)],
+            "top_tokens": [[decode(i) for i in row] for row in top_ids.tolist()],
             "positions": positions, "tokens": pos_tokens,
-            "top1_grid": [[tok.decode([int(top_ids[layer][j][0])]) for j in range(len(positions))] for layer in range(model.n_layers)],
-            "top1_prob_grid": [[float(top_probs[layer][j][0]) for j in range(len(positions))] for layer in range(model.n_layers)],
+            "top1_grid": [[decode(i) for i in row] for row in top1_ids.tolist()],
+            "top1_prob_grid": top1_probs.tolist(),
         }
         answer = tok.decode([target])
         final = target_prob[-1]
@@ -102,3 +98,35 @@ class LogitLens(Method):
         result.add_table("Top tokens at the last position", ["layer", f"P({answer})", "rank", "top tokens"],
                          [[i, round(target_prob[i], 5), target_rank[i], " | ".join(result.findings["top_tokens"][i])] for i in layers])
         return result
+
+
+READOUT_CHUNK_BYTES = 1 << 27  # float32 logits of one batch of read-out rows (and as much again for log-probs)
+
+
+def read_layers(model: Any, states: torch.Tensor, target: int, k: int, last_idx: int,
+                ctx: RunContext | None = None) -> tuple[torch.Tensor, ...]:
+    """Every layer's states [L, P, d_model] read out through the final norm and unembedding, in a
+    few large batches (one [rows, d] x [d, vocab] product per batch, not one small one per layer):
+    P(target) and its rank at position `last_idx` ([L] each), the `k` top token ids there
+    ([L, k]) and the top-1 token and its probability at every position ([L, P])."""
+    n_layers, n_pos = states.shape[:2]
+    flat = states.reshape(n_layers * n_pos, states.shape[-1])
+    chunk = max(1, READOUT_CHUNK_BYTES // (4 * model.vocab_size))
+    last_rows = torch.arange(n_layers) * n_pos + last_idx
+    probs, ranks, top_k = torch.empty(n_layers), torch.empty(n_layers, dtype=torch.int32), torch.empty(n_layers, k, dtype=torch.long)
+    top1_ids, top1_probs = torch.empty(n_layers * n_pos, dtype=torch.long), torch.empty(n_layers * n_pos)
+    for start in range(0, flat.shape[0], chunk):
+        stop = min(start + chunk, flat.shape[0])
+        logp = model.readout(flat[start:stop]).float().log_softmax(-1)  # [rows, V]
+        values, ids = logp.topk(k, dim=-1)
+        top1_ids[start:stop], top1_probs[start:stop] = ids[:, 0].cpu(), values[:, 0].exp().cpu()
+        here = ((last_rows >= start) & (last_rows < stop)).nonzero().flatten()
+        if len(here):
+            rows = (last_rows[here] - start).to(logp.device)
+            tp = logp[rows, target]
+            probs[here] = tp.exp().cpu()
+            ranks[here] = ((logp[rows] > tp[:, None]).sum(-1, dtype=torch.int32) + 1).cpu()
+            top_k[here] = ids[rows].cpu()
+        if ctx is not None:
+            ctx.progress(stop / flat.shape[0], f"layer {(stop - 1) // n_pos}")
+    return probs, ranks, top_k, top1_ids.view(n_layers, n_pos), top1_probs.view(n_layers, n_pos)

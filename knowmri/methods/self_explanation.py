@@ -225,14 +225,12 @@ class SelfExplanation(Method):
         result.add_table("Tokens named by the model", columns, rows)
         result.add_table("Explanation", ["request", "explanation"], [[f["request"], f["explanation"]]])
         if "ig_comparison" in f:
-            import plotly.graph_objects as go
-
             ig_scores = f["ig_comparison"]["ig_scores"]
             peak = max(max(abs(v) for v in ig_scores), 1e-12)
-            fig = go.Figure([go.Bar(x=labels, y=[t["score"] for t in token_scores], name="named by the model"),
-                             go.Bar(x=labels, y=[v / peak for v in ig_scores], name="integrated gradients (scaled)")])
-            fig.update_layout(title="Self-explanation vs integrated gradients", barmode="group", xaxis_title="input token",
-                              yaxis_title="score", template="plotly_white")
+            fig = figures.figure(
+                [{"name": "named by the model", "x": list(labels), "y": [t["score"] for t in token_scores], "type": "bar"},
+                 {"name": "integrated gradients (scaled)", "x": list(labels), "y": [v / peak for v in ig_scores], "type": "bar"}],
+                title="Self-explanation vs integrated gradients", x_title="input token", y_title="score", barmode="group")
             result.add_figure("Named tokens vs attribution", fig)
         else:
             result.add_figure("Named tokens", figures.bars(labels, [t["score"] for t in token_scores],

@@ -216,3 +216,16 @@ def test_smollm2(smollm2):
     assert " Tower" in f["neighbours"]
     raw = run(smollm2, FACT, top_neurons=0, top_heads=0, n_neighbours=1).findings  # the paper's projection
     assert raw["target_rank"][-1] < 100
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_projection_in_small_batches_gives_the_same_findings(monkeypatch, family):
+    from knowmri.methods import embedding_projection
+
+    model = tiny_model(family)
+    whole = run(model, FACT, top_neurons=4, top_heads=3, n_neighbours=4).findings
+    monkeypatch.setattr(embedding_projection, "PROJECT_CHUNK_BYTES", 4 * model.vocab_size * 3)  # 3 rows per product
+    parts = run(model, FACT, top_neurons=4, top_heads=3, n_neighbours=4).findings
+    for key in ("layer_tokens", "target_rank", "neurons", "heads", "neighbours"):
+        assert parts[key] == whole[key]
+    assert parts["target_score"] == pytest.approx(whole["target_score"], rel=1e-5, abs=1e-6)

@@ -114,6 +114,20 @@ def test_multi_token_answer_sums_each_token_at_its_own_position(tiny) -> None:
     torch.testing.assert_close(torch.as_tensor(result.arrays["contributions"]), expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["llama", "bert", "t5"])
+def test_token_probability_is_read_at_its_predicting_position(family) -> None:
+    model = tiny_model(family)
+    enc = model.encode(PROMPT, " Paris France")
+    with torch.no_grad():
+        probs = model.forward(**enc.inputs())[0].float().softmax(-1)
+    result = run(model, Sample(prompt=PROMPT, ground_truth=" Paris France"))
+    tokens = result.findings["tokens"]
+    assert len(tokens) == len(nr.answer_tokens(model, enc))
+    for (position, token), found in zip(nr.answer_tokens(model, enc), tokens):
+        assert found["position"] == position
+        assert found["probability"] == pytest.approx(float(probs[position, token]), rel=1e-4, abs=1e-7)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gemma"])
 def test_final_norm_gain(family) -> None:
     model = build_tiny(family)

@@ -7,6 +7,7 @@ import torch
 
 import knowmri as km
 from knowmri.hooks import Hooks, site
+from knowmri.methods import _circuits
 from knowmri.methods._circuits import _metric, edge_attribution, forward_logits, node_names, prune
 from knowmri.methods.base import RunContext, get_method
 from knowmri.testing import FAMILIES, build_tiny, tiny_model
@@ -236,3 +237,27 @@ def test_smollm2_circuit(smollm2):
     assert any(e["src"] == "input" for e in f["edges"]) and any(e["dst"] == "logits" for e in f["edges"])
     fig = result.figures[0]["plotly"]
     assert len(fig["data"]) == len(f["edges"]) + 1
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_split_head_gradients_equal_one_vjp_per_head(family, monkeypatch):
+    """Each head's incoming gradient, taken through the attention core, its own q/k/v columns and the
+    norm (`split_head_vjp`), equals the VJP of the whole path per head (`head_vjp`), in every causal
+    family (grouped-query, multi-query, fused and separate projections, parallel blocks)."""
+    model = build_tiny(family)
+    model.hf_model.double()
+    clean = model.encode(PROMPT).input_ids
+    corrupt = model.encode(PROMPT.replace("Eiffel Tower", "Big Ben")).input_ids
+    args = (model, clean, corrupt, 5, 7)
+    used = []
+    split = _circuits.split_head_vjp
+    monkeypatch.setattr(_circuits, "split_head_vjp", lambda *a: used.append(split(*a)) or used[-1])
+    fast = edge_attribution(*args, alphas=[0.5, 1.0])
+    assert len(used) == model.n_layers and all(g is not None for g in used)
+    monkeypatch.setattr(_circuits, "split_head_vjp", lambda *a: split(*a, budget=1))  # one head per chunk
+    chunked = edge_attribution(*args, alphas=[0.5, 1.0])
+    monkeypatch.setattr(_circuits, "split_head_vjp", lambda *a: None)  # the per-head VJP of the whole path
+    slow = edge_attribution(*args, alphas=[0.5, 1.0])
+    torch.testing.assert_close(fast.scores, slow.scores, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(chunked.scores, slow.scores, rtol=1e-9, atol=1e-12)
+    assert fast.metric == slow.metric

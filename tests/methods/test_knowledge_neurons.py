@@ -181,3 +181,60 @@ def test_all_positions_on_masked_and_seq2seq(tiny, family) -> None:
     result = run(model, Sample(prompt=PROMPT, ground_truth=" Paris"), steps=2, positions="all", top_k=3)
     top = result.findings["prompts"][0]["top"][0]
     assert "position" in top and isinstance(top["token"], str)
+
+
+def _ig_setup(model, mode="answer"):
+    enc = model.encode(PROMPT, " Paris France")
+    jobs, positions = nr.ig_jobs(model, enc, nr.answer_tokens(model, enc), mode)
+    if mode == "all":
+        jobs = jobs[:1] + jobs[-2:]  # position 0 (no prefix) and the last ones
+        positions = sorted({q for q, _, _ in jobs})
+    clean, _ = nr.clean_neurons(model, enc, positions)
+    return enc, jobs, positions, clean
+
+
+def test_rows_start_at_their_own_block_on_every_family(tiny_family_model) -> None:
+    """The rows of layer l enter at block l (fed the clean residual stream, over the clean prefix's
+    keys/values on causal models), on every family, and give the per-layer loop's attributions."""
+    model = tiny_family_model
+    enc, jobs, positions, clean = _ig_setup(model, "all")
+    for q, p, _ in jobs:
+        direct = nr._Direct(model, enc, q, p)
+        assert direct.runner is not None, "direct block calls were rejected by their check"
+        if model.kind == "causal":
+            assert direct.fed == (p - q + 1 if q > 0 else p + 1)  # only the positions after the prefix
+    reference = nr.ig_neurons_reference(model, enc, jobs, steps=3)
+    for batch in (0, 3):
+        torch.testing.assert_close(nr.ig_neurons(model, enc, jobs, clean, positions, steps=3, batch_size=batch),
+                                   reference, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert", "t5"])
+def test_whole_forward_fallback_equals_the_loop(family, monkeypatch) -> None:
+    """Where the direct block calls fail their check, every row runs the whole model (`_Rows`)."""
+    model = tiny_model(family)
+    enc, jobs, positions, clean = _ig_setup(model)
+    reference = nr.ig_neurons_reference(model, enc, jobs, steps=3)
+    monkeypatch.setattr(nr._StartRunner, "check", lambda self, *args: setattr(self, "direct", False))
+    assert nr._Direct(model, enc, jobs[0][0], jobs[0][1]).runner is None
+    torch.testing.assert_close(nr.ig_neurons(model, enc, jobs, clean, positions, steps=3, batch_size=7), reference,
+                               rtol=1e-4, atol=1e-9)
+
+
+def test_rows_skip_the_blocks_before_their_layer(monkeypatch) -> None:
+    """Fewer FLOPs than running every row through every block (the fallback), same attributions."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny_model("llama")
+    enc, jobs, positions, clean = _ig_setup(model)
+
+    def count() -> tuple[float, torch.Tensor]:
+        with FlopCounterMode(display=False) as counter:
+            out = nr.ig_neurons(model, enc, jobs, clean, positions, steps=4)
+        return counter.get_total_flops(), out
+
+    direct, a = count()
+    monkeypatch.setattr(nr._StartRunner, "check", lambda self, *args: setattr(self, "direct", False))
+    whole, b = count()
+    assert direct < whole
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)

@@ -81,3 +81,17 @@ def test_smollm2_paris_becomes_top_in_late_layers(smollm2):
     assert findings["target_rank"][-1] == 1
     assert findings["target_prob"][-1] == pytest.approx(smollm2.predict(FACT["prompt"], 1)[0][1], abs=1e-4)
     assert findings["target_rank"][0] > 1
+
+
+def test_readout_in_small_batches_gives_the_same_findings(monkeypatch):
+    from knowmri.methods import logit_lens
+
+    model = tiny_model("llama")
+    whole = run(model, FACT).findings
+    monkeypatch.setattr(logit_lens, "READOUT_CHUNK_BYTES", 4 * model.vocab_size * 7)  # 7 rows per product
+    parts = run(model, FACT).findings
+    for key in ("target_rank", "top_tokens", "top1_grid", "first_top1_layer", "positions"):
+        assert parts[key] == whole[key]
+    assert parts["target_prob"] == pytest.approx(whole["target_prob"], rel=1e-5, abs=1e-7)
+    for a, b in zip(parts["top1_prob_grid"], whole["top1_prob_grid"]):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
