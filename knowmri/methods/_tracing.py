@@ -269,11 +269,12 @@ def window_layers(layer: int, window: int, n_layers: int) -> range:
 
 def trace(model: Any, input_ids: torch.Tensor, position: int, answer: int, subject: Span, noise: torch.Tensor,
           kinds: list[str], window: int, batch_size: int,
-          progress: Callable[[float, str], None] | None = None, suffix: bool = True) -> TraceResult:
+          progress: Callable[[float, str], None] | None = None, suffix: bool | None = None) -> TraceResult:
     """ROME's causal-tracing grids for `kinds` (hidden, mlp, attn); `noise` [S, len(subject), d_model].
 
     With `suffix` (causal models), a restoration at token t re-runs only positions t..T-1; otherwise, or
-    when that does not reproduce the model, whole sequences from the restored block on.
+    when that does not reproduce the model, whole sequences from the restored block on. None chooses
+    by cost: the suffix engine makes more, smaller block calls, which only pays on real-sized models.
     """
     L, T, S = model.n_layers, input_ids.shape[1], noise.shape[0]
     mask = torch.ones_like(input_ids)
@@ -288,6 +289,8 @@ def trace(model: Any, input_ids: torch.Tensor, position: int, answer: int, subje
 
     n_run = max(S, 2)  # two batch sizes reveal each block argument's batch axis
     noise_run = noise if S > 1 else noise.expand(2, -1, -1)
+    if suffix is None:
+        suffix = _suffix_pays(model, T, subject.start, S, kinds, window)
     suffix = suffix and model.kind == "causal" and position == T - 1
     with Hooks(model) as h, record_calls(model) as calls_many:
         h.add("embed", noise_run, positions=subj)
@@ -332,6 +335,22 @@ def trace(model: Any, input_ids: torch.Tensor, position: int, answer: int, subje
             if progress is not None:
                 progress(done / total, f"{kind} layer {layer}")
     return TraceResult(high, low, grids, "block replay" if runner.direct else "full forwards")
+
+
+#: Rough costs for choosing an engine: a block call's fixed cost (Python, HF's layer code) and a
+#: matmul rate, both of a modest CPU; only their ratio to the arithmetic matters.
+_CALL_SECONDS, _FLOPS_PER_SECOND = 4e-4, 1e11
+
+
+def _suffix_pays(model: Any, T: int, first: int, S: int, kinds: list[str], window: int) -> bool:
+    """Whether re-running only suffixes saves more arithmetic than its extra block calls cost."""
+    L = model.n_layers
+    block = 2 * sum(p.numel() for p in model.layers[0].parameters() if p.dim() == 2)
+    starts = sum(L - (layer + 1 if kind == "hidden" else window_layers(layer, window, L).start)
+                 for kind in kinds for layer in range(L))
+    saved = S * starts * sum(range(first, T)) * block / _FLOPS_PER_SECOND  # positions < t no longer re-run
+    extra = (T - first) * L * (len(kinds) + 3) * _CALL_SECONDS  # a staircase per (kind, t), recording and check
+    return saved > extra
 
 
 def _suffix_runners(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, cells: list[int], cache: Any, S: int,

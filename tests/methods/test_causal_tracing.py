@@ -50,8 +50,23 @@ def test_planted_mechanism(planted):
     assert max(f["token_scores"], key=lambda s: s["score"])["index"] in (planted.neuron_position, planted.last_position)
 
 
+@pytest.fixture
+def suffix_engine(monkeypatch):
+    """The suffix engine even where its extra block calls cost more than they save (tiny models)."""
+    monkeypatch.setattr("knowmri.methods._tracing._suffix_pays", lambda *args: True)
+
+
+def test_engine_choice_by_cost():
+    """Tiny models re-run whole sequences (fixed costs dominate); real-sized ones only suffixes."""
+    from knowmri.methods._tracing import _suffix_pays
+
+    tiny = tiny_model("llama")
+    assert not _suffix_pays(tiny, 10, 1, 10, ["hidden", "mlp", "attn"], 10)
+    assert run(tiny, SHORT, samples=2, window=2).findings["engine"] == "block replay"
+
+
 @pytest.mark.parametrize("model_name", ["planted-gpt2", "planted-llama", "bloom", "falcon", "opt", "bert"])
-def test_equals_rome_loop(model_name):
+def test_equals_rome_loop(model_name, suffix_engine):
     """The batched, prefix-reusing grids equal ROME's one-forward-per-cell loop with the same noise."""
     if model_name.startswith("planted"):
         model, sample = km.testing.planted_model(model_name.split("-")[1]).model, FACT
@@ -83,7 +98,7 @@ def test_fallback_full_forwards_equal_rome_loop(monkeypatch):
         torch.testing.assert_close(torch.tensor(result.findings[kind]), grids[kind], atol=1e-6, rtol=1e-4)
 
 
-def test_suffix_check_failure_falls_back_to_whole_sequences(monkeypatch):
+def test_suffix_check_failure_falls_back_to_whole_sequences(monkeypatch, suffix_engine):
     """When replaying only the positions after the restored token does not reproduce the model, the
     engine re-runs whole sequences from the restored block: the same grids."""
     from knowmri.methods._tracing import SuffixRunner
@@ -98,7 +113,7 @@ def test_suffix_check_failure_falls_back_to_whole_sequences(monkeypatch):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_family(family):
+def test_every_family(family, suffix_engine):
     model = tiny_model(family)
     method = get_method("causal_tracing")
     if model.kind == "seq2seq":
