@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
-from knowmri.methods.common import forward_cost, prepare, takes_logits_to_keep
+from knowmri.methods.common import prepare, takes_logits_to_keep
 from knowmri.report import figures
 from knowmri.sample import Sample
 
@@ -82,10 +82,17 @@ class AttentionWeights(Method):
     Params = AttentionWeightsParams
 
     def estimate(self, model: Any, sample: Sample, params: Params | None = None) -> Estimate:
-        est = forward_cost(model, sample, forward=1)
-        tokens = max(1, len(sample.get("prompt") or "") // 4 + 4)
-        est.memory_bytes += 4 * model.n_layers * model.n_heads * tokens * tokens
-        return est
+        """One forward with eager attention, every layer's [heads, T, T] weights returned and kept (float32)."""
+        from knowmri.methods.common import Dims, Pass, prepare_passes, sample_shape, work_estimate
+
+        shape = sample_shape(model, sample)
+        dims = Dims.of(model)
+        queries = shape.prompt if model.kind == "causal" else shape.positions
+        keys = shape.prompt if model.kind == "causal" else shape.input
+        tokens = shape.prompt if model.kind == "causal" else shape.input + shape.decoder
+        weights = dims.layers * dims.heads * queries * keys * (dims.bytes + (4 if dims.bytes < 4 else 0))
+        passes = [*prepare_passes(model, shape), Pass(tokens=tokens, readout=1)]
+        return work_estimate(model, passes, memory=weights + 4 * dims.layers * dims.heads * keys * 3)
 
     @torch.inference_mode()
     def run(self, model: Any, sample: Sample, params: AttentionWeightsParams, ctx: RunContext) -> MethodResult:

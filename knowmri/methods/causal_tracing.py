@@ -24,7 +24,7 @@ import torch
 
 from knowmri.methods._tracing import embedding_std, subject_noise, trace, window_layers
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
-from knowmri.methods.common import forward_cost, prepare
+from knowmri.methods.common import prepare
 from knowmri.report import figures
 from knowmri.sample import Sample
 
@@ -78,16 +78,52 @@ class CausalTracing(Method):
         return []
 
     def estimate(self, model: Any, sample: Sample, params: Params | None = None) -> Estimate:
+        """The engine's passes (`_tracing.trace`): the embedding std, the clean and the corrupted run (full
+        logits, kept to the end with the corrupted run's cache), then per kind and restored token the
+        staircase batches of rows over blocks start..L-1 (on a causal model only positions t..T-1 over
+        the corrupted prefix, `batch_size` x T / (T - t) rows' worth of tokens per batch; otherwise whole
+        prompts, `batch_size` rows), each read out at the last position."""
+        from knowmri.methods.common import Dims, Pass, elementwise_seconds, prepare_passes, sample_shape, work_estimate
+
         p = params if isinstance(params, CausalTracingParams) else CausalTracingParams()
-        tokens = len(model.tokenizer(sample.get("prompt") or "")["input_ids"]) or 1
-        L = model.n_layers
-        starts = {"hidden": [layer + 1 for layer in range(L)],
-                  "mlp": [window_layers(layer, p.window, L).start for layer in range(L)]}
-        starts["attn"] = starts["mlp"]
-        blocks = sum(L - s for k in p.kinds for s in starts[k])  # block runs per (token, noise sample)
-        # restoring token t re-runs positions t..T-1 on a causal model (T - t of T tokens), all T otherwise
-        per_token = (tokens + 1) / 2 if model.kind == "causal" else tokens
-        return forward_cost(model, sample, forward=1 + p.samples + round(per_token * p.samples * blocks / L), tokens=tokens)
+        shape = sample_shape(model, sample)
+        dims = Dims.of(model)
+        L, S = dims.layers, p.samples
+        T = shape.prompt if model.kind == "causal" else shape.input
+        first = shape.subject[0] if shape.subject is not None and model.kind == "causal" else 0
+        cells = range(min(first, T - 1), T)
+        n_run = max(S, 2)
+        passes = [*prepare_passes(model, shape), Pass(tokens=T, readout=T),
+                  Pass(rows=n_run, tokens=T, readout=n_run * T, cache=model.kind == "causal"),
+                  Pass(rows=S, tokens=T, readout=S, model_call=False)]
+        starts = {kind: [layer + 1 if kind == "hidden" else window_layers(layer, p.window, L).start for layer in range(L)]
+                  for kind in p.kinds}
+        if model.kind == "causal":
+            for t in cells:  # a checked suffix runner per token: two recorded forwards and a check
+                passes += [Pass(rows=b, tokens=T - t, context=T, readout=b * (T - t), cache=True) for b in (1, 2)]
+                passes.append(Pass(rows=S, tokens=T - t, context=T, readout=S, model_call=False))
+            for kind in p.kinds:
+                for t in cells:
+                    per = max(1, p.batch_size * T // ((T - t) * S))
+                    for i in range(0, L, per):
+                        layers = range(i, min(L, i + per))
+                        rows = S * len(layers)
+                        block_rows = sum(S * (L - starts[kind][layer]) for layer in layers)
+                        span = L - min(starts[kind][layer] for layer in layers)
+                        passes.append(Pass(rows=rows, tokens=T - t, blocks=block_rows / rows, span=span, context=T,
+                                           readout=rows, model_call=False))
+        else:
+            per = max(1, p.batch_size // S)
+            for kind in p.kinds:
+                for layer in range(L):
+                    for i in range(0, len(cells), per):
+                        rows = S * len(cells[i:i + per])
+                        passes.append(Pass(rows=rows, tokens=T, blocks=L - starts[kind][layer], context=T, readout=rows,
+                                           model_call=False))
+        std = elementwise_seconds(model, dims.vocab * dims.d * (dims.bytes + 16))  # the embedding's std, in float64
+        kept = (dims.logits_bytes(0) + n_run * T * dims.vocab * dims.bytes + n_run * T * 2 * dims.kv * dims.bytes * L
+                + (len(p.kinds) + S + 1) * (L + 1) * T * dims.d * dims.bytes)  # corrupted logits and cache, states
+        return work_estimate(model, passes, seconds=std, memory=kept)
 
     @torch.inference_mode()
     def run(self, model: Any, sample: Sample, params: CausalTracingParams, ctx: RunContext) -> MethodResult:

@@ -20,7 +20,7 @@ import torch
 
 from knowmri.methods._weights import output_weights, ov_circuit
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
-from knowmri.methods.common import clean_pass, forward_cost, prepare, weight_derived
+from knowmri.methods.common import clean_pass, prepare, weight_derived
 from knowmri.report import figures
 from knowmri.sample import Sample
 
@@ -94,13 +94,39 @@ class EmbeddingProjection(Method):
         return [] if model.spec.extra.get("qkv") else [f"{model.architecture} has no q/k/v map (archs.toml `qkv`)"]
 
     def estimate(self, model: Any, sample: Sample, params: Params | None = None) -> Estimate:
-        extra = (
-            (model.n_layers + 40)
-            * model.vocab_size
-            * model.d_model
-            // max(1, 2 * sum(p.numel() for p in model.hf_model.parameters()))
+        """The clean pass (with heads); the value-vector and embedding norms (once per process); the
+        vectors read in the vocabulary (every layer's residual, the top neurons, the chosen heads' OV
+        circuit per prompt token, the prompt tokens' embeddings) projected in chunks of
+        PROJECT_CHUNK_BYTES, whose float32 scores and the rank grid [layers, top_k, vocab] are the peak."""
+        from knowmri.methods.common import (
+            Dims,
+            clean_pass_bytes,
+            clean_pass_passes,
+            elementwise_seconds,
+            matmul_seconds,
+            prepare_passes,
+            readout_pass,
+            sample_shape,
+            work_estimate,
         )
-        return forward_cost(model, sample, forward=1 + extra)
+
+        p = params if isinstance(params, EmbeddingProjectionParams) else EmbeddingProjectionParams()
+        shape = sample_shape(model, sample)
+        dims = Dims.of(model)
+        unique = shape.prompt  # distinct prompt tokens (at most)
+        heads = len(p.heads) if p.heads else min(p.top_heads, dims.layers * dims.heads)
+        rows = dims.layers + p.top_neurons + heads * unique + unique
+        chunk = min(rows, max(1, PROJECT_CHUNK_BYTES // (4 * dims.vocab)))
+        full, rest = divmod(rows, chunk)
+        passes = [*prepare_passes(model, shape), *clean_pass_passes(model, shape, shape.answer + 1),
+                  readout_pass(chunk, count=full), readout_pass(rest, count=1 if rest else 0)]
+        norms = elementwise_seconds(model, (dims.layers * dims.d_mlp + dims.vocab) * dims.d * dims.bytes * 2,
+                                    ops=4 * dims.layers)  # value and embedding norms, first use only
+        ov = heads * matmul_seconds(model, 2 * unique * dims.d * dims.d_head * 2, unique)
+        ranks = elementwise_seconds(model, (p.top_k + 4) * dims.layers * dims.vocab * 4, ops=30 + 10 * dims.layers)
+        kept = 4 * chunk * dims.vocab + (p.top_k + 1) * dims.layers * dims.vocab + 8 * unique * dims.vocab
+        return work_estimate(model, passes, seconds=norms + ov + ranks, resident=kept + clean_pass_bytes(model, shape, shape.answer + 1),
+                             memory=clean_pass_bytes(model, shape, shape.answer + 1))
 
     @torch.inference_mode()
     def run(self, model: Any, sample: Sample, params: EmbeddingProjectionParams, ctx: RunContext) -> MethodResult:

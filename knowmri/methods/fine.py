@@ -18,7 +18,7 @@ import torch
 
 from knowmri.methods import _neurons as nr
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
-from knowmri.methods.common import clean_pass, forward_cost, prepare
+from knowmri.methods.common import clean_pass, prepare
 from knowmri.sample import Sample
 
 
@@ -52,8 +52,28 @@ class Fine(Method):
     Params = FineParams
 
     def estimate(self, model: Any, sample: Sample, params: Params | None = None) -> Estimate:
-        extra = max(1, model.d_mlp * model.n_layers // max(1, 6 * model.d_model * model.n_layers))
-        return forward_cost(model, sample, forward=1 + extra)
+        """The clean pass, each layer's value vectors dotted with the answer tokens' unembeddings, and the
+        top neurons' value vectors read through the unembedding."""
+        from knowmri.methods.common import (
+            Dims,
+            clean_pass_bytes,
+            clean_pass_passes,
+            matmul_seconds,
+            prepare_passes,
+            readout_pass,
+            sample_shape,
+            work_estimate,
+        )
+
+        p = params if isinstance(params, FineParams) else FineParams()
+        shape = sample_shape(model, sample, max_answer_tokens=p.max_answer_tokens)
+        dims = Dims.of(model)
+        per_layer = matmul_seconds(model, 2 * dims.d_mlp * dims.d * shape.answer, dims.d_mlp)
+        passes = [*prepare_passes(model, shape), *clean_pass_passes(model, shape, shape.answer + 1), readout_pass(p.top_k)]
+        buffers = clean_pass_bytes(model, shape, shape.answer + 1) + 4 * 3 * shape.answer * dims.layers * dims.d_mlp
+        if dims.bytes < 4:  # `neuron_top_tokens` reads a float32 copy of the unembedding
+            buffers += 4 * dims.vocab * dims.d
+        return work_estimate(model, passes, seconds=dims.layers * per_layer, memory=buffers)
 
     @torch.inference_mode()
     def run(self, model: Any, sample: Sample, params: FineParams, ctx: RunContext) -> MethodResult:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
-from knowmri.methods.common import forward_cost, prepare
+from knowmri.methods.common import prepare
 from knowmri.models.arch import resolve
 from knowmri.models.model import Encoded
 from knowmri.report import figures
@@ -157,8 +157,24 @@ class IntegratedGradients(Method):
     Params = IntegratedGradientsParams
 
     def estimate(self, model: Any, sample: Sample, params: Params | None = None) -> Estimate:
+        """`steps` x answer-token rows over the whole input, forward and backward in batches of
+        `internal_batch_size` rows (read out at the answer's positions), then one forward of the two
+        endpoints; the batch's activations are the peak."""
+        from knowmri.methods.common import Pass, prepare_passes, sample_shape, takes_logits_to_keep, work_estimate
+
         p = params if isinstance(params, IntegratedGradientsParams) else IntegratedGradientsParams()
-        return forward_cost(model, sample, forward=p.steps + 2, backward=p.steps)
+        shape = sample_shape(model, sample)
+        rows = p.steps * shape.answer
+        batch = min(p.internal_batch_size, rows)
+        full, rest = divmod(rows, batch)
+        tokens = shape.input + shape.decoder
+        keep = shape.answer if model.kind == "causal" and takes_logits_to_keep(type(model.hf_model)) else shape.positions
+        passes = [*prepare_passes(model, shape),
+                  Pass(rows=batch, tokens=tokens, readout=batch * keep, backward=True, count=full),
+                  Pass(rows=rest, tokens=tokens, readout=rest * keep, backward=True, count=1 if rest else 0),
+                  Pass(rows=2 * shape.answer, tokens=tokens, readout=2 * shape.answer * keep)]
+        buffers = 4 * (shape.answer + 3) * shape.input * model.d_model  # the summed gradients, x, x0, delta
+        return work_estimate(model, passes, memory=buffers)
 
     def run(self, model: Any, sample: Sample, params: IntegratedGradientsParams, ctx: RunContext) -> MethodResult:
         prep = prepare(model, sample)

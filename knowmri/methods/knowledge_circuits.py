@@ -11,7 +11,7 @@ import torch
 
 from knowmri.methods._circuits import SUBJECTS, choose_subject, edge_attribution, forward_logits, patched_metric, prune
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
-from knowmri.methods.common import forward_cost, prepare
+from knowmri.methods.common import prepare
 from knowmri.sample import Sample
 
 
@@ -56,9 +56,41 @@ class KnowledgeCircuits(Method):
     Params = KnowledgeCircuitsParams
 
     def estimate(self, model: Any, sample: Sample, params: Params | None = None) -> Estimate:
+        """Scoring the candidate subjects (one batch), then EAP: the corrupted row and one row per
+        interpolation step, forward and backward, each layer's per-head gradients (batched over heads
+        through the attention core and each head's q/k/v columns), the edge-score product, and the
+        faithfulness forward; the batch's activations and the gradients read at every layer are the peak."""
+        from knowmri.methods._circuits import SUBJECTS
+        from knowmri.methods.common import (
+            Dims,
+            Pass,
+            elementwise_seconds,
+            matmul_seconds,
+            prepare_passes,
+            sample_shape,
+            work_estimate,
+        )
+
         p = params if isinstance(params, KnowledgeCircuitsParams) else KnowledgeCircuitsParams()
-        steps = p.ig_steps if p.method == "eap-ig" else 1
-        return forward_cost(model, sample, forward=steps + 4, backward=steps + 1)
+        shape = sample_shape(model, sample)
+        dims = Dims.of(model)
+        L, H, T = dims.layers, dims.heads, shape.prompt
+        rows = 1 + (p.ig_steps if p.method == "eap-ig" else 1)
+        candidates = 1 if p.corrupt_subject else min(24, len(SUBJECTS) // 3)  # those of the subject's token length
+        passes = [*prepare_passes(model, shape), Pass(rows=candidates, tokens=T, readout=candidates),
+                  Pass(rows=rows, tokens=T, readout=rows, backward=True),
+                  Pass(tokens=T, readout=1, count=1 if p.faithfulness else 0)]
+        qkv = dims.d + 2 * dims.kv  # q/k/v projection outputs per token
+        heads = L * (matmul_seconds(model, 2 * H * rows * T * 3 * dims.d_head * dims.d, rows * T)
+                     + matmul_seconds(model, 4 * H * rows * T * T * dims.d, T)
+                     + elementwise_seconds(model, 6 * H * rows * T * (qkv + 2 * dims.d) * dims.bytes, ops=150))
+        nodes = 2 + L * (H + 1)
+        scores = matmul_seconds(model, 2 * nodes * nodes * T * dims.d, nodes) + elementwise_seconds(
+            model, 4 * 4 * nodes * T * dims.d, ops=40 * L)
+        read = L * rows * T * (3 * dims.d + H * dims.d_head) * dims.bytes  # reads kept for their gradients
+        per_head = H * rows * T * (qkv + 3 * dims.d) * dims.bytes  # one layer's per-head gradients
+        return work_estimate(model, passes, seconds=heads + scores, memory=read + per_head,
+                             resident=2 * 4 * nodes * T * dims.d + 4 * nodes * nodes * 3)
 
     def run(self, model: Any, sample: Sample, params: KnowledgeCircuitsParams, ctx: RunContext) -> MethodResult:
         prep = prepare(model, sample, need_subject=True)

@@ -22,7 +22,7 @@ import torch
 
 from knowmri.methods import _neurons as nr
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
-from knowmri.methods.common import forward_cost, n_params, prepare
+from knowmri.methods.common import prepare
 from knowmri.sample import Sample
 
 
@@ -78,22 +78,48 @@ class KnowledgeNeurons(Method):
     Params = KnowledgeNeuronsParams
 
     def estimate(self, model: Any, sample: Sample, params: Params | None = None) -> Estimate:
-        params = params if isinstance(params, KnowledgeNeuronsParams) else KnowledgeNeuronsParams()
-        prompt_tokens = max(1, len(sample.get("prompt") or "") // 4 + 4)
-        answer = min(params.max_answer_tokens, max(1, len(sample.get("ground_truth") or " x") // 5 + 1))
-        fed = 1 if model.kind == "causal" else prompt_tokens
-        jobs = {"answer": 1, "subject": 3, "all": prompt_tokens}[params.positions]
-        if params.positions != "answer" and model.kind == "causal":
-            fed = prompt_tokens // 2
-        # a row of layer l runs blocks l..L-1 ((L + 1) / 2L of the blocks on average) and one read-out,
-        # counted in passes of one token through the whole model
-        n, total = model.n_layers, max(1, n_params(model))
-        readout = model.vocab_size * model.d_model
-        row = (fed * max(total - readout, 0) * (n + 1) / (2 * n) + readout) / total
-        per_prompt = answer * (int(jobs * n * params.steps * row) + prompt_tokens)
-        est = forward_cost(model, sample, forward=1, backward=1, tokens=len(sample.all_prompts()) * per_prompt)
-        est.memory_bytes = min(est.memory_bytes, nr.ROW_BUDGET_BYTES)  # rows are batched within this budget
-        return est
+        """Per prompt: a clean forward (full logits); per job (scaled position q, predicting position p),
+        the set-up forwards of `_neurons._Direct` (the clean prefix's cache, two recorded forwards, a
+        check) and its IG rows: `steps` rows per layer, rows of layer l over blocks l..L-1, batched as
+        `_neurons._chunks` batches them (forward and backward; the largest batch's activations and
+        key/value copies are the peak); then the listed neurons' value vectors in the vocabulary."""
+        from knowmri.methods.common import Dims, Pass, prepare_passes, readout_pass, sample_shape, work_estimate
+
+        p = params if isinstance(params, KnowledgeNeuronsParams) else KnowledgeNeuronsParams()
+        dims = Dims.of(model)
+        L, causal = dims.layers, model.kind == "causal"
+        passes: list[Pass] = []
+        for j, prompt in enumerate(sample.all_prompts()):
+            shape = sample_shape(model, sample if j == 0 else sample.replace(prompt=prompt), p.max_answer_tokens)
+            if j == 0:
+                passes += prepare_passes(model, shape)
+            passes.append(Pass(tokens=shape.input + shape.decoder, readout=shape.positions))
+            answer = [shape.prompt - 1 + i for i in range(shape.answer)] if causal else list(range(shape.answer))
+            if p.positions == "answer":
+                candidates = None
+            elif p.positions == "subject":
+                candidates = list(range(*shape.subject)) if shape.subject is not None else []
+            else:
+                candidates = list(range(shape.positions))
+            jobs = [(q, q) for q in answer] if candidates is None else \
+                [(q, a) for a in answer for q in candidates if not causal or q <= a]
+            for scaled, predict in jobs:
+                fed, prefix = (predict - scaled + 1, scaled) if causal else (shape.positions, 0)
+                if causal and scaled == 0:
+                    fed = predict + 1
+                passes += [Pass(tokens=prefix, readout=prefix, cache=True, count=1 if prefix else 0),
+                           *(Pass(rows=b, tokens=fed, context=prefix + fed, readout=b * fed, cache=bool(prefix))
+                             for b in (1, 2)),
+                           Pass(tokens=fed, context=prefix + fed, readout=1, model_call=False)]
+                for chunk in nr._chunks(model, p.steps, fed, prefix, p.batch_size, range(L)):
+                    rows = p.steps * len(chunk)
+                    block_rows = sum(p.steps * (L - layer) for layer in chunk)
+                    passes.append(Pass(rows=rows, tokens=fed, blocks=block_rows / rows, span=L - chunk[0],
+                                       context=prefix + fed, readout=rows, backward=True, cache=bool(prefix),
+                                       model_call=False))
+        passes.append(readout_pass(2 * p.top_k))
+        buffers = 4 * 3 * L * dims.d_mlp * max(1, len(sample.all_prompts()))  # attributions, their means
+        return work_estimate(model, passes, memory=buffers)
 
     def run(self, model: Any, sample: Sample, params: KnowledgeNeuronsParams, ctx: RunContext) -> MethodResult:
         prompts = sample.all_prompts()

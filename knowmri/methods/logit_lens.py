@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
-from knowmri.methods.common import clean_pass, forward_cost, prepare
+from knowmri.methods.common import clean_pass, prepare
 from knowmri.report import figures
 from knowmri.sample import Sample
 
@@ -39,7 +39,29 @@ class LogitLens(Method):
     Params = LogitLensParams
 
     def estimate(self, model: Any, sample: Sample, params: Params | None = None) -> Estimate:
-        return forward_cost(model, sample, forward=1 + model.n_layers * model.vocab_size // max(1, 6 * model.d_model * model.n_layers))
+        """The clean pass, then every layer's states at the read positions through the final norm and the
+        unembedding, in chunks of READOUT_CHUNK_BYTES of float32 logits (a chunk's logits and their
+        log-softmax are the peak), each chunk ranked (top-k over the vocabulary)."""
+        from knowmri.methods.common import (
+            clean_pass_bytes,
+            clean_pass_passes,
+            elementwise_seconds,
+            prepare_passes,
+            readout_pass,
+            sample_shape,
+            work_estimate,
+        )
+
+        p = params if isinstance(params, LogitLensParams) else LogitLensParams()
+        shape = sample_shape(model, sample)
+        n_pos = shape.prompt if p.positions == "all" and model.kind == "causal" else 1
+        rows = model.n_layers * n_pos
+        chunk = min(rows, max(1, READOUT_CHUNK_BYTES // (4 * model.vocab_size)))
+        full, rest = divmod(rows, chunk)
+        passes = [*prepare_passes(model, shape), *clean_pass_passes(model, shape, shape.answer + 1),
+                  readout_pass(chunk, count=full), readout_pass(rest, count=1 if rest else 0)]
+        ranking = elementwise_seconds(model, 2 * rows * model.vocab_size * 4, ops=12 * (full + 1))  # top-k, ranks
+        return work_estimate(model, passes, seconds=ranking, memory=clean_pass_bytes(model, shape, shape.answer + 1))
 
     @torch.inference_mode()
     def run(self, model: Any, sample: Sample, params: LogitLensParams, ctx: RunContext) -> MethodResult:

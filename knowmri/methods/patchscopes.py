@@ -22,7 +22,7 @@ import torch
 
 from knowmri.hooks import Hooks, site
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
-from knowmri.methods.common import forward_cost, prepare
+from knowmri.methods.common import prepare
 from knowmri.report import figures
 from knowmri.sample import Sample
 
@@ -197,14 +197,28 @@ class Patchscopes(Method):
     Params = PatchscopesParams
 
     def estimate(self, model: Any, sample: Sample, params: Params | None = None) -> Estimate:
-        p = params or PatchscopesParams()
-        target_len = len(p.target_prompt) // 3 + 2
-        return forward_cost(
-            model,
-            sample,
-            forward=1 + model.n_layers * (1 + p.max_new_tokens // 4),
-            tokens=max(4, len(sample.get("prompt") or "") // 4 + target_len),
-        )
+        """The source prompt once (full logits), the target's prefix once, then a batch of n_layers rows:
+        the patched pass over the target from the patched position, and max_new_tokens - 1 cached
+        decoding steps; every step's float32 next-token distribution [n_layers, vocab] is kept (and
+        stacked at the end: twice their size), with the rows' key/value cache."""
+        from knowmri.methods.common import Dims, Pass, prepare_passes, sample_shape, work_estimate
+
+        p = params if isinstance(params, PatchscopesParams) else PatchscopesParams()
+        shape = sample_shape(model, sample)
+        dims = Dims.of(model)
+        try:
+            n = len(target_ids(model, p.target_prompt)[0])
+        except Exception:  # the run reports a target prompt that does not tokenise
+            n = max(1, len(p.target_prompt) // 4)
+        position = p.target_position % n if -n <= p.target_position < n else n - 1
+        rows, steps = dims.layers, p.max_new_tokens
+        passes = [*prepare_passes(model, shape), Pass(tokens=shape.prompt, readout=shape.prompt),
+                  Pass(tokens=position, readout=1, cache=True, count=1 if position else 0),
+                  Pass(rows=rows, tokens=n - position, context=n, readout=rows, cache=True),
+                  Pass(rows=rows, tokens=1, context=n + steps / 2, readout=rows, cache=True, count=steps - 1)]
+        dists = 4 * rows * steps * dims.vocab
+        cache = rows * (n + steps) * 2 * dims.kv * dims.bytes * dims.layers
+        return work_estimate(model, passes, memory=dists, resident=2 * dists + cache)
 
     @torch.inference_mode()
     def run(self, model: Any, sample: Sample, params: PatchscopesParams, ctx: RunContext) -> MethodResult:

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
-from knowmri.methods.common import forward_cost
 from knowmri.report import figures
 from knowmri.sample import Sample
 
@@ -120,8 +119,49 @@ def word_tokens(model: Any, prompt: str, ids: list[int]) -> list[list[int]]:
     return [[t for t, (a, b) in enumerate(spans) if b > a and a < end and b > start] for _, start, end in words]
 
 
-def _generate(model: Any, text: str, max_new_tokens: int, *, chat: bool, primer: str = "") -> str:
-    """Greedy continuation of `text` (or of a chat turn holding it, the reply starting with `primer`)."""
+_SENTENCE_END = re.compile(r"\n|(?<=[.!?])\s")
+_TEXT_MARK = "\nText:"  # a plain-template model that starts a new example: the explanation ends there
+
+
+def first_sentence(raw: str) -> str:
+    """The answer `run` keeps from a generated continuation: its first line or sentence."""
+    return _SENTENCE_END.split(raw.strip(), maxsplit=1)[0].strip() or raw.strip()
+
+
+def answer_complete(raw: str) -> bool:
+    """Whether more tokens can no longer change `first_sentence(raw)`: the stripped text has a line or sentence
+    break with at least 3 characters after it. (Decoding more tokens only appends text; the 3 characters cover the
+    tokenizer clean-up that can drop a space before "'s", "'ve", "n't" and the like.)"""
+    text = raw.strip()
+    end = _SENTENCE_END.search(text)
+    return end is not None and len(text) - end.end() >= 3
+
+
+def explanation_text(reply: str) -> str:
+    """The explanation `run` keeps from a generated reply (the primer put back in front)."""
+    return (PRIMER + reply).split(_TEXT_MARK)[0].strip()
+
+
+def explanation_complete(reply: str) -> bool:
+    """Whether more tokens can no longer change `explanation_text(reply)`: the cut mark has been written."""
+    return _TEXT_MARK in PRIMER + reply
+
+
+class _TextDone:
+    """A `generate` stopping criterion: stop once `done(decoded new tokens)` holds. Greedy decoding of the tokens
+    before the stop is unchanged, so what is kept from the text is the same as without it, with fewer forwards."""
+
+    def __init__(self, tok: Any, start: int, done: Any) -> None:
+        self.tok, self.start, self.done = tok, start, done
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        text = self.tok.decode(input_ids[0, self.start:], skip_special_tokens=True)
+        return torch.full((input_ids.shape[0],), bool(self.done(text)), dtype=torch.bool, device=input_ids.device)
+
+
+def _generate(model: Any, text: str, max_new_tokens: int, *, chat: bool, primer: str = "", done: Any = None) -> str:
+    """Greedy continuation of `text` (or of a chat turn holding it, the reply starting with `primer`); `done`, if
+    given, is called with the text so far after each token and ends the generation early when it returns true."""
     tok = model.tokenizer
     if chat:
         rendered = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
@@ -133,10 +173,14 @@ def _generate(model: Any, text: str, max_new_tokens: int, *, chat: bool, primer:
     if model.kind == "seq2seq":  # the primer starts the decoder's output
         start = [model.config.decoder_start_token_id] + (tok(primer, add_special_tokens=False)["input_ids"] if primer else [])
         extra["decoder_input_ids"] = torch.tensor([start], dtype=torch.long, device=model.device)
+    skip = extra["decoder_input_ids"].shape[1] if extra else input_ids.shape[1]
+    if done is not None:
+        from transformers import StoppingCriteriaList
+
+        extra["stopping_criteria"] = StoppingCriteriaList([_TextDone(tok, skip, done)])
     out = model.hf_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                                   do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
                                   pad_token_id=tok.pad_token_id, **extra)
-    skip = extra["decoder_input_ids"].shape[1] if extra else input_ids.shape[1]
     return tok.decode(out[0, skip:], skip_special_tokens=True)
 
 
@@ -155,9 +199,30 @@ class SelfExplanation(Method):
         return [] if prompt_words(sample.get("prompt") or "") else ["the prompt has no words to name"]
 
     def estimate(self, model: Any, sample: Sample, params: Params | None = None) -> Estimate:
+        """Two greedy generations of one row, each a prefill and one cached step per further token: the
+        answer (`answer_tokens` after the prompt) and the explanation (`max_new_tokens` after the request,
+        which holds the prompt and the answer); generation may stop earlier, at an end-of-text token."""
+        from knowmri.methods.common import Pass, elementwise_seconds, sample_shape, work_estimate
+
         p = params if isinstance(params, SelfExplanationParams) else SelfExplanationParams()
-        tokens = len(sample.get("prompt") or "") // 2 + 60
-        return forward_cost(model, sample, forward=p.max_new_tokens + p.answer_tokens, tokens=tokens)
+        shape = sample_shape(model, sample)
+        prompt = sample.get("prompt") or ""
+        chat = "chat" in model.capabilities if p.template == "auto" else p.template == "chat"
+        try:
+            request = (CHAT_TEMPLATE if chat else PLAIN_TEMPLATE).format(prompt=prompt, answer="")
+            if chat:
+                request = model.tokenizer.apply_chat_template([{"role": "user", "content": request}],
+                                                              add_generation_prompt=True, tokenize=False)
+            asked = len(model.tokenizer(request + PRIMER, add_special_tokens=not chat)["input_ids"]) + p.answer_tokens
+        except Exception:  # no chat template after all: the run says so
+            asked = shape.prompt + 60 + p.answer_tokens
+        passes = []
+        for length, new in ((shape.prompt, p.answer_tokens), (asked, p.max_new_tokens)):
+            passes += [Pass(tokens=length, readout=1, cache=True),
+                       Pass(tokens=1, context=length + new / 2, readout=1, cache=True, count=new - 1)]
+        step_ops = 250  # `generate`'s own work per token (logits processors, stopping checks), in small ops
+        steps = elementwise_seconds(model, 0, ops=step_ops * (p.answer_tokens + p.max_new_tokens))
+        return work_estimate(model, passes, seconds=steps)
 
     @torch.inference_mode()
     def run(self, model: Any, sample: Sample, params: SelfExplanationParams, ctx: RunContext) -> MethodResult:
@@ -167,12 +232,11 @@ class SelfExplanation(Method):
             raise ValueError(f"{model.name} has no chat template; use template='plain' or 'auto'")
         chat = has_chat if params.template == "auto" else params.template == "chat"
         ctx.progress(0.05, "generating the model's answer")
-        raw_answer = _generate(model, prompt, params.answer_tokens, chat=False)
-        answer = re.split(r"\n|(?<=[.!?])\s", raw_answer.strip(), maxsplit=1)[0].strip() or raw_answer.strip()
+        answer = first_sentence(_generate(model, prompt, params.answer_tokens, chat=False, done=answer_complete))
         ctx.progress(0.3, "asking the model to explain")
         request = (CHAT_TEMPLATE if chat else PLAIN_TEMPLATE).format(prompt=prompt, answer=answer)
-        reply = _generate(model, request, params.max_new_tokens, chat=chat, primer=PRIMER)
-        explanation = (PRIMER + reply).split("\nText:")[0].strip()
+        reply = _generate(model, request, params.max_new_tokens, chat=chat, primer=PRIMER, done=explanation_complete)
+        explanation = explanation_text(reply)
         named = parse_named_words(explanation, prompt)
         ids = model.encode(prompt).input_ids[0].tolist()
         tokens = model.to_str_tokens(ids)

@@ -7,7 +7,16 @@ import pytest
 
 import knowmri as km
 from knowmri.methods.base import RunContext, get_method
-from knowmri.methods.self_explanation import parse_named_words, prompt_words, word_tokens
+from knowmri.methods.self_explanation import (
+    _generate,
+    answer_complete,
+    explanation_complete,
+    explanation_text,
+    first_sentence,
+    parse_named_words,
+    prompt_words,
+    word_tokens,
+)
 from knowmri.models.model import Model
 from knowmri.testing import tiny_model
 
@@ -108,3 +117,27 @@ def test_smollm2_explains_eiffel(smollm2):
     assert "Paris" in f["answer"] and f["answer_matches_ground_truth"]
     assert f["explanation"]
     assert {n["word"] for n in f["named_words"]} & {"Eiffel", "Tower"}
+
+
+def test_early_stops_never_change_what_is_kept():
+    """Generation stops once the kept text is final: every prefix that says so keeps what the whole text keeps."""
+    answers = [" Paris, France. It is the capital", " Paris\n\nThe tower", "  Leonardo da Vinci. He's", "1,000°C. Then",
+               " Rome. 's", " Paris . It", " no break at all", "\n\n Paris. I'll", " U.S. Army"]
+    for full in answers:
+        for cut in range(len(full) + 1):
+            if answer_complete(full[:cut]):
+                assert first_sentence(full[:cut]) == first_sentence(full), (full, cut)
+    assert answer_complete(" Paris, France. It is") and not answer_complete(" Paris, France.")
+    reply = 'Eiffel" and "Tower".\nText: "Rome is"\nContinuation'
+    for cut in range(len(reply) + 1):
+        if explanation_complete(reply[:cut]):
+            assert explanation_text(reply[:cut]) == explanation_text(reply)
+    assert explanation_text(reply) == 'The words I relied on most were "Eiffel" and "Tower".'
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_generation_stops_early_on_a_prefix_of_the_same_text(family):
+    model = tiny_model(family)
+    full = _generate(model, PROMPT, 12, chat=False)
+    short = _generate(model, PROMPT, 12, chat=False, done=lambda text: len(text) >= 6)
+    assert 6 <= len(short) < len(full) and full.startswith(short)

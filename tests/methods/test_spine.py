@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import knowmri as km
 from knowmri.methods.base import RunContext, get_method
-from knowmri.methods.spine import encode, train_spine, word_rows
+from knowmri.methods.spine import encode, token_texts, train_spine, word_rows
 from knowmri.testing import FAMILIES, build_tiny, tiny_model
 
 PROMPT = {"prompt": "The Eiffel Tower is located in the city of Paris"}
@@ -124,3 +124,54 @@ def test_trains_under_inference_mode():
         x = torch.randn(64, 16)
         weights, stats = train_spine(x, 32, epochs=2)
     assert len(stats["losses"]["total"]) == 2 and weights["w_enc"].shape == (16, 32)
+
+
+def reference_train(x, hidden_dim, *, rho=0.15, noise=0.2, epochs=2, batch_size=64, lr=3e-3, seed=0):
+    """SPINE as first written: autograd and torch.optim.Adam (what the hand-written update must equal bit for bit)."""
+    n, d = x.shape
+    g = torch.Generator().manual_seed(seed)
+    params = [((torch.rand(shape, generator=g) * 2 - 1) * bound).requires_grad_()
+              for shape, bound in (((d, hidden_dim), d**-0.5), ((hidden_dim,), d**-0.5),
+                                   ((hidden_dim, d), hidden_dim**-0.5), ((d,), hidden_dim**-0.5))]
+    w_enc, b_enc, w_dec, b_dec = params
+    opt = torch.optim.Adam(params, lr=lr)
+    batches = -(-n // batch_size)
+    totals = []
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=g)
+        sums = torch.zeros(3)
+        for i in range(batches):
+            y = x[order[i * batch_size : (i + 1) * batch_size]]
+            noisy = y + noise * torch.randn(y.shape, generator=g)
+            z = (noisy @ w_enc + b_enc).clamp(0, 1)
+            rec = ((z @ w_dec + b_dec - y) ** 2).mean()
+            asl = ((z.mean(0) - rho).clamp(min=0) ** 2).sum() / hidden_dim
+            psl = (z * (1 - z)).mean()
+            opt.zero_grad(set_to_none=True)
+            (rec + asl + psl).backward()
+            opt.step()
+            sums += torch.stack([rec, asl, psl]).detach() * len(y)
+        totals.append(sum((sums / n).tolist()))
+    return {"w_enc": w_enc, "b_enc": b_enc, "w_dec": w_dec, "b_dec": b_dec}, totals
+
+
+@pytest.mark.parametrize(("n", "d", "batch_size"), [(300, 64, 64), (200, 18, 7)])  # noise drawn per epoch / per batch
+def test_update_equals_autograd_and_adam_bit_for_bit(n, d, batch_size):
+    _, rows = planted_features(n, d=d)
+    x = (rows - rows.mean(0)) / rows.std()
+    weights, stats = train_spine(x, 48, epochs=3, batch_size=batch_size, seed=3)
+    expected, totals = reference_train(x, 48, epochs=3, batch_size=batch_size, seed=3)
+    for key, value in expected.items():
+        assert torch.equal(weights[key], value.detach()), key
+    assert stats["losses"]["total"] == totals
+
+
+def test_token_texts_match_batch_decode():
+    tok = tiny_model("gpt2").tokenizer
+    assert token_texts(tok, 300) == tok.batch_decode([[i] for i in range(300)])
+
+    class Slow:  # no Rust backend: the per-id path
+        def batch_decode(self, ids):
+            return [f"t{i[0]}" for i in ids]
+
+    assert token_texts(Slow(), 3) == ["t0", "t1", "t2"]
