@@ -83,6 +83,7 @@ class CausalTracing(Method):
         staircase batches of rows over blocks start..L-1 (on a causal model only positions t..T-1 over
         the corrupted prefix, `batch_size` x T / (T - t) rows' worth of tokens per batch; otherwise whole
         prompts, `batch_size` rows), each read out at the last position."""
+        from knowmri.methods._tracing import _suffix_pays
         from knowmri.methods.common import Dims, Pass, elementwise_seconds, prepare_passes, sample_shape, work_estimate
 
         p = params if isinstance(params, CausalTracingParams) else CausalTracingParams()
@@ -93,12 +94,13 @@ class CausalTracing(Method):
         first = shape.subject[0] if shape.subject is not None and model.kind == "causal" else 0
         cells = range(min(first, T - 1), T)
         n_run = max(S, 2)
+        suffix = model.kind == "causal" and _suffix_pays(model, T, first, S, list(p.kinds), p.window)
         passes = [*prepare_passes(model, shape), Pass(tokens=T, readout=T),
-                  Pass(rows=n_run, tokens=T, readout=n_run * T, cache=model.kind == "causal"),
+                  Pass(rows=n_run, tokens=T, readout=n_run * T, cache=suffix),
                   Pass(rows=S, tokens=T, readout=S, model_call=False)]
         starts = {kind: [layer + 1 if kind == "hidden" else window_layers(layer, p.window, L).start for layer in range(L)]
                   for kind in p.kinds}
-        if model.kind == "causal":
+        if suffix:
             for t in cells:  # a checked suffix runner per token: two recorded forwards and a check
                 passes += [Pass(rows=b, tokens=T - t, context=T, readout=b * (T - t), cache=True) for b in (1, 2)]
                 passes.append(Pass(rows=S, tokens=T - t, context=T, readout=S, model_call=False))
@@ -121,7 +123,7 @@ class CausalTracing(Method):
                         passes.append(Pass(rows=rows, tokens=T, blocks=L - starts[kind][layer], context=T, readout=rows,
                                            model_call=False))
         std = elementwise_seconds(model, dims.vocab * dims.d * (dims.bytes + 16))  # the embedding's std, in float64
-        kept = (dims.logits_bytes(0) + n_run * T * dims.vocab * dims.bytes + n_run * T * 2 * dims.kv * dims.bytes * L
+        kept = (n_run * T * dims.vocab * dims.bytes + (n_run * T * 2 * dims.kv * dims.bytes * L if suffix else 0)
                 + (len(p.kinds) + S + 1) * (L + 1) * T * dims.d * dims.bytes)  # corrupted logits and cache, states
         return work_estimate(model, passes, seconds=std, memory=kept)
 

@@ -258,9 +258,11 @@ def answer_prob(logits: torch.Tensor, enc: Encoded, reduce: str = "first") -> to
 
 # ---------------------------------------------------------------------- cost estimates
 # What `Method.estimate` shows before a run: seconds from the work a method does (its passes through the
-# blocks, its read-outs, per-call overheads) at rates measured once per process and device, and the peak
-# extra memory from the largest batch alive at once. Per-token sizes below were checked against measured
-# peaks on SmolLM2 (benchmarks/bench_estimate.py); they are estimates, meant to be right within ~2x.
+# blocks, its read-outs, per-call overheads) at rates measured lazily on the device (`device_rates`,
+# `stream_bandwidth`), and the peak extra memory from the largest batch alive at once. A method describes
+# its work as `Pass`es and extra terms and calls `work_estimate`. The per-token sizes below were checked
+# against measured times and peaks on SmolLM2 (benchmarks/bench_estimate.py); estimates are meant to be
+# right within ~2x, and to scale right with prompt length, layers, widths, vocabulary, rows and dtype.
 
 #: Elements kept per token and block for the backward pass, in units of (d_model, d_mlp): norms' inputs
 #: and outputs, queries, keys, values, rotated copies, the attention output, the MLP's input and its
@@ -280,10 +282,11 @@ BLOCK_OPS, BLOCK_BACKWARD_OPS, MODEL_OPS = 70, 70, 150
 
 @dataclass(frozen=True)
 class Rates:
-    """What a device does per second, measured once per process, device and dtype (`device_rates`).
+    """What a device does per second, per device and dtype (`device_rates`; `stream_bandwidth` per model).
 
-    A matmul of `rows` rows runs at `flops` x rows / (rows + half_rows): a handful of rows (a short
-    prompt, one decoding step) cannot reach a big matmul's rate."""
+    A matmul of `rows` rows computes at `flops` x rows / (rows + half_rows) and, besides, reads its
+    weights at `stream_bandwidth`: a handful of rows (a short prompt, one decoding step) cannot reach a
+    big matmul's rate."""
 
     flops: float  # FLOP/s of a big matmul
     half_rows: float  # rows at which a matmul runs at half of `flops`
@@ -414,7 +417,7 @@ def _measure_rates(device: torch.device, dtype: torch.dtype) -> Rates:
         w = torch.rand(n, n, device=device).to(dtype)
         x = w[:16].clone()
         one = torch.ones(1, device=device, dtype=dtype)
-        buf = torch.ones(1 << 21, device=device, dtype=dtype)
+        buf = torch.ones(1 << (26 if gpu else 21), device=device, dtype=dtype)  # on GPU, big enough to outweigh a launch
         big = 2 * n**3 / best(lambda: w @ w, 2, 2)
         small = 2 * 16 * n * n / best(lambda: x @ w, 4)
         op = best(lambda: one.add(1), 40)
@@ -425,7 +428,7 @@ def _measure_rates(device: torch.device, dtype: torch.dtype) -> Rates:
 
 
 def matmul_flops_per_second() -> float:
-    """This machine's float32 big-matmul rate (CPU), measured once (see `device_rates`)."""
+    """This machine's float32 big-matmul rate (CPU), measured lazily (see `device_rates`)."""
     return device_rates().flops
 
 
@@ -552,7 +555,7 @@ def pass_bytes(dims: Dims, p: Pass) -> int:
         activations += rows_tokens * dims.d * dims.bytes * 2  # the gradient flowing back, and its input's
     else:
         activations = rows_tokens * dims.per_token(TRANSIENT_PER_TOKEN) * dims.bytes + attention
-    cache = p.rows * context * 2 * dims.kv * dims.bytes * (dims.layers if p.blocks is None else blocks) if p.cache else 0
+    cache = p.rows * context * 2 * dims.kv * dims.bytes * blocks if p.cache else 0
     logits = dims.logits_bytes(p.readout) * (2 if p.backward else 1)
     return int(activations + cache + logits)
 

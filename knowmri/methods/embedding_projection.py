@@ -125,6 +125,8 @@ class EmbeddingProjection(Method):
         ov = heads * matmul_seconds(model, 2 * unique * dims.d * dims.d_head * 2, unique)
         ranks = elementwise_seconds(model, (p.top_k + 4) * dims.layers * dims.vocab * 4, ops=30 + 10 * dims.layers)
         kept = 4 * chunk * dims.vocab + (p.top_k + 1) * dims.layers * dims.vocab + 8 * unique * dims.vocab
+        if dims.bytes < 4:  # the embedding norms (first use) take a float32 copy of the embedding
+            kept += 4 * dims.vocab * dims.d
         return work_estimate(model, passes, seconds=norms + ov + ranks, resident=kept + clean_pass_bytes(model, shape, shape.answer + 1),
                              memory=clean_pass_bytes(model, shape, shape.answer + 1))
 

@@ -244,7 +244,7 @@ class Spine(Method):
         autoencoder's updates (per update five [batch, d] x [d, hidden]-sized products, the batch's
         elementwise work and Adam over every weight), each epoch's shuffled and noised copy of the rows,
         and the words' codes at the end; the rows' copies, Adam's state and the codes are the peak."""
-        from knowmri.methods.common import elementwise_seconds, matmul_seconds
+        from knowmri.methods.common import elementwise_seconds, matmul_seconds, model_rates
 
         p = params if isinstance(params, SpineParams) else SpineParams()
         d, vocab = model.d_model, model.vocab_size
@@ -255,10 +255,12 @@ class Spine(Method):
         epochs = p.epochs or max(1, min(2000, math.ceil(UPDATES / batches)))
         updates = epochs * batches
         weights = 2 * d * hidden + d + hidden
+        rates = model_rates(model)
+        adam = 4 * 10 * weights / (rates.stream_bandwidth or rates.inplace_bandwidth or rates.bandwidth)  # in place, past the caches
         update = (matmul_seconds(model, 5 * 2 * batch * d * hidden, batch)
-                  + elementwise_seconds(model, 4 * batch * (12 * hidden + 6 * d), ops=45, inplace=4 * 14 * weights))
+                  + elementwise_seconds(model, 4 * batch * (12 * hidden + 6 * d), ops=45) + adam)
         epoch = elementwise_seconds(model, 4 * rows * d * 8, ops=10)  # shuffled copy, noise (drawn: slow), sum
-        words = 5 * vocab * elementwise_seconds(model, 0, ops=1)  # decode and filter each token (Python)
+        words = vocab * elementwise_seconds(model, 0, ops=0.5)  # decode and filter each token
         codes = 2 * matmul_seconds(model, 2 * rows * d * hidden, rows) + elementwise_seconds(model, 4 * rows * hidden * 10)
         seconds = words + updates * update + epochs * epoch + codes
         memory = 4 * (5 * rows * d + 6 * weights + 3 * rows * hidden) + 64 * vocab  # rows, Adam, codes, token texts
