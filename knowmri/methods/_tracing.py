@@ -11,7 +11,9 @@ same grid with far less work:
 - all tokens of a layer go in one batch (row i restores token t_i), and only the predicting
   position is read out;
 - on a causal model, restoring a token before the subject is a no-op (its states are the same
-  in the clean and the corrupted run), so those cells are the corrupted probability.
+  in the clean and the corrupted run), so those cells are the corrupted probability;
+- on a causal model, a restoration at token t re-runs only positions t..T-1 (`SuffixRunner`),
+  and the last block's MLP runs at the read-out position only (`mlp_at_one_position`).
 
 `BlockRunner` calls the model's own decoder layers with the arguments the model itself passed
 them (attention masks, rotary embeddings, ALiBi, positions), recorded from the clean and the
@@ -32,6 +34,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from knowmri.hooks import Hooks, site
+from knowmri.methods.common import takes_logits_to_keep
 from knowmri.sample import Span
 
 KIND_SITES = {"hidden": "resid_post", "mlp": "mlp.out", "attn": "attn.out"}
@@ -60,9 +63,14 @@ def subject_noise(model: Any, samples: int, n_tokens: int, scale: float, seed: i
 
 
 @contextmanager
-def record_calls(model: Any) -> Iterator[list[tuple[tuple, dict]]]:
-    """Record each block's call (positional args, keyword args) during the forwards inside."""
+def record_calls(model: Any, skip: bool = False) -> Iterator[list[tuple[tuple, dict]]]:
+    """Record each block's call (positional args, keyword args) during the forwards inside.
+
+    With `skip`, blocks after the first are not computed (each passes its input on, in the first
+    block's output structure): only their arguments are wanted, and these do not depend on the
+    states. The forwards' outputs are then meaningless."""
     calls: list[tuple[tuple, dict]] = [((), {})] * model.n_layers
+    first: list[Any] = []
     handles = []
     for i, layer in enumerate(model.layers):
         def pre(module: Any, args: tuple, kwargs: dict, i: int = i) -> None:
@@ -72,8 +80,61 @@ def record_calls(model: Any) -> Iterator[list[tuple[tuple, dict]]]:
                 kwargs = {**kwargs, "hidden_states": kwargs["hidden_states"].clone()}
             calls[i] = (args, dict(kwargs))
         handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+    if skip:
+        handles.append(model.layers[0].register_forward_hook(lambda module, args, out: first.append(out)))
+
+        def passed_on(*args: Any, **kwargs: Any) -> Any:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            out = first[-1]
+            return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+        for layer in list(model.layers)[1:]:
+            layer.forward = passed_on
     try:
         yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+        if skip:
+            for layer in list(model.layers)[1:]:
+                del layer.forward
+
+
+@contextmanager
+def mlp_at_one_position(model: Any, layer: int, position: int) -> Iterator[None]:
+    """Block `layer`'s MLP computes only `position` (its output elsewhere is zero) inside the context.
+
+    For the last block when only one position is read out: the other positions' MLP outputs feed
+    nothing, and the MLP is most of a block's arithmetic. A no-op for MLPs that run on flattened
+    tokens (`flat_mlp`) or when a component is missing.
+    """
+    try:
+        inputs = [model.component(layer, key) for key in ("mlp_in", "mlp_gate") if getattr(model.spec, key)]
+        down = model.component(layer, "mlp_down")
+    except ValueError:
+        inputs, down = [], None
+    if model.spec.flat_mlp or down is None or not inputs:
+        yield
+        return
+    length: list[int] = []
+
+    def pre(module: Any, args: tuple) -> tuple | None:
+        x = args[0]
+        if x.dim() != 3 or x.shape[1] == 1:
+            return None
+        length[:] = [x.shape[1]]
+        return (x.narrow(1, position % x.shape[1], 1), *args[1:])
+
+    def post(module: Any, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        if not length or out.dim() != 3 or out.shape[1] != 1:
+            return None
+        full = out.new_zeros(out.shape[0], length[0], out.shape[2])
+        full[:, position % length[0]] = out[:, 0]
+        return full
+
+    handles = [m.register_forward_pre_hook(pre) for m in inputs] + [down.register_forward_hook(post, prepend=True)]
+    try:
+        yield
     finally:
         for handle in handles:
             handle.remove()
@@ -132,12 +193,14 @@ class BlockRunner:
         """Logits [B, vocab] at `position` after blocks start..L-1 read `hidden` [B, T, d] (the input of `start`)."""
         if not self.direct:
             return self._run_full(start, hidden, position, hooks)
+        last = self.model.n_layers - 1
         for layer in range(start, self.model.n_layers):
             args, kwargs, by_name = self._call(layer, hidden.shape[0])
-            if by_name:
-                out = self.model.layers[layer](**kwargs, hidden_states=hidden)
-            else:
-                out = self.model.layers[layer](hidden, *args, **kwargs)
+            with mlp_at_one_position(self.model, layer, position) if layer == last else nullcontext():
+                if by_name:
+                    out = self.model.layers[layer](**kwargs, hidden_states=hidden)
+                else:
+                    out = self.model.layers[layer](hidden, *args, **kwargs)
             hidden = out[0] if isinstance(out, (tuple, list)) else out
         return self.model.readout(hidden[:, position])
 
@@ -172,15 +235,16 @@ class SuffixRunner:
     """
 
     def __init__(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, t: int, cache: Any,
-                 S: int) -> None:
+                 S: int, skip: bool = True) -> None:
         self.model, self.t, self.S = model, t, S
         self.prefix = [_prefix_layer(layer, t, S) for layer in cache.layers[:model.n_layers]]
         self.template = cache
         recorded = []
+        extra = {"logits_to_keep": 1} if takes_logits_to_keep(type(model.hf_model)) else {}
         for b in (1, 2):
-            with record_calls(model) as calls:
+            with record_calls(model, skip=skip) as calls:
                 model.hf_model(input_ids=input_ids[:, t:].repeat(b, 1), attention_mask=attention_mask.repeat(b, 1),
-                               use_cache=True, **{cache_keyword(model): self._cache(None, b)})
+                               use_cache=True, **{cache_keyword(model): self._cache(None, b)}, **extra)
             recorded.append(list(calls))
         self.blocks = BlockRunner(model, recorded[0], recorded[1], 2, input_ids, attention_mask)
         args, kwargs = recorded[0][0]
@@ -252,6 +316,12 @@ def _rows_of(layer: Any, rows: int) -> Any:
     return out
 
 
+def _prob(logits: torch.Tensor, answer: int) -> torch.Tensor:
+    """P(answer) per row of [B, vocab] logits (one reduction instead of a whole softmax)."""
+    logits = logits.float()
+    return (logits[:, answer] - logits.logsumexp(-1)).exp()
+
+
 @dataclass
 class TraceResult:
     """The grids [tokens, layers] of P(answer) per restored kind, the clean and corrupted P."""
@@ -299,7 +369,7 @@ def trace(model: Any, input_ids: torch.Tensor, position: int, answer: int, subje
                              use_cache=suffix)
     cache = (getattr(out, "cache", None) or getattr(out, "past_key_values", None)) if suffix else None
     corrupt_logits = out.logits[:S, position]
-    low = float(corrupt_logits.float().softmax(-1)[:, answer].mean())
+    low = float(_prob(corrupt_logits, answer).mean())
     corrupt = [_hidden_of(calls_many[layer])[:S] for layer in range(L)] + [last.value[:S]]
     runner = BlockRunner(model, calls_one, list(calls_many), n_run, input_ids, mask)
     runner.check(corrupt[0], position, corrupt_logits)
@@ -358,13 +428,16 @@ def _suffix_runners(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, cel
     """A checked `SuffixRunner` per restored token, or None when one does not reproduce the corrupted run."""
     runners = {}
     for t in cells:
-        try:
-            runner = SuffixRunner(model, input_ids, mask, t, cache, S)
-        except (ValueError, TypeError, RuntimeError, IndexError, KeyError, AttributeError):
+        for skip in (True, False):  # recording without computing the blocks, else with
+            try:
+                runner = SuffixRunner(model, input_ids, mask, t, cache, S, skip=skip)
+            except (ValueError, TypeError, RuntimeError, IndexError, KeyError, AttributeError):
+                continue
+            if runner.check(embedded[:1, t:], corrupt_logits[:1]):  # one noise sample is enough to check
+                runners[t] = runner
+                break
+        if t not in runners:
             return None
-        if not runner.check(embedded[:, t:], corrupt_logits):
-            return None
-        runners[t] = runner
     return runners
 
 
@@ -397,9 +470,10 @@ def _restore_suffix(model: Any, runner: SuffixRunner, kind: str, t: int, layers:
                         block[k * S:(k + 1) * S, 0] = clean["hidden"][layers[i]][t].to(block.device)
                 hidden = block if hidden is None else torch.cat([hidden, block.to(hidden.device)])
             if j < L and hidden is not None:
-                hidden = runner.block(j, hidden)
+                with mlp_at_one_position(model, j, -1) if j == L - 1 else nullcontext():
+                    hidden = runner.block(j, hidden)
         logits = model.readout(hidden[:, -1])
-    return logits.float().softmax(-1)[:, answer].view(len(layers), S).mean(1).cpu()
+    return _prob(logits, answer).view(len(layers), S).mean(1).cpu()
 
 
 def _restore(model: Any, runner: BlockRunner, kind: str, layer: int, start: int, chunk: list[int],
@@ -419,4 +493,4 @@ def _restore(model: Any, runner: BlockRunner, kind: str, layer: int, start: int,
                 h.replace(site(j, KIND_SITES[kind]), value[tokens.to(value.device)], rows=rows, positions=tokens,
                           paired=True)
         logits = runner.run(start, hidden, position, h)
-    return logits.float().softmax(-1)[:, answer].view(n, S).mean(1).cpu()
+    return _prob(logits, answer).view(n, S).mean(1).cpu()

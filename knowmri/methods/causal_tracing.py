@@ -101,9 +101,9 @@ class CausalTracing(Method):
         starts = {kind: [layer + 1 if kind == "hidden" else window_layers(layer, p.window, L).start for layer in range(L)]
                   for kind in p.kinds}
         if suffix:
-            for t in cells:  # a checked suffix runner per token: two recorded forwards and a check
-                passes += [Pass(rows=b, tokens=T - t, context=T, readout=b * (T - t), cache=True) for b in (1, 2)]
-                passes.append(Pass(rows=S, tokens=T - t, context=T, readout=S, model_call=False))
+            for t in cells:  # a checked suffix runner per token: two recordings (one block computed), a check
+                passes += [Pass(rows=b, tokens=T - t, blocks=1, context=T, readout=b, cache=True) for b in (1, 2)]
+                passes.append(Pass(rows=1, tokens=T - t, context=T, readout=1, model_call=False))
             for kind in p.kinds:
                 for t in cells:
                     per = max(1, p.batch_size * T // ((T - t) * S))

@@ -113,7 +113,17 @@ def test_suffix_check_failure_falls_back_to_whole_sequences(monkeypatch, suffix_
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_family(family, suffix_engine):
+def test_every_family(family, suffix_engine, monkeypatch):
+    from knowmri.methods import _tracing
+
+    built = []
+
+    class Spy(_tracing.SuffixRunner):
+        def __init__(self, *args, skip=True, **kwargs):
+            built.append(skip)
+            super().__init__(*args, skip=skip, **kwargs)
+
+    monkeypatch.setattr(_tracing, "SuffixRunner", Spy)
     model = tiny_model(family)
     method = get_method("causal_tracing")
     if model.kind == "seq2seq":
@@ -126,8 +136,34 @@ def test_every_family(family, suffix_engine):
         assert len(f[kind]) == n_tok and all(len(row) == model.n_layers for row in f[kind])
     assert 0 <= f["low_score"] <= 1 and 0 <= f["high_score"] <= 1
     assert f["engine"] == ("suffix block replay" if model.kind == "causal" else "block replay")
+    assert all(built) and bool(built) == (model.kind == "causal")  # block arguments recorded without computing
     assert [s["index"] for s in f["token_scores"]] == list(range(n_tok))
     assert len(f["layer_scores"]) == model.n_layers
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "t5"])
+def test_last_block_mlp_at_one_position(family):
+    """The last block's MLP may run on the read-out position only: that position's output is unchanged."""
+    from knowmri.hooks import Hooks
+    from knowmri.methods._tracing import mlp_at_one_position
+
+    model = tiny_model(family)
+    ids = torch.tensor([[3, 5, 7, 9, 11, 13]])
+    L = model.n_layers
+    rows = []
+    handle = model.component(L - 1, "mlp_down").register_forward_pre_hook(lambda m, a: rows.append(a[0].shape))
+    try:
+        with Hooks(model) as h:
+            full = h.read(f"blocks.{L - 1}.resid_post")
+            model.forward(input_ids=ids, attention_mask=torch.ones_like(ids))
+        with Hooks(model) as h, mlp_at_one_position(model, L - 1, -1):
+            one = h.read(f"blocks.{L - 1}.resid_post")
+            model.forward(input_ids=ids, attention_mask=torch.ones_like(ids))
+    finally:
+        handle.remove()
+    torch.testing.assert_close(one.value[:, -1], full.value[:, -1], atol=1e-5, rtol=1e-5)
+    if not model.spec.flat_mlp:
+        assert rows[1][-2] == 1 and rows[0][-2] == ids.shape[1]
 
 
 def test_kinds_subset_and_same_noise_for_same_seed():
