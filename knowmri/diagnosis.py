@@ -13,6 +13,7 @@ import torch
 from knowmri.matching import match
 from knowmri.methods.base import MethodResult, RunContext, get_method
 from knowmri.report.report import Report
+from knowmri.runtime import reuse_freed_memory
 from knowmri.sample import as_sample
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,12 @@ def diagnose(sample: Any, model: Any, methods: list[str] | str | None = None, pa
 
     if isinstance(model, str):
         model = load_model(model)
+    with reuse_freed_memory():  # big buffers are reused across methods instead of mapped afresh
+        return _diagnose(sample, model, methods, params, progress, seed, consensus, samples)
+
+
+def _diagnose(sample: Any, model: Any, methods: list[str] | str | None, params: dict[str, dict] | None,
+              progress: bool | Progress, seed: int, consensus: bool, samples: int | None) -> Report:
     if _is_dataset(sample):
         return diagnose_dataset(sample, model, methods=methods, params=params, progress=progress, seed=seed, samples=samples)
     sample = as_sample(sample)
@@ -91,11 +98,17 @@ def diagnose_dataset(dataset: Any, model: Any, methods: list[str] | str | None =
     Per-sample results are reduced as they come (token importance by role, mean layer scores,
     mean causal-tracing grids by token role, neuron frequency); see `knowmri.report.aggregate`.
     """
-    from knowmri.report.aggregate import Aggregator
-
     n = len(dataset) if samples is None else min(samples, len(dataset))
     if n < 1:
         raise ValueError("the dataset is empty")
+    with reuse_freed_memory():
+        return _diagnose_dataset(dataset, model, methods, params, progress, seed, n)
+
+
+def _diagnose_dataset(dataset: Any, model: Any, methods: list[str] | str | None, params: dict[str, dict] | None,
+                      progress: bool | Progress, seed: int, n: int) -> Report:
+    from knowmri.report.aggregate import Aggregator
+
     agg = Aggregator(model)
     report = Report(model=model.info(), sample={"dataset": getattr(dataset, "name", "dataset"), "samples": n})
     bar = _progress_bar(n, "sample") if progress is True else None
@@ -126,7 +139,8 @@ def run_method(method: Any, model: Any, sample: Any, overrides: dict | None, ctx
                             summary=f"Failed: {err}")
     try:
         torch.manual_seed(seed)
-        result = method.run(model, sample, params, ctx)
+        with reuse_freed_memory():
+            result = method.run(model, sample, params, ctx)
         result.params = params.to_dict()
     except Exception as err:  # one failing method never sinks a report
         log.debug("method %s failed:\n%s", method.name, traceback.format_exc())
