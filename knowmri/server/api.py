@@ -76,12 +76,20 @@ class ServerState:
         row = self.store.get(run_id, report=report)
         if row is None:
             raise not_found(f"no run {run_id!r}")
-        live = self.live.get(run_id)
-        if live is not None and row["status"] not in TERMINAL:
-            row["status"], row["progress"] = live["status"], live["progress"]
+        with_live_progress(row, self.live)
         if row.get("report") is None:
             row.pop("report", None)
         return row
+
+
+def with_live_progress(row: dict[str, Any], live: LiveState) -> None:
+    """Show the worker's fresher status on a stored run that is still active.
+
+    A finished state comes from the store only: it holds the report or the error message, which the
+    live state does not, and the worker writes the store before it announces the end."""
+    state = live.get(row["id"])
+    if state is not None and row["status"] not in TERMINAL and state["status"] not in TERMINAL:
+        row["status"], row["progress"] = state["status"], state["progress"]
 
 
 def state_of(request: Request) -> ServerState:
@@ -277,9 +285,7 @@ def list_runs(request: Request, limit: int = Query(50, ge=1, le=500), offset: in
     state = state_of(request)
     runs = state.store.list(limit=limit, offset=offset, status=status)
     for run in runs:
-        live = state.live.get(run["id"])
-        if live is not None and run["status"] not in TERMINAL:
-            run["status"], run["progress"] = live["status"], live["progress"]
+        with_live_progress(run, state.live)
     return {"runs": runs, "total": state.store.count(status), "limit": limit, "offset": offset}
 
 

@@ -108,8 +108,8 @@ class Worker:
 
     def _fail(self, run_id: str, message: str) -> None:
         progress = {"fraction": 1.0, "stage": "error", "message": message}
+        self.store.fail(run_id, message, progress)  # the store first: a reader never sees an error without its message
         self.live.set(run_id, "error", progress)
-        self.store.fail(run_id, message, progress)
 
     def _run(self, run_id: str) -> None:
         from knowmri.diagnosis import diagnose
