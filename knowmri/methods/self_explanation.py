@@ -174,6 +174,12 @@ def _generate(model: Any, text: str, max_new_tokens: int, *, chat: bool, primer:
         start = [model.config.decoder_start_token_id] + (tok(primer, add_special_tokens=False)["input_ids"] if primer else [])
         extra["decoder_input_ids"] = torch.tensor([start], dtype=torch.long, device=model.device)
     skip = extra["decoder_input_ids"].shape[1] if extra else input_ids.shape[1]
+    limit = model.max_length if model.kind == "causal" else None
+    if limit is not None:  # a learned position table ends at the context: generate only what fits
+        if input_ids.shape[1] >= limit:
+            raise ValueError(f"the explanation request takes {input_ids.shape[1]} tokens, which fills the model's "
+                             f"context of {limit}; use a shorter prompt")
+        max_new_tokens = min(max_new_tokens, limit - input_ids.shape[1])
     if done is not None:
         from transformers import StoppingCriteriaList
 

@@ -77,6 +77,26 @@ def test_plain_generation_on_tiny_model():
     assert again.findings["explanation"] == f["explanation"]  # greedy: deterministic
 
 
+def test_generation_stops_at_the_end_of_a_learned_position_table():
+    model = tiny_model("gpt2")  # 128 learned positions; the request plus 60 new tokens would pass them
+    asked: list[int] = []
+    generate = model.hf_model.generate
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs["max_new_tokens"])
+        return generate(*args, **kwargs)
+
+    used = model.encode("the city " * 40).input_ids.shape[1]
+    model.hf_model.generate = recording
+    try:
+        assert isinstance(_generate(model, "the city " * 40, 60, chat=False), str)  # no IndexError past position 128
+    finally:
+        del model.hf_model.generate
+    assert used + 60 > model.max_length and asked == [model.max_length - used]
+    with pytest.raises(ValueError, match="context"):
+        _generate(model, "the city " * 80, 5, chat=False)
+
+
 def test_chat_template_path():
     base = tiny_model("llama")
     tok = copy.deepcopy(base.tokenizer)
