@@ -21,15 +21,18 @@ Work model (T prompt tokens, L layers, S noise samples, V vocabulary, d model wi
   Big-matmul rate and bandwidth are measured too and reported.
 Per method (what the algorithm needs, not what any implementation does):
 - logit_lens: 1 forward + L x T read-outs (positions "all");
-- attention_weights, embedding_projection, fine: 1 forward (+ their vocabulary projections);
+- attention_weights, embedding_projection, fine: 1 forward (+ their vocabulary projections: for
+  embedding_projection every layer's residual, the top neurons' value vectors, each chosen head's OV
+  circuit on each distinct prompt token, and those tokens' embeddings);
 - integrated_gradients: `steps` forward+backward of the prompt, read-out at the answer only;
 - knowledge_neurons: 1 clean forward; per layer l, `steps` scaled rows that need only blocks
   l..L-1 at the answer position (the prefix's keys/values are the clean run's) + backward;
 - causal_tracing: clean + S corrupted forwards; restoring (token t >= subject start, layer l)
   re-runs blocks l+1..L-1 (hidden) or window start..L-1 (mlp, attn) for S rows over positions
   t..T-1 only (on a causal model the states before t are the corrupted run's), 1 read-out each;
-- knowledge_circuits (EAP-IG): clean forward + (1 + ig_steps) forward+backward + 1 forward for
-  the faithfulness check;
+- knowledge_circuits (EAP-IG): the candidate corrupted subjects scored (one forward each, to pick
+  the one that most lowers P(answer)) + clean forward + (1 + ig_steps) forward+backward + 1 forward
+  for the faithfulness check;
 - patchscopes: source forward + target prefix once + per layer l the patched token through
   blocks l+1..L-1 + (max_new_tokens - 1) cached decoding steps, one read-out per token;
 - self_explanation: two cached generations (the answer, then the explanation request);
@@ -113,7 +116,10 @@ def floor_work(name: str, model: Any, dims: Dims, prep: Any, params: Any, result
         extra = 2 * L * dims.d_mlp * dims.d * n_ans if name == "fine" else 0.0
         return Work(full + dims.readouts(1), extra=extra, passes="1 forward", rows=T)
     if name == "embedding_projection":
-        k = getattr(params, "top_neurons", 10) + getattr(params, "top_heads", 3) + T
+        f = result.findings if result is not None else {}
+        unique = len(f.get("neighbours") or {}) or T  # distinct prompt tokens
+        heads = len(f.get("heads") or []) if f else getattr(params, "top_heads", 3)
+        k = L + getattr(params, "top_neurons", 10) + heads * unique + unique  # the four views' vectors
         return Work(full + dims.readouts(1), extra=dims.readouts(k), passes=f"1 forward + {k} vocabulary projections",
                     parts=[(full + dims.readouts(1), T), (dims.readouts(k), k)])
     if name == "integrated_gradients":
@@ -143,10 +149,13 @@ def floor_work(name: str, model: Any, dims: Dims, prep: Any, params: Any, result
         return Work(fwd, passes=f"{1 + S} forwards + {reads} restorations over blocks l..L-1, positions t..T-1",
                     sweeps=3, rows=params.batch_size * T)
     if name == "knowledge_circuits":
+        f = result.findings if result is not None else {}
+        scored = (f.get("corruption") or {}).get("candidates_scored", 0)  # the counterfactual subject's search
         steps = 1 + (params.ig_steps if params.method == "eap-ig" else 1)
         one = full + dims.readouts(1)
-        return Work(3 * one + steps * one, bwd_of=steps * one, passes=f"2 forwards + {steps} forward+backward + 1 check",
-                    sweeps=4, parts=[(3 * one, T), (2 * steps * one, steps * T)])
+        return Work((3 + scored) * one + steps * one, bwd_of=steps * one,
+                    passes=f"{scored} candidate subjects + 2 forwards + {steps} forward+backward + 1 check",
+                    sweeps=5 if scored else 4, parts=[((3 + scored) * one, (scored or 1) * T), (2 * steps * one, steps * T)])
     if name == "patchscopes":
         f = result.findings if result is not None else {}
         tgt = len(model.tokenizer(params.target_prompt)["input_ids"])

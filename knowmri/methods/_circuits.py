@@ -338,11 +338,11 @@ def patched_metric(model: Any, clean_ids: torch.Tensor, keep: set[str], corrupte
 
 @torch.no_grad()
 def choose_subject(model: Any, prompt: str, subject: str, clean_ids: list[int], answer: int,
-                   candidates: tuple[str, ...] = SUBJECTS, limit: int = 24) -> tuple[str, list[int], int] | None:
+                   candidates: tuple[str, ...] = SUBJECTS, limit: int = 24) -> tuple[str, list[int], int, int] | None:
     """Of the first `limit` candidate subjects with the same token count (and no unknown tokens),
     the one that most lowers P(answer), scored in one batch.
 
-    Returns (subject, corrupted prompt ids, the corrupted run's top token) or None.
+    Returns (subject, corrupted prompt ids, the corrupted run's top token, candidates scored) or None.
     """
     start = prompt.rindex(subject)
     unk = model.tokenizer.unk_token_id
@@ -360,4 +360,4 @@ def choose_subject(model: Any, prompt: str, subject: str, clean_ids: list[int], 
     logits = forward_logits(model, torch.tensor([ids for _, ids in options], device=model.device))[:, -1].float()
     best = int(logits.softmax(-1)[:, answer].argmin())
     top2 = logits[best].topk(2).indices.tolist()
-    return options[best][0], options[best][1], top2[1] if top2[0] == answer else top2[0]
+    return options[best][0], options[best][1], top2[1] if top2[0] == answer else top2[0], len(options)

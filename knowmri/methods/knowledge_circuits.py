@@ -144,9 +144,10 @@ class KnowledgeCircuits(Method):
         candidates = (params.corrupt_subject,) if params.corrupt_subject else SUBJECTS
         found = choose_subject(model, prompt, subject, ids, answer, candidates)
         if found is not None:
-            cand, corrupt_ids, wrong = found
+            cand, corrupt_ids, wrong, scored = found
             start = prompt.rindex(subject)
-            return ({"kind": "subject swap", "subject": cand, "prompt": prompt[:start] + cand + prompt[start + len(subject):]},
+            return ({"kind": "subject swap", "subject": cand, "prompt": prompt[:start] + cand + prompt[start + len(subject):],
+                     "candidates_scored": scored},
                     torch.tensor([corrupt_ids], device=clean.device), wrong, None)
         why = (f"{params.corrupt_subject!r} does not tokenize to as many tokens as {subject!r}" if params.corrupt_subject
                else f"no built-in subject has as many tokens as {subject!r}")
