@@ -52,6 +52,10 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per command (the median is reported)")
     p.add_argument("--quick", action="store_true", help="reduced settings (what `make bench` runs)")
     p.add_argument("--skip-smollm2", action="store_true", help="tiny models only")
+    p.add_argument("--shape", default=None, choices=sorted(SHAPES),
+                   help="instead of the real SmolLM2, a model of this shape with random weights (where the GGUF "
+                        "cannot be carried, e.g. a GPU machine; 7B-class shapes for absolute numbers): timings and "
+                        "equality checks hold, findings are meaningless")
     p.add_argument("--out", default=None, help="result JSON path (default benchmarks/results/<name>.json)")
     return p
 
@@ -138,11 +142,50 @@ def tolerance(args: argparse.Namespace) -> dict[str, float]:
     return {"atol": 1e-4, "rtol": 1e-3} if args.dtype == "float32" else {"atol": 2e-2, "rtol": 5e-2}
 
 
+#: LLaMA-architecture shapes for `--shape` (random weights): SmolLM2-135M's own and 7B-class ones.
+SHAPES: dict[str, dict[str, Any]] = {
+    "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                     "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True,
+                     "max_position_embeddings": 8192, "rope_theta": 100000.0},
+    "llama-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+                 "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False,
+                 "max_position_embeddings": 4096},
+    "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                  "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
+                  "max_position_embeddings": 8192, "rope_theta": 500000.0},
+}
+
+
 def load_smollm2(args: argparse.Namespace) -> Any:
-    """The embedded SmolLM2-135M on the bench's device and dtype."""
+    """The embedded SmolLM2-135M on the bench's device and dtype (or the `--shape` model, random weights)."""
     import knowmri as km
 
+    if getattr(args, "shape", None):
+        return random_model(args.shape, args.device, DTYPES[args.dtype])
     return km.load_model("smollm2-135m", device=args.device, dtype=args.dtype)
+
+
+def random_model(shape: str, device: str, dtype: torch.dtype) -> Any:
+    """A LLaMA model of `shape` (SHAPES) with seeded random weights, built on `device` in `dtype`, and the
+    project's tiny BPE tokenizer (its ids are a subset of the vocabulary)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import knowmri as km
+    from knowmri.testing.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer("causal", bos=True)
+    config = LlamaConfig(**SHAPES[shape], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    config._name_or_path = f"random-{shape}"
+    previous = torch.get_default_dtype()
+    torch.manual_seed(0)
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            hf = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return km.load_model(hf.eval(), tokenizer=tok)
 
 
 def eiffel() -> Any:

@@ -43,11 +43,13 @@ def discover(only: list[str], skip: list[str]) -> list[Path]:
 def arguments(path: Path, args: argparse.Namespace) -> list[str]:
     """The options a bench accepts, as far as its source shows (other authors' benches vary)."""
     source = path.read_text(errors="replace")
-    if "H.parser(" in source:  # the harness's common options
-        source += '"--quick" "--device" "--dtype"'
+    if "H.parser(" in source or ("_harness import" in source and "parser(" in source):  # the harness's options
+        source += '"--quick" "--device" "--dtype" "--shape"'
     out = []
     if not args.full and '"--quick"' in source:
         out.append("--quick")
+    if args.shape:
+        out += ["--shape", args.shape] if '"--shape"' in source else ["#--shape not supported"]
     for flag, value in (("--device", args.device), ("--dtype", args.dtype)):
         if f'"{flag}"' in source and value:
             out += [flag, value]
@@ -252,6 +254,7 @@ def main() -> None:
     p.add_argument("--no-run", action="store_true", help="only collect the existing results")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--shape", default=None, help="a random-weight model of this shape instead of SmolLM2 (see _harness.SHAPES)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     started = time.time()
