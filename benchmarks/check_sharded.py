@@ -72,8 +72,9 @@ def dispatch(model: Any, devices: list[str]) -> Any:
     blocks = [names[layer] for layer in model.layers]
     container = blocks[0].rsplit(".", 1)[0]
     last = {names[m] for m in (model.final_norm,) if m is not None}
-    if model.hf_model.get_output_embeddings() is not None and not model.config.tie_word_embeddings:
-        last.add(names[model.hf_model.get_output_embeddings()])
+    unembed = hf.get_output_embeddings()
+    if unembed is not None and not model.config.tie_word_embeddings:
+        last.add(names[unembed])
     device_map: dict[str, str] = {}
 
     def place(module: torch.nn.Module, prefix: str) -> None:
