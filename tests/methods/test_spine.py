@@ -2,6 +2,7 @@
 are recovered as dimensions, and the trained weights are cached and reused."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -127,14 +128,25 @@ def test_trains_under_inference_mode():
 
 
 def reference_train(x, hidden_dim, *, rho=0.15, noise=0.2, epochs=2, batch_size=64, lr=3e-3, seed=0):
-    """SPINE as first written: autograd and torch.optim.Adam (what the hand-written update must equal bit for bit)."""
+    """SPINE as first written: autograd and fused torch.optim.Adam over the parameters held in one flat buffer, as
+    train_spine holds them (what the hand-written gradient must equal bit for bit)."""
     n, d = x.shape
     g = torch.Generator().manual_seed(seed)
-    params = [((torch.rand(shape, generator=g) * 2 - 1) * bound).requires_grad_()
-              for shape, bound in (((d, hidden_dim), d**-0.5), ((hidden_dim,), d**-0.5),
-                                   ((hidden_dim, d), hidden_dim**-0.5), ((d,), hidden_dim**-0.5))]
-    w_enc, b_enc, w_dec, b_dec = params
-    opt = torch.optim.Adam(params, lr=lr)
+    shapes = {"w_enc": (d, hidden_dim), "w_dec": (hidden_dim, d), "b_dec": (d,), "b_enc": (hidden_dim,)}
+    flat = torch.zeros(sum(math.prod(s) for s in shapes.values()), requires_grad=True)
+    spans, at = {}, 0
+    for key, shape in shapes.items():
+        spans[key] = (at, at + math.prod(shape))
+        at += math.prod(shape)
+
+    def views():
+        return {key: flat[a:b].view(shapes[key]) for key, (a, b) in spans.items()}
+
+    with torch.no_grad():
+        for key, bound in (("w_enc", d**-0.5), ("b_enc", d**-0.5), ("w_dec", hidden_dim**-0.5),
+                           ("b_dec", hidden_dim**-0.5)):  # the generator's order
+            views()[key].copy_((torch.rand(shapes[key], generator=g) * 2 - 1) * bound)
+    opt = torch.optim.Adam([flat], lr=lr, fused=True)
     batches = -(-n // batch_size)
     totals = []
     for _ in range(epochs):
@@ -143,6 +155,7 @@ def reference_train(x, hidden_dim, *, rho=0.15, noise=0.2, epochs=2, batch_size=
         for i in range(batches):
             y = x[order[i * batch_size : (i + 1) * batch_size]]
             noisy = y + noise * torch.randn(y.shape, generator=g)
+            w_enc, b_enc, w_dec, b_dec = (views()[k] for k in ("w_enc", "b_enc", "w_dec", "b_dec"))
             z = (noisy @ w_enc + b_enc).clamp(0, 1)
             rec = ((z @ w_dec + b_dec - y) ** 2).mean()
             asl = ((z.mean(0) - rho).clamp(min=0) ** 2).sum() / hidden_dim
@@ -152,7 +165,7 @@ def reference_train(x, hidden_dim, *, rho=0.15, noise=0.2, epochs=2, batch_size=
             opt.step()
             sums += torch.stack([rec, asl, psl]).detach() * len(y)
         totals.append(sum((sums / n).tolist()))
-    return {"w_enc": w_enc, "b_enc": b_enc, "w_dec": w_dec, "b_dec": b_dec}, totals
+    return views(), totals
 
 
 @pytest.mark.parametrize(("n", "d", "batch_size"), [(300, 64, 64), (200, 18, 7)])  # noise drawn per epoch / per batch
