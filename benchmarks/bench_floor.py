@@ -22,6 +22,7 @@ Work model (T prompt tokens, L layers, S noise samples, V vocabulary, d model wi
 Per method (what the algorithm needs, not what any implementation does):
 - logit_lens: 1 forward + L x T read-outs (positions "all");
 - attention_weights, embedding_projection, fine: 1 forward (+ their vocabulary projections: for
+  fine every value vector against the answer and the listed neurons' value vectors, for
   embedding_projection every layer's residual, the top neurons' value vectors, each chosen head's OV
   circuit on each distinct prompt token, and those tokens' embeddings);
 - integrated_gradients: `steps` forward+backward of the prompt, read-out at the answer only;
@@ -112,9 +113,12 @@ def floor_work(name: str, model: Any, dims: Dims, prep: Any, params: Any, result
         reads = L * T if getattr(params, "positions", "all") == "all" else L
         return Work(full + dims.readouts(reads), passes=f"1 forward + {reads} read-outs",
                     parts=[(full, T), (dims.readouts(reads), reads)])
-    if name in ("attention_weights", "fine"):
-        extra = 2 * L * dims.d_mlp * dims.d * n_ans if name == "fine" else 0.0
-        return Work(full + dims.readouts(1), extra=extra, passes="1 forward", rows=T)
+    if name == "attention_weights":
+        return Work(full + dims.readouts(1), passes="1 forward", rows=T)
+    if name == "fine":  # + every value vector against the answer tokens, the listed neurons' vocabulary projections
+        k, values = getattr(params, "top_k", 20), 2 * L * dims.d_mlp * dims.d * n_ans
+        return Work(full + dims.readouts(1), extra=values + dims.readouts(k), passes=f"1 forward + {k} vocabulary projections",
+                    parts=[(full + dims.readouts(1) + values, T), (dims.readouts(k), k)])
     if name == "embedding_projection":
         f = result.findings if result is not None else {}
         unique = len(f.get("neighbours") or {}) or T  # distinct prompt tokens
