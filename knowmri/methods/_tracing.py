@@ -365,6 +365,7 @@ def trace(model: Any, input_ids: torch.Tensor, position: int, answer: int, subje
     with Hooks(model) as h, record_calls(model) as calls_many:
         h.add("embed", noise_run, positions=subj)
         last = h.read(site(L - 1, "resid_post"))
+        mlp_caps = [h.read(site(layer, "mlp.out")) for layer in range(L)] if suffix and "mlp" in kinds else []
         out = model.hf_model(input_ids=input_ids.repeat(n_run, 1), attention_mask=mask.repeat(n_run, 1),
                              use_cache=suffix)
     cache = (getattr(out, "cache", None) or getattr(out, "past_key_values", None)) if suffix else None
@@ -380,6 +381,9 @@ def trace(model: Any, input_ids: torch.Tensor, position: int, answer: int, subje
     suffixes = _suffix_runners(model, input_ids, mask, cells, cache, S, corrupt[0], corrupt_logits) \
         if runner.direct and isinstance(cache, Cache) else None
     if suffixes is not None:
+        corrupt_mlp = [c.value[:S] for c in mlp_caps]
+        skip_first = corrupt_mlp if corrupt_mlp and _first_block_shortcut(
+            model, suffixes[cells[0]], cells[0], clean["mlp"], corrupt, corrupt_mlp) else None
         done, total = 0, len(kinds) * len(cells)
         for kind in kinds:
             starts = [layer + 1 if kind == "hidden" else window_layers(layer, window, L).start for layer in range(L)]
@@ -388,7 +392,8 @@ def trace(model: Any, input_ids: torch.Tensor, position: int, answer: int, subje
                 for i in range(0, L, rows):
                     layers = list(range(i, min(L, i + rows)))
                     grids[kind][t, layers] = _restore_suffix(model, suffixes[t], kind, t, layers, starts, clean,
-                                                             corrupt, answer, window, S)
+                                                             corrupt, answer, window, S,
+                                                             skip_first if kind == "mlp" else None)
                 done += 1
                 if progress is not None:
                     progress(done / total, f"{kind} token {t}")
@@ -443,37 +448,82 @@ def _suffix_runners(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, cel
 
 def _restore_suffix(model: Any, runner: SuffixRunner, kind: str, t: int, layers: list[int], starts: list[int],
                     clean: dict[str, list[torch.Tensor]], corrupt: list[torch.Tensor], answer: int, window: int,
-                    S: int) -> torch.Tensor:
+                    S: int, skip_first: list[torch.Tensor] | None = None) -> torch.Tensor:
     """P(answer) averaged over noise samples for restoring (t, l), l in `layers`, in one staircase batch.
 
-    Rows are (layer l, sample s), ordered by the block they start at: rows join the batch at their start
+    Rows are (group, sample s), ordered by the block they start at: rows join the batch at their start
     block (until then they equal the corrupted run), so each block runs once over the rows that need it.
+    Restorations whose states are still equal share rows (a group): ROME's windows at the first layers
+    all start at block 0 and restore the same blocks until the shortest one ends, where the group splits.
+    With `skip_first` (mlp, the corrupted MLP outputs per layer [S, T, d]), a window's first block is not
+    run: it changes only position t, by the clean minus the corrupted MLP output there.
     """
     L = model.n_layers
-    first = min(starts[layer] for layer in layers)
+    windows = [set() if kind == "hidden" else set(window_layers(layer, window, L)) for layer in layers]
+    joins = [starts[layer] + (skip_first is not None) for layer in layers]
+    groups: list[list[int]] = []  # members (indices into `layers`) of each group of S rows, in row order
     hidden = None
-    with Hooks(model) as h:
-        if kind != "hidden":
-            for j in range(first, L):
-                rows = [i * S + s for i, layer in enumerate(layers) if j in window_layers(layer, window, L)
-                        for s in range(S)]
+    for j in range(min(joins), L + 1):
+        if hidden is not None and j < L:  # split the groups whose members stop agreeing at block j
+            split: list[list[int]] = []
+            source: list[int] = []
+            for g, members in enumerate(groups):
+                parts = [[i for i in members if (j in windows[i]) == flag] for flag in (True, False)]
+                for part in parts:
+                    if part:
+                        split.append(part)
+                        source.append(g)
+            if len(split) != len(groups):
+                index = torch.tensor([g * S + s for g in source for s in range(S)], device=hidden.device)
+                hidden, groups = hidden.index_select(0, index), split
+        new = [i for i in range(len(layers)) if joins[i] == j]
+        for flag in (True, False):
+            members = [i for i in new if (j in windows[i]) == flag]
+            if not members:
+                continue
+            for part in ([[i] for i in members] if kind == "hidden" else [members]):
+                block = corrupt[j][:, t:].clone()
+                if kind == "hidden":
+                    block[:, 0] = clean["hidden"][layers[part[0]]][t].to(block.device)
+                elif skip_first is not None:
+                    a = j - 1
+                    block[:, 0] += (clean[kind][a][t].to(block.device) - skip_first[a][:, t].to(block.device))
+                groups.append(part)
+                hidden = block if hidden is None else torch.cat([hidden, block.to(hidden.device)])
+        if j < L and hidden is not None:
+            rows = [g * S + s for g, members in enumerate(groups) if j in windows[members[0]] for s in range(S)]
+            with Hooks(model) as h:
                 if rows:
                     value = clean[kind][j][t]
                     h.replace(site(j, KIND_SITES[kind]), value.expand(len(rows), -1), rows=rows,
                               positions=[0] * len(rows), paired=True)
-        for j in range(first, L + 1):
-            new = [i for i, layer in enumerate(layers) if starts[layer] == j]
-            if new:
-                block = corrupt[j][:, t:].repeat(len(new), 1, 1)
-                if kind == "hidden":
-                    for k, i in enumerate(new):
-                        block[k * S:(k + 1) * S, 0] = clean["hidden"][layers[i]][t].to(block.device)
-                hidden = block if hidden is None else torch.cat([hidden, block.to(hidden.device)])
-            if j < L and hidden is not None:
                 with mlp_at_one_position(model, j, -1) if j == L - 1 else nullcontext():
                     hidden = runner.block(j, hidden)
-        logits = model.readout(hidden[:, -1])
-    return _prob(logits, answer).view(len(layers), S).mean(1).cpu()
+    per_group = _prob(model.readout(hidden[:, -1]), answer).view(len(groups), S).mean(1).cpu()
+    out = torch.empty(len(layers))
+    for g, members in enumerate(groups):
+        out[members] = per_group[g]
+    return out
+
+
+def _first_block_shortcut(model: Any, runner: SuffixRunner, t: int, clean: list[torch.Tensor],
+                          corrupt: list[torch.Tensor], corrupt_mlp: list[torch.Tensor]) -> bool:
+    """Whether block 0's output with its MLP output at t restored equals the corrupted block output plus
+    (clean - corrupted) MLP output at t: true where the MLP output is added to the residual stream as is."""
+    try:
+        with Hooks(model) as h:
+            h.replace(site(0, "mlp.out"), clean[0][t], positions=[0])
+            with mlp_at_one_position(model, 0, -1) if model.n_layers == 1 else nullcontext():
+                ran = runner.block(0, corrupt[0][:, t:])
+    except (ValueError, TypeError, RuntimeError, IndexError, KeyError, AttributeError):
+        return False
+    formula = corrupt[1][:, t:].clone()
+    formula[:, 0] += clean[0][t].to(formula.device) - corrupt_mlp[0][:, t].to(formula.device)
+    if model.n_layers == 1:
+        ran, formula = ran[:, -1], formula[:, -1]
+    tol = 1e-4 if ran.dtype == torch.float32 else 2e-2
+    scale = float(formula.float().abs().max()) or 1.0
+    return float((ran.float() - formula.float()).abs().max()) <= tol * scale
 
 
 def _restore(model: Any, runner: BlockRunner, kind: str, layer: int, start: int, chunk: list[int],

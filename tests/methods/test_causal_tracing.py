@@ -206,3 +206,38 @@ def test_smollm2_eiffel_early_and_late_sites(smollm2):
     assert float(hidden[last, : L // 3].max()) < 0.2 * drop  # the last token does not matter early ...
     assert float(hidden[last, L - L // 5:].min()) > 0.5 * drop  # ... but does in the late layers
     assert "Early site" in result.summary and "late site" in result.summary
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_suffix_engine_equals_whole_sequences(family, monkeypatch):
+    """On every causal family, the suffix staircase (shared window groups, the MLP window's first block
+    skipped where the MLP output adds to the residual stream as is) gives the whole-sequence engine's grids."""
+    from knowmri.methods import _tracing
+
+    model = tiny_model(family)
+    if model.kind != "causal":
+        pytest.skip("the suffix engine is for causal models")
+    shortcut = []
+    real = _tracing._first_block_shortcut
+    monkeypatch.setattr(_tracing, "_first_block_shortcut", lambda *a: shortcut.append(real(*a)) or shortcut[-1])
+    kinds = ["hidden", "mlp", "attn"]
+    monkeypatch.setattr(_tracing, "_suffix_pays", lambda *args: True)
+    fast = run(model, SHORT, samples=2, window=3, kinds=kinds).findings
+    monkeypatch.setattr(_tracing, "_suffix_pays", lambda *args: False)
+    slow = run(model, SHORT, samples=2, window=3, kinds=kinds).findings
+    assert (fast["engine"], slow["engine"]) == ("suffix block replay", "block replay")
+    assert shortcut == [True]  # every family adds the MLP output to the residual stream as is
+    for kind in kinds:
+        torch.testing.assert_close(torch.tensor(fast[kind]), torch.tensor(slow[kind]), atol=1e-6, rtol=1e-4)
+
+
+def test_without_first_block_shortcut(monkeypatch, suffix_engine):
+    """Where the shortcut's check fails, the MLP window's first block is run: the same grids."""
+    from knowmri.methods import _tracing
+
+    model = km.testing.planted_model("llama").model
+    fast = run(model, FACT, samples=2, window=3).findings
+    monkeypatch.setattr(_tracing, "_first_block_shortcut", lambda *args: False)
+    slow = run(model, FACT, samples=2, window=3).findings
+    for kind in ("hidden", "mlp", "attn"):
+        torch.testing.assert_close(torch.tensor(fast[kind]), torch.tensor(slow[kind]), atol=1e-6, rtol=1e-4)
