@@ -506,6 +506,28 @@ def _restore_suffix(model: Any, runner: SuffixRunner, kind: str, t: int, layers:
     return out
 
 
+def staircase_cost(kind: str, layers: list[int], starts: list[int], window: int, n_layers: int,
+                   skip_first: bool) -> tuple[int, int]:
+    """(group block calls, groups read out) of `_restore_suffix`'s staircase, in units of S rows: what the
+    engine runs, for `estimate` (the same joins, splits and window sharing, without tensors)."""
+    windows = [set() if kind == "hidden" else set(window_layers(layer, window, n_layers)) for layer in layers]
+    joins = [starts[layer] + skip_first for layer in layers]
+    groups: list[list[int]] = []
+    calls = 0
+    for j in range(min(joins), n_layers + 1):
+        if j < n_layers:
+            groups = [part for members in groups for flag in (True, False)
+                      if (part := [i for i in members if (j in windows[i]) == flag])]
+        new = [i for i in range(len(layers)) if joins[i] == j]
+        for flag in (True, False):
+            members = [i for i in new if (j in windows[i]) == flag]
+            if members:
+                groups += [[i] for i in members] if kind == "hidden" else [members]
+        if j < n_layers:
+            calls += len(groups)
+    return calls, len(groups)
+
+
 def _first_block_shortcut(model: Any, runner: SuffixRunner, t: int, clean: list[torch.Tensor],
                           corrupt: list[torch.Tensor], corrupt_mlp: list[torch.Tensor]) -> bool:
     """Whether block 0's output with its MLP output at t restored equals the corrupted block output plus

@@ -81,9 +81,10 @@ class CausalTracing(Method):
         """The engine's passes (`_tracing.trace`): the embedding std, the clean and the corrupted run (full
         logits, kept to the end with the corrupted run's cache), then per kind and restored token the
         staircase batches of rows over blocks start..L-1 (on a causal model only positions t..T-1 over
-        the corrupted prefix, `batch_size` x T / (T - t) rows' worth of tokens per batch; otherwise whole
+        the corrupted prefix, `batch_size` x T / (T - t) rows' worth of tokens per batch, with the rows that
+        are still equal shared and the MLP window's first block skipped, `staircase_cost`; otherwise whole
         prompts, `batch_size` rows), each read out at the last position."""
-        from knowmri.methods._tracing import _suffix_pays
+        from knowmri.methods._tracing import _suffix_pays, staircase_cost
         from knowmri.methods.common import Dims, Pass, elementwise_seconds, prepare_passes, sample_shape, work_estimate
 
         p = params if isinstance(params, CausalTracingParams) else CausalTracingParams()
@@ -109,11 +110,10 @@ class CausalTracing(Method):
                     per = max(1, p.batch_size * T // ((T - t) * S))
                     for i in range(0, L, per):
                         layers = range(i, min(L, i + per))
-                        rows = S * len(layers)
-                        block_rows = sum(S * (L - starts[kind][layer]) for layer in layers)
-                        span = L - min(starts[kind][layer] for layer in layers)
-                        passes.append(Pass(rows=rows, tokens=T - t, blocks=block_rows / rows, span=span, context=T,
-                                           readout=rows, model_call=False))
+                        calls, groups = staircase_cost(kind, list(layers), starts[kind], p.window, L, kind == "mlp")
+                        span = L - min(starts[kind][layer] for layer in layers) - (kind == "mlp")
+                        passes.append(Pass(rows=S * groups, tokens=T - t, blocks=calls / groups, span=span, context=T,
+                                           readout=S * groups, model_call=False))
         else:
             per = max(1, p.batch_size // S)
             for kind in p.kinds:

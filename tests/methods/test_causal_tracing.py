@@ -241,3 +241,39 @@ def test_without_first_block_shortcut(monkeypatch, suffix_engine):
     slow = run(model, FACT, samples=2, window=3).findings
     for kind in ("hidden", "mlp", "attn"):
         torch.testing.assert_close(torch.tensor(fast[kind]), torch.tensor(slow[kind]), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 10])
+def test_staircase_cost_counts_the_engine(window, monkeypatch, suffix_engine):
+    """`estimate`'s staircase count (`staircase_cost`) is the number of S-row groups the engine runs."""
+    from knowmri.methods import _tracing
+
+    model = km.testing.planted_model("llama").model
+    runs, reads = [], []
+    block, readout = _tracing.SuffixRunner.block, type(model).readout
+
+    def spy_block(self, layer, hidden):
+        runs.append(hidden.shape[0] // 2)
+        return block(self, layer, hidden)
+
+    def spy_readout(self, hidden):
+        reads.append(hidden.shape[0] // 2)
+        return readout(self, hidden)
+
+    result = run(model, FACT, samples=2, window=window)
+    L, T = model.n_layers, len(result.findings["tokens"])
+    cells = range(result.findings["subject_span"]["start"], T)
+    want_calls = want_groups = 0
+    for kind in ("hidden", "mlp", "attn"):
+        starts = [layer + 1 if kind == "hidden" else _tracing.window_layers(layer, window, L).start for layer in range(L)]
+        for _ in cells:
+            calls, groups = _tracing.staircase_cost(kind, list(range(L)), starts, window, L, kind == "mlp")
+            want_calls, want_groups = want_calls + calls, want_groups + groups
+    monkeypatch.setattr(_tracing.SuffixRunner, "block", spy_block)
+    monkeypatch.setattr(type(model), "readout", spy_readout)
+    monkeypatch.setattr(_tracing.SuffixRunner, "check", lambda self, *args: True)
+    monkeypatch.setattr(_tracing, "_first_block_shortcut", lambda *args: True)
+    run(model, FACT, samples=2, window=window, batch_size=10_000)
+    staircase = len(cells) * 3  # one staircase per (kind, token): all layers in one batch
+    assert sum(runs) == want_calls  # the checks run one row (0 groups of 2)
+    assert sum(reads[-staircase:]) == want_groups
