@@ -29,8 +29,10 @@ Per method (what the algorithm needs, not what any implementation does):
 - knowledge_neurons: 1 clean forward; per layer l, `steps` scaled rows that need only blocks
   l..L-1 at the answer position (the prefix's keys/values are the clean run's) + backward;
 - causal_tracing: clean + S corrupted forwards; restoring (token t >= subject start, layer l)
-  re-runs blocks l+1..L-1 (hidden) or window start..L-1 (mlp, attn) for S rows over positions
-  t..T-1 only (on a causal model the states before t are the corrupted run's), 1 read-out each;
+  re-runs blocks l+1..L-1 (hidden) or window start..L-1 (mlp, attn; the MLP window's first block
+  only adds the clean MLP output at t) for S rows over positions t..T-1 only (on a causal model
+  the states before t are the corrupted run's), 1 read-out each, restorations whose states are
+  still equal (ROME's first windows, until the shortest ends) computed once;
 - knowledge_circuits (EAP-IG): the candidate corrupted subjects scored (one forward each, to pick
   the one that most lowers P(answer)) + clean forward + (1 + ig_steps) forward+backward + 1 forward
   for the faithfulness check;
@@ -141,16 +143,19 @@ def floor_work(name: str, model: Any, dims: Dims, prep: Any, params: Any, result
         S = params.samples
         s0 = prep.subject.start if prep.subject is not None else 0
         cells = range(s0, T) if model.kind == "causal" else range(T)
-        work = 0.0
+        from knowmri.methods._tracing import staircase_cost, window_layers
+
+        work, reads = 0.0, 0
         for kind in params.kinds:
-            for layer in range(L):
-                start = layer + 1 if kind == "hidden" else max(0, layer - params.window // 2)
-                for t in cells:  # a causal model's states before t are the corrupted run's
-                    suffix = T - t if model.kind == "causal" else T
-                    work += S * (L - start) * dims.tokens(suffix, T)
-        reads = S * len(cells) * L * len(params.kinds)
+            starts = [layer + 1 if kind == "hidden" else window_layers(layer, params.window, L).start for layer in range(L)]
+            # distinct states only: restorations still equal share rows, an MLP window's first block is a sum
+            calls, groups = staircase_cost(kind, list(range(L)), starts, params.window, L, kind == "mlp")
+            for t in cells:  # a causal model's states before t are the corrupted run's
+                suffix = T - t if model.kind == "causal" else T
+                work += S * calls * dims.tokens(suffix, T)
+                reads += S * groups
         fwd = (1 + S) * (full + dims.readouts(1)) + work + dims.readouts(reads)
-        return Work(fwd, passes=f"{1 + S} forwards + {reads} restorations over blocks l..L-1, positions t..T-1",
+        return Work(fwd, passes=f"{1 + S} forwards + {reads} distinct restorations over blocks l..L-1, positions t..T-1",
                     sweeps=3, rows=params.batch_size * T)
     if name == "knowledge_circuits":
         f = result.findings if result is not None else {}
