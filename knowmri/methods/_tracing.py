@@ -145,24 +145,31 @@ def _hidden_of(call: tuple[tuple, dict]) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _expand(one: Any, many: Any, n: int, batch: int) -> Any:
-    """`one` (recorded at batch 1) for `batch` rows, its batch axis found by comparing with `many` (batch n)."""
+def _expand(one: Any, many: Any, n: int, batch: int, memo: dict | None = None) -> Any:
+    """`one` (recorded at batch 1) for `batch` rows, its batch axis found by comparing with `many` (batch n).
+
+    `memo` shares one expanded copy among the blocks that were passed the same tensor (rotary tables, masks)."""
     if isinstance(one, torch.Tensor):
         if not isinstance(many, torch.Tensor):
             raise ValueError("block arguments differ between batch sizes")
         if one.shape == many.shape:
             return one
         if one.dim() and one.shape[0] * n == many.shape[0] and one.shape[1:] == many.shape[1:]:
-            return one.repeat(batch, *[1] * (one.dim() - 1))
+            if memo is None:
+                return one.repeat(batch, *[1] * (one.dim() - 1))
+            key = (id(one), batch)
+            if key not in memo:
+                memo[key] = (one, one.repeat(batch, *[1] * (one.dim() - 1)))  # `one` kept: its id stays unique
+            return memo[key][1]
         raise ValueError(f"cannot find the batch axis of a block argument of shape {tuple(one.shape)}")
     if isinstance(one, (tuple, list)):
         if not isinstance(many, (tuple, list)) or len(one) != len(many):
             raise ValueError("block arguments differ between batch sizes")
-        return type(one)(_expand(a, b, n, batch) for a, b in zip(one, many))
+        return type(one)(_expand(a, b, n, batch, memo) for a, b in zip(one, many))
     if isinstance(one, dict):
         if not isinstance(many, dict) or one.keys() != many.keys():
             raise ValueError("block arguments differ between batch sizes")
-        return {k: _expand(v, many[k], n, batch) for k, v in one.items()}
+        return {k: _expand(v, many[k], n, batch, memo) for k, v in one.items()}
     return one
 
 
@@ -176,16 +183,20 @@ class BlockRunner:
         self.input_ids, self.attention_mask = input_ids, attention_mask
         self.direct = True
         self._cache: dict[tuple[int, int], tuple[tuple, dict, bool]] = {}
+        self._memo: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _call(self, layer: int, batch: int) -> tuple[tuple, dict, bool]:
         """The block's recorded arguments for `batch` rows, and whether it takes `hidden_states` by name."""
         key = (layer, batch)
         if key not in self._cache:
+            if any(b != batch for _, b in self._cache):
+                self._cache.clear()  # one batch size at a time (a staircase changes it at every block)
+                self._memo.clear()
             (a1, k1), (an, kn) = self.calls_one[layer], self.calls_many[layer]
-            args = _expand(tuple(a1[1:]), tuple(an[1:]), self.n_many, batch)
+            args = _expand(tuple(a1[1:]), tuple(an[1:]), self.n_many, batch, self._memo)
             drop = {"hidden_states"} if not a1 else set()
             kwargs = _expand({k: v for k, v in k1.items() if k not in drop},
-                             {k: v for k, v in kn.items() if k not in drop}, self.n_many, batch)
+                             {k: v for k, v in kn.items() if k not in drop}, self.n_many, batch, self._memo)
             self._cache[key] = (args, kwargs, not a1)
         return self._cache[key]
 
