@@ -277,3 +277,21 @@ def test_staircase_cost_counts_the_engine(window, monkeypatch, suffix_engine):
     staircase = len(cells) * 3  # one staircase per (kind, token): all layers in one batch
     assert sum(runs) == want_calls  # the checks run one row (0 groups of 2)
     assert sum(reads[-staircase:]) == want_groups
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_one_layer_model(family, monkeypatch):
+    """A one-block model: the MLP shortcut's check and the staircase read out after the only block."""
+    from knowmri.methods import _tracing
+    from knowmri.testing import tiny
+
+    monkeypatch.setattr(tiny, "N_LAYERS", 1)
+    model = tiny.build_tiny(family)
+    assert model.n_layers == 1
+    monkeypatch.setattr(_tracing, "_suffix_pays", lambda *args: True)
+    fast = run(model, SHORT, samples=2, window=1).findings
+    monkeypatch.setattr(_tracing, "_suffix_pays", lambda *args: False)
+    slow = run(model, SHORT, samples=2, window=1).findings
+    assert (fast["engine"], slow["engine"]) == ("suffix block replay", "block replay")
+    for kind in ("hidden", "mlp", "attn"):
+        torch.testing.assert_close(torch.tensor(fast[kind]), torch.tensor(slow[kind]), atol=1e-6, rtol=1e-4)
