@@ -143,11 +143,11 @@ def floor_work(name: str, model: Any, dims: Dims, prep: Any, params: Any, result
         S = params.samples
         s0 = prep.subject.start if prep.subject is not None else 0
         cells = range(s0, T) if model.kind == "causal" else range(T)
-        from knowmri.methods._tracing import staircase_cost, window_layers
+        from knowmri.methods._tracing import restore_starts, staircase_cost
 
         work, reads = 0.0, 0
         for kind in params.kinds:
-            starts = [layer + 1 if kind == "hidden" else window_layers(layer, params.window, L).start for layer in range(L)]
+            starts = restore_starts(kind, params.window, L)
             # distinct states only: restorations still equal share rows, an MLP window's first block is a sum
             calls, groups = staircase_cost(kind, list(range(L)), starts, params.window, L, kind == "mlp")
             for t in cells:  # a causal model's states before t are the corrupted run's

@@ -397,7 +397,7 @@ def trace(model: Any, input_ids: torch.Tensor, position: int, answer: int, subje
             model, suffixes[cells[0]], cells[0], clean["mlp"], corrupt, corrupt_mlp) else None
         done, total = 0, len(kinds) * len(cells)
         for kind in kinds:
-            starts = [layer + 1 if kind == "hidden" else window_layers(layer, window, L).start for layer in range(L)]
+            starts = restore_starts(kind, window, L)
             for t in cells:
                 rows = max(1, batch_size * T // ((T - t) * S))  # the same tokens per forward as whole sequences
                 for i in range(0, L, rows):
@@ -411,8 +411,9 @@ def trace(model: Any, input_ids: torch.Tensor, position: int, answer: int, subje
         return TraceResult(high, low, grids, "suffix block replay")
     done, total = 0, len(kinds) * L
     for kind in kinds:
+        starts = restore_starts(kind, window, L)
         for layer in range(L):
-            start = layer + 1 if kind == "hidden" else window_layers(layer, window, L).start
+            start = starts[layer]
             for i in range(0, len(cells), per_batch):
                 chunk = cells[i:i + per_batch]
                 grids[kind][chunk, layer] = _restore(model, runner, kind, layer, start, chunk, clean, corrupt,
@@ -432,8 +433,7 @@ def _suffix_pays(model: Any, T: int, first: int, S: int, kinds: list[str], windo
     """Whether re-running only suffixes saves more arithmetic than its extra block calls cost."""
     L = model.n_layers
     block = 2 * sum(p.numel() for p in model.layers[0].parameters() if p.dim() == 2)
-    starts = sum(L - (layer + 1 if kind == "hidden" else window_layers(layer, window, L).start)
-                 for kind in kinds for layer in range(L))
+    starts = sum(L - start for kind in kinds for start in restore_starts(kind, window, L))
     saved = S * starts * sum(range(first, T)) * block / _FLOPS_PER_SECOND  # positions < t no longer re-run
     extra = (T - first) * L * (len(kinds) + 3) * _CALL_SECONDS  # a staircase per (kind, t), recording and check
     return saved > extra
@@ -457,52 +457,82 @@ def _suffix_runners(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, cel
     return runners
 
 
+def restore_starts(kind: str, window: int, n_layers: int) -> list[int]:
+    """The first block each layer's restoration changes: l + 1 for a hidden state, else its window's start."""
+    return [layer + 1 if kind == "hidden" else window_layers(layer, window, n_layers).start for layer in range(n_layers)]
+
+
+@dataclass
+class _Step:
+    """One block of a staircase: the groups (of S rows) that split, join and run there."""
+
+    block: int
+    source: list[int] | None  # each group after the split: the group whose rows it copies (None: no split)
+    joined: list[list[int]]  # groups that join at this block (members: indices into the staircase's layers)
+    groups: list[list[int]]  # every group after the split and the join, in row order
+    restored: list[bool]  # per group: whether this block's output is restored (its members agree)
+
+
+def _staircase(kind: str, layers: list[int], starts: list[int], window: int, n_layers: int,
+               skip_first: bool) -> list[_Step]:
+    """The staircase of restorations (t, l), l in `layers`: rows join at their start block (until then they
+    equal the corrupted run), restorations whose states are still equal share a group of rows (ROME's windows
+    at the first layers all start at block 0 and restore the same blocks until the shortest one ends, where
+    the group splits), and with `skip_first` an MLP window joins after its first block."""
+    windows = [set() if kind == "hidden" else set(window_layers(layer, window, n_layers)) for layer in layers]
+    joins = [starts[layer] + skip_first for layer in layers]
+    groups: list[list[int]] = []
+    steps = []
+    for j in range(min(joins), n_layers + 1):
+        source = None
+        if groups and j < n_layers:  # split the groups whose members stop agreeing at block j
+            split = [(g, part) for g, members in enumerate(groups) for flag in (True, False)
+                     if (part := [i for i in members if (j in windows[i]) == flag])]
+            if len(split) != len(groups):
+                source, groups = [g for g, _ in split], [part for _, part in split]
+        new = [i for i in range(len(layers)) if joins[i] == j]
+        joined = []
+        for flag in (True, False):
+            members = [i for i in new if (j in windows[i]) == flag]
+            if members:
+                joined += [[i] for i in members] if kind == "hidden" else [members]
+        groups = groups + joined
+        steps.append(_Step(j, source, joined, groups, [j in windows[members[0]] for members in groups]))
+    return steps
+
+
+def staircase_cost(kind: str, layers: list[int], starts: list[int], window: int, n_layers: int,
+                   skip_first: bool) -> tuple[int, int]:
+    """(group block calls, groups read out) of a staircase, in units of S rows: what `_restore_suffix` runs."""
+    steps = _staircase(kind, layers, starts, window, n_layers, skip_first)
+    return sum(len(step.groups) for step in steps if step.block < n_layers), len(steps[-1].groups)
+
+
 def _restore_suffix(model: Any, runner: SuffixRunner, kind: str, t: int, layers: list[int], starts: list[int],
                     clean: dict[str, list[torch.Tensor]], corrupt: list[torch.Tensor], answer: int, window: int,
                     S: int, skip_first: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """P(answer) averaged over noise samples for restoring (t, l), l in `layers`, in one staircase batch.
+    """P(answer) averaged over noise samples for restoring (t, l), l in `layers`, in one staircase batch
+    (`_staircase`): each block runs once over the groups of rows that need it, row (group, sample s).
 
-    Rows are (group, sample s), ordered by the block they start at: rows join the batch at their start
-    block (until then they equal the corrupted run), so each block runs once over the rows that need it.
-    Restorations whose states are still equal share rows (a group): ROME's windows at the first layers
-    all start at block 0 and restore the same blocks until the shortest one ends, where the group splits.
     With `skip_first` (mlp, the corrupted MLP outputs per layer [S, T, d]), a window's first block is not
     run: it changes only position t, by the clean minus the corrupted MLP output there.
     """
     L = model.n_layers
-    windows = [set() if kind == "hidden" else set(window_layers(layer, window, L)) for layer in layers]
-    joins = [starts[layer] + (skip_first is not None) for layer in layers]
-    groups: list[list[int]] = []  # members (indices into `layers`) of each group of S rows, in row order
     hidden = None
-    for j in range(min(joins), L + 1):
-        if hidden is not None and j < L:  # split the groups whose members stop agreeing at block j
-            split: list[list[int]] = []
-            source: list[int] = []
-            for g, members in enumerate(groups):
-                parts = [[i for i in members if (j in windows[i]) == flag] for flag in (True, False)]
-                for part in parts:
-                    if part:
-                        split.append(part)
-                        source.append(g)
-            if len(split) != len(groups):
-                index = torch.tensor([g * S + s for g in source for s in range(S)], device=hidden.device)
-                hidden, groups = hidden.index_select(0, index), split
-        new = [i for i in range(len(layers)) if joins[i] == j]
-        for flag in (True, False):
-            members = [i for i in new if (j in windows[i]) == flag]
-            if not members:
-                continue
-            for part in ([[i] for i in members] if kind == "hidden" else [members]):
-                block = corrupt[j][:, t:].clone()
-                if kind == "hidden":
-                    block[:, 0] = clean["hidden"][layers[part[0]]][t].to(block.device)
-                elif skip_first is not None:
-                    a = j - 1
-                    block[:, 0] += (clean[kind][a][t].to(block.device) - skip_first[a][:, t].to(block.device))
-                groups.append(part)
-                hidden = block if hidden is None else torch.cat([hidden, block.to(hidden.device)])
-        if j < L and hidden is not None:
-            rows = [g * S + s for g, members in enumerate(groups) if j in windows[members[0]] for s in range(S)]
+    for step in _staircase(kind, layers, starts, window, L, skip_first is not None):
+        j = step.block
+        if step.source is not None:
+            index = torch.tensor([g * S + s for g in step.source for s in range(S)], device=hidden.device)
+            hidden = hidden.index_select(0, index)
+        for members in step.joined:
+            block = corrupt[j][:, t:].clone()
+            if kind == "hidden":
+                block[:, 0] = clean["hidden"][layers[members[0]]][t].to(block.device)
+            elif skip_first is not None:
+                block[:, 0] += clean[kind][j - 1][t].to(block.device) - skip_first[j - 1][:, t].to(block.device)
+            hidden = block if hidden is None else torch.cat([hidden, block.to(hidden.device)])
+        if j < L:
+            rows = [g * S + s for g, restored in enumerate(step.restored) if restored for s in range(S)]
             with Hooks(model) as h:
                 if rows:
                     value = clean[kind][j][t]
@@ -510,33 +540,12 @@ def _restore_suffix(model: Any, runner: SuffixRunner, kind: str, t: int, layers:
                               positions=[0] * len(rows), paired=True)
                 with mlp_at_one_position(model, j, -1) if j == L - 1 else nullcontext():
                     hidden = runner.block(j, hidden)
+    groups = step.groups
     per_group = _prob(model.readout(hidden[:, -1]), answer).view(len(groups), S).mean(1).cpu()
     out = torch.empty(len(layers))
     for g, members in enumerate(groups):
         out[members] = per_group[g]
     return out
-
-
-def staircase_cost(kind: str, layers: list[int], starts: list[int], window: int, n_layers: int,
-                   skip_first: bool) -> tuple[int, int]:
-    """(group block calls, groups read out) of `_restore_suffix`'s staircase, in units of S rows: what the
-    engine runs, for `estimate` (the same joins, splits and window sharing, without tensors)."""
-    windows = [set() if kind == "hidden" else set(window_layers(layer, window, n_layers)) for layer in layers]
-    joins = [starts[layer] + skip_first for layer in layers]
-    groups: list[list[int]] = []
-    calls = 0
-    for j in range(min(joins), n_layers + 1):
-        if j < n_layers:
-            groups = [part for members in groups for flag in (True, False)
-                      if (part := [i for i in members if (j in windows[i]) == flag])]
-        new = [i for i in range(len(layers)) if joins[i] == j]
-        for flag in (True, False):
-            members = [i for i in new if (j in windows[i]) == flag]
-            if members:
-                groups += [[i] for i in members] if kind == "hidden" else [members]
-        if j < n_layers:
-            calls += len(groups)
-    return calls, len(groups)
 
 
 def _first_block_shortcut(model: Any, runner: SuffixRunner, t: int, clean: list[torch.Tensor],

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from knowmri.methods._tracing import embedding_std, subject_noise, trace, window_layers
+from knowmri.methods._tracing import embedding_std, subject_noise, trace
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
 from knowmri.methods.common import prepare
 from knowmri.report import figures
@@ -84,7 +84,7 @@ class CausalTracing(Method):
         the corrupted prefix, `batch_size` x T / (T - t) rows' worth of tokens per batch, with the rows that
         are still equal shared and the MLP window's first block skipped, `staircase_cost`; otherwise whole
         prompts, `batch_size` rows), each read out at the last position."""
-        from knowmri.methods._tracing import _suffix_pays, staircase_cost
+        from knowmri.methods._tracing import _suffix_pays, restore_starts, staircase_cost
         from knowmri.methods.common import Dims, Pass, elementwise_seconds, prepare_passes, sample_shape, work_estimate
 
         p = params if isinstance(params, CausalTracingParams) else CausalTracingParams()
@@ -99,8 +99,7 @@ class CausalTracing(Method):
         passes = [*prepare_passes(model, shape), Pass(tokens=T, readout=T),
                   Pass(rows=n_run, tokens=T, readout=n_run * T, cache=suffix),
                   Pass(rows=S, tokens=T, readout=S, model_call=False)]
-        starts = {kind: [layer + 1 if kind == "hidden" else window_layers(layer, p.window, L).start for layer in range(L)]
-                  for kind in p.kinds}
+        starts = {kind: restore_starts(kind, p.window, L) for kind in p.kinds}
         if suffix:
             for t in cells:  # a checked suffix runner per token: two recordings (one block computed), a check
                 passes += [Pass(rows=b, tokens=T - t, blocks=1, context=T, readout=b, cache=True) for b in (1, 2)]
