@@ -5,19 +5,26 @@ tracing with 10 noise samples, KN and IG with 20 steps, ...), as a user would, w
 first-run case) and `torch.set_num_threads(2)`, `--repeats` times (3; the machine is shared and
 noisy, so the median of the cold runs is reported, with their spread and the matmul rate the machine
 gave just before each, which shows how fast the shared machine was at that moment). A warm run (SPINE cached) is
-timed too unless --quick. Reports each method's seconds, the consensus step and the total. Writes
-benchmarks/results/diagnose.json.
+timed too unless --quick. Reports each method's seconds, the consensus step and the total.
 
-    python benchmarks/bench_diagnose.py [--quick] [--device cuda --dtype bfloat16]
+Then the same cold runs with the model in `--also-dtype` (default `auto`: bfloat16 where this CPU
+multiplies bfloat16 natively, `knowmri.models.loading.fast_dtype`; `none` skips it), and how far its
+findings agree with the first dtype's (`agreement`: the causal-tracing grids' correlation, max
+difference and peak cells, the top knowledge neurons, the circuit's edges, IG's top token, each
+method's token and layer scores, ...). Writes benchmarks/results/diagnose.json.
+
+    python benchmarks/bench_diagnose.py [--quick] [--also-dtype bfloat16|none] [--device cuda --dtype bfloat16]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from typing import Any
 
 import _harness as H
+import torch
 from bench_floor import Dims, matmul_rate
 
 from knowmri.methods.common import _DERIVED
@@ -54,7 +61,83 @@ def one_run(model: Any, label: str, params: dict[str, dict] | None = None) -> di
         print(f"  {name:22s} {v['seconds']:7.2f} s  CPU {c} s  {v['status']}"
               f"{'  ' + (v['error'] or '')[:120] if v['error'] else ''}", flush=True)
     return {"label": label, "total_s": total, "total_cpu_s": total_cpu, "methods_s": methods_s,
-            "consensus_s": total - methods_s, "methods": per}
+            "consensus_s": total - methods_s, "methods": per, "findings": {n: r.findings for n, r in report.results.items()}}
+
+
+def _corr(a: list[float], b: list[float]) -> float | None:
+    x, y = torch.tensor(a, dtype=torch.float64).flatten(), torch.tensor(b, dtype=torch.float64).flatten()
+    if x.numel() != y.numel() or x.numel() < 2 or float(x.std()) == 0 or float(y.std()) == 0:
+        return None
+    return float(torch.corrcoef(torch.stack([x, y]))[0, 1])
+
+
+def _scores(values: list[Any]) -> list[float]:
+    return [float(v["score"] if isinstance(v, dict) else v) for v in values]
+
+
+def _units(neurons: list[dict], k: int = 10) -> list[tuple[int, int]]:
+    return [(n["layer"], n["unit"]) for n in neurons[:k]]
+
+
+def agreement(ref: dict[str, dict], other: dict[str, dict]) -> dict[str, dict[str, Any]]:
+    """How far each method's findings in `other` agree with those in `ref` (same sample, another dtype):
+    the correlation of its token and layer scores and whether their best entry is the same, plus the
+    method's headline (the cells, neurons, edges or tokens a reader would quote)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, a in ref.items():
+        b = other.get(name)
+        if not a or not b:
+            continue
+        agree: dict[str, Any] = {}
+        for key in ("token_scores", "layer_scores"):
+            if isinstance(a.get(key), list) and isinstance(b.get(key), list) and len(a[key]) == len(b[key]) > 1:
+                x, y = _scores(a[key]), _scores(b[key])
+                agree[key] = {"corr": _corr(x, y), "same_best": x.index(max(x)) == y.index(max(y))}
+        if name == "causal_tracing":
+            kinds = [k for k in ("hidden", "mlp", "attn") if k in a and k in b]
+            agree["grid_corr"] = min(_corr(a[k], b[k]) or 0.0 for k in kinds)
+            agree["max_abs_diff"] = max(float((torch.tensor(a[k]) - torch.tensor(b[k])).abs().max()) for k in kinds)
+            agree["same_peaks"] = all((a["peaks"][k]["token"], a["peaks"][k]["layer"]) == (b["peaks"][k]["token"], b["peaks"][k]["layer"])
+                                      for k in kinds)
+        elif name in ("knowledge_neurons", "fine"):
+            key = "top_neurons" if name == "knowledge_neurons" else "neurons"
+            x, y = _units(a[key]), _units(b[key])
+            agree["top10_shared"] = len(set(x) & set(y))
+            agree["same_top1"] = bool(x and y and x[0] == y[0])
+        elif name == "knowledge_circuits":
+            x, y = ({(e["src"], e["dst"]) for e in f["edges"]} for f in (a, b))
+            agree["edges_jaccard"] = len(x & y) / max(1, len(x | y))
+        elif name == "integrated_gradients":
+            agree["same_top1"] = a["ranking"][:1] == b["ranking"][:1]
+        elif name == "logit_lens":
+            agree["same_first_top1_layer"] = a.get("first_top1_layer") == b.get("first_top1_layer")
+        elif name == "self_explanation":
+            agree["same_answer"] = a.get("answer") == b.get("answer")
+            agree["same_explanation"] = a.get("explanation") == b.get("explanation")
+        elif name == "spine":  # training from a seed: its dimensions shift with any rounding; the fit should not
+            losses = [f.get("training", {}).get("losses", {}).get("reconstruction") or [None] for f in (a, b)]
+            if losses[0][-1] is not None and losses[1][-1] is not None:
+                agree["final_reconstruction_loss"] = f"{losses[0][-1]:.4f} vs {losses[1][-1]:.4f}"
+        elif name == "patchscopes":
+            agree["decoded_same"] = f"{sum(x == y for x, y in zip(a['decoded'], b['decoded']))}/{len(a['decoded'])}"
+        out[name] = agree
+    return out
+
+
+def agreement_text(agree: dict[str, Any]) -> str:
+    """A short line of an agreement entry (numbers rounded)."""
+    parts = []
+    for key, value in agree.items():
+        if isinstance(value, dict):
+            c = value.get("corr")
+            parts.append(f"{key} r={c:.4f}" if c is not None else key + " r=–")
+            if not value.get("same_best", True):
+                parts[-1] += " (best differs)"
+        elif isinstance(value, float):
+            parts.append(f"{key} {value:.4g}")
+        else:
+            parts.append(f"{key} {value}")
+    return ", ".join(parts)
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -76,25 +159,44 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def cold_runs(model: Any, args: Any, dtype: torch.dtype, note: str, params: dict | None) -> list[dict[str, Any]]:
+    """`--repeats` cold runs (fresh $KNOWMRI_HOME, so SPINE trains), each after a matmul-rate probe."""
+    colds = []
+    for i in range(max(1, args.repeats)):  # the machine is noisy: repeated cold runs, the median reported
+        os.environ["KNOWMRI_HOME"] = H.scratch_home()  # cold: SPINE trains
+        _DERIVED.clear()  # and the per-process weight-derived values (norms) are computed again
+        rate = matmul_rate(Dims.of(model), args.device, dtype)[0] / 1e9  # this moment's machine speed
+        print(f"matmul rate ({str(dtype).removeprefix('torch.')}) before run {i + 1}: {rate:.0f} GFLOP/s", flush=True)
+        colds.append({**one_run(model, f"cold run {i + 1} (fresh $KNOWMRI_HOME)" + note, params), "gflops": rate})
+    return colds
+
+
+def total_row(label: str, cold: dict[str, Any], colds: list[dict[str, Any]], note: str, threads: int, extra: str = "") -> dict:
+    totals = sorted((r["total_s"], r["gflops"]) for r in colds)
+    idle = cold["total_cpu_s"] / threads
+    spread = (f"median of {len(totals)} cold runs ({', '.join(f'{t:.1f} s at {g:.0f} GFLOP/s' for t, g in totals)}, "
+              "the matmul rate measured just before each); ")
+    return H.row(label, f"goal {GOAL_S:.0f} s", cold["total_s"], GOAL_S, None,
+                 f"{note.strip()}; {spread}CPU {cold['total_cpu_s']:.0f} s on {threads} threads "
+                 f"(~{idle:.0f} s wall if both cores were busy); "
+                 f"{'meets' if cold['total_s'] <= GOAL_S else 'misses'} the {GOAL_S:.0f} s goal as measured{extra}",
+                 kind="diagnose", cpu_s=cold["total_cpu_s"])
+
+
 def main() -> None:
     p = H.parser(__doc__.splitlines()[0])
+    p.add_argument("--also-dtype", default="auto",
+                   help="time the diagnose again in this dtype and compare its findings (auto: bfloat16 where native; none)")
     args = p.parse_args()
     H.setup(args)
     model = H.load_smollm2(args)
     params = None
     note = " at the defaults"
-    colds = []
-    for i in range(max(1, args.repeats)):  # the machine is noisy: repeated cold runs, the median reported
-        os.environ["KNOWMRI_HOME"] = H.scratch_home()  # cold: SPINE trains
-        _DERIVED.clear()  # and the per-process weight-derived values (norms) are computed again
-        rate = matmul_rate(Dims.of(model), args.device, H.dtype_of(args))[0] / 1e9  # this moment's machine speed
-        print(f"matmul rate before run {i + 1}: {rate:.0f} GFLOP/s", flush=True)
-        colds.append({**one_run(model, f"cold run {i + 1} (fresh $KNOWMRI_HOME)" + note, params), "gflops": rate})
+    colds = cold_runs(model, args, H.dtype_of(args), note, params)
     runs = list(colds)
     if not args.quick:
         runs.append(one_run(model, "warm (SPINE cached)" + note, params))
     cold = median_run(colds)
-    totals = sorted((r["total_s"], r["gflops"]) for r in colds)
     rows = []
     for name, v in cold["methods"].items():
         warm = runs[-1]["methods"].get(name, {}).get("seconds") if not args.quick else None
@@ -102,16 +204,40 @@ def main() -> None:
         rows.append(H.row(f"diagnose: {name}", "", v["seconds"], None, None,
                           cpu + v["status"] + (f"; warm {warm:.2f} s" if warm is not None else "")
                           + (f"; {v['error'][:150]}" if v["error"] else ""), kind="diagnose", cpu_s=v["cpu_s"]))
-    idle = cold["total_cpu_s"] / args.threads
-    spread = (f"median of {len(totals)} cold runs ({', '.join(f'{t:.1f} s at {g:.0f} GFLOP/s' for t, g in totals)}, "
-              "the matmul rate measured just before each); ")
-    rows.append(H.row("diagnose: total (11 methods + consensus)", f"goal {GOAL_S:.0f} s", cold["total_s"], GOAL_S, None,
-                      f"{note.strip()}; {spread}CPU {cold['total_cpu_s']:.0f} s on {args.threads} threads "
-                      f"(~{idle:.0f} s wall if both cores were busy); "
-                      f"{'meets' if cold['total_s'] <= GOAL_S else 'misses'} the {GOAL_S:.0f} s goal as measured",
-                      kind="diagnose", cpu_s=cold["total_cpu_s"]))
-    path = H.write_result("diagnose", rows, model="smollm2-135m", args=args, runs=runs, goal_s=GOAL_S)
+    rows.append(total_row("diagnose: total (11 methods + consensus)", cold, colds, note, args.threads))
+    also, agree = _also_dtype(args)
+    if also is not None:
+        del model
+        other = H.load_smollm2(argparse.Namespace(**{**vars(args), "dtype": also}))
+        name = str(other.dtype).removeprefix("torch.")
+        others = cold_runs(other, args, other.dtype, f" at the defaults, {name}", params)
+        agree = agreement(colds[0]["findings"], others[0]["findings"])
+        cold2 = median_run(others)
+        for method, v in cold2["methods"].items():
+            rows.append(H.row(f"diagnose [{name}]: {method}", "", v["seconds"], None, None,
+                              (f"CPU {v['cpu_s']:.1f} s; " if v["cpu_s"] is not None else "") + v["status"]
+                              + (f"; vs {args.dtype}: {agreement_text(agree[method])}" if agree.get(method) else ""),
+                              kind="diagnose", cpu_s=v["cpu_s"], agreement=agree.get(method)))
+        rows.append(total_row(f"diagnose [{name}]: total (11 methods + consensus)", cold2, others,
+                              f"at the defaults, model in {name} (`load_model(..., dtype=\"{args.also_dtype}\")`)", args.threads,
+                              f"; findings vs {args.dtype} in each method's row"))
+        runs += others
+    for r in runs:
+        r.pop("findings", None)
+    path = H.write_result("diagnose", rows, model="smollm2-135m", args=args, runs=runs, goal_s=GOAL_S, agreement=agree)
     print(f"wrote {path}")
+
+
+def _also_dtype(args: Any) -> tuple[str | None, dict]:
+    """The second dtype to time (None: none), from --also-dtype."""
+    from knowmri.models.loading import fast_dtype
+
+    if args.also_dtype in ("none", "", None) or getattr(args, "shape", None):
+        return None, {}
+    name = str(fast_dtype(args.device)).removeprefix("torch.") if args.also_dtype == "auto" else args.also_dtype
+    if name not in H.DTYPES:
+        raise SystemExit(f"--also-dtype: unknown dtype {args.also_dtype!r}")
+    return (None, {}) if name == args.dtype else (name, {})
 
 
 if __name__ == "__main__":

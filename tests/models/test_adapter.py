@@ -468,6 +468,36 @@ def test_dtype_parsing() -> None:
         load_model(fresh.hf_model, tokenizer=fresh.tokenizer, dtype="float8")
 
 
+def test_auto_dtype_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from knowmri.models import loading
+
+    monkeypatch.setattr(loading, "native_bf16_cpu", lambda: True)
+    assert parse_dtype("auto") is torch.bfloat16
+    assert parse_dtype("auto", "cpu") is torch.bfloat16
+    monkeypatch.setattr(loading, "native_bf16_cpu", lambda: False)
+    assert parse_dtype("auto") is torch.float32
+    fresh = build_tiny("llama")
+    assert load_model(fresh.hf_model, tokenizer=fresh.tokenizer, dtype="auto").dtype == torch.float32
+
+
+def test_native_bf16_reads_the_cpu_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from knowmri.models import loading
+
+    real = loading.Path
+
+    def fake(flags: str) -> None:
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n")
+        monkeypatch.setattr(loading, "Path", lambda p: info if p == "/proc/cpuinfo" else real(p))
+
+    fake("avx2 avx512f avx512_bf16")
+    assert loading.native_bf16_cpu()
+    fake("avx2 amx_bf16 amx_tile")
+    assert loading.native_bf16_cpu()
+    fake("avx2 avx512f")
+    assert not loading.native_bf16_cpu()
+
+
 # --------------------------------------------------------------------------- the tiny models themselves
 
 
