@@ -39,7 +39,8 @@ Per method (what the algorithm needs, not what any implementation does):
 - patchscopes: source forward + target prefix once + per layer l the patched token through
   blocks l+1..L-1 + (max_new_tokens - 1) cached decoding steps, one read-out per token;
 - self_explanation: two cached generations (the answer, then the explanation request);
-- spine: autoencoder training, 12 x updates x batch x d x hidden FLOPs + encoding the vocabulary.
+- spine: autoencoder training, 10 x updates x batch x d x hidden FLOPs (five [batch, d] x [d, hidden]
+  products per update: encode, decode, and three for the gradients; the data needs none) + encoding the vocabulary.
 
 Writes benchmarks/results/floor.json. Runs with torch.set_num_threads(2) by default.
 
@@ -190,7 +191,7 @@ def floor_work(name: str, model: Any, dims: Dims, prep: Any, params: Any, result
         hidden = params.hidden_dim or min(4 * dims.d, 1000)
         updates = stats.get("updates") or 1500
         rows = stats.get("rows") or params.vocab_limit or dims.V
-        train = 12 * updates * params.batch_size * dims.d * hidden
+        train = 10 * updates * params.batch_size * dims.d * hidden
         return Work(0.0, extra=train + 2 * rows * dims.d * hidden, passes=f"{updates} autoencoder updates", sweeps=0,
                     rows=params.batch_size)
     return None
