@@ -215,7 +215,10 @@ def other_tables(rows: list[dict[str, Any]]) -> str:
             return ("[" in r["method"], r["method"].endswith("total (11 methods + consensus)"), -(r["knowmri_s"] or 0))
 
         for r in sorted(diag, key=order):
-            step = r["method"].removeprefix("diagnose: ").removeprefix("diagnose ")
+            step = r["method"].removeprefix("diagnose: ")
+            if step.startswith("diagnose ["):  # "diagnose [bfloat16]: spine" -> "spine (bfloat16)"
+                dtype, _, name = step.removeprefix("diagnose [").partition("]: ")
+                step = f"{name} ({dtype})"
             parts.append(f"| {step} | {H.fmt_s(r['knowmri_s'])} | {r['detail']} |")
     est = [r for r in rows if r["kind"] == "estimate"]
     if est:
