@@ -45,6 +45,7 @@ Per method (what the algorithm needs, not what any implementation does):
 Writes benchmarks/results/floor.json. Runs with torch.set_num_threads(2) by default.
 
     python benchmarks/bench_floor.py [--quick] [--methods a,b] [--no-count] [--device cuda]
+    python benchmarks/bench_floor.py --quick --dtype bfloat16 --out benchmarks/results/floor_bfloat16.json
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ class Work:
     sweeps: float = 1.0  # passes over the weights that must happen one after another (memory floor)
     rows: float = 640  # rows per matmul the algorithm can batch (tokens x copies), for the matmul rate
     parts: list | None = None  # [(FLOPs, rows)] when parts of the work batch differently
+    float32: bool = False  # computed in float32 whatever the model's dtype (SPINE trains on float32 copies)
 
     @property
     def flops(self) -> float:
@@ -193,7 +195,7 @@ def floor_work(name: str, model: Any, dims: Dims, prep: Any, params: Any, result
         rows = stats.get("rows") or params.vocab_limit or dims.V
         train = 10 * updates * params.batch_size * dims.d * hidden
         return Work(0.0, extra=train + 2 * rows * dims.d * hidden, passes=f"{updates} autoencoder updates", sweeps=0,
-                    rows=params.batch_size)
+                    rows=params.batch_size, float32=True)
     return None
 
 
@@ -227,7 +229,7 @@ class RowRates:
 
     def __init__(self, model: Any, dims: Dims, device: str, dtype: torch.dtype) -> None:
         n = dims.d * dims.d_mlp
-        self.mats = [p.detach() for layer in model.layers for p in layer.parameters() if p.dim() == 2 and p.numel() == n]
+        self.mats = [p.detach().to(dtype) for layer in model.layers for p in layer.parameters() if p.dim() == 2 and p.numel() == n]
         self.dims, self.device, self.dtype = dims, device, dtype
         self.cache: dict[int, tuple[float, float]] = {}
 
@@ -308,6 +310,7 @@ def main() -> None:
     bw, cpu_bw = bandwidth(args.device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.hf_model.parameters())
     rates = RowRates(model, dims, args.device, H.dtype_of(args))
+    rates32 = rates if H.dtype_of(args) == torch.float32 else RowRates(model, dims, args.device, torch.float32)
     print(f"matmul rate {rate0 / 1e9:.1f} GFLOP/s per wall second (best of 5), {cpu_rate0 / 1e9:.1f} per CPU second; "
           f"memory {bw / 1e9:.1f} GB/s ({cpu_bw / 1e9:.1f} per CPU second); weights {weight_bytes / 1e6:.0f} MB; "
           f"block params {dims.block_params / 1e6:.2f} M x {dims.L} layers", flush=True)
@@ -322,15 +325,16 @@ def main() -> None:
             return run_method(method, model, sample, overrides, RunContext(), 0)
 
         times, cpus, result = [], [], None
-        while len(times) < max(1, args.repeats) or (args.quick and len(times) < 3 and sum(times) < 6.0):
-            seconds, cpu, result = H.measure(call, args.device)  # --quick: 3 runs (the median) of the fast methods
+        while len(times) < max(1, args.repeats) or (args.quick and len(times) < 5 and sum(times) < 8.0):
+            seconds, cpu, result = H.measure(call, args.device)  # --quick: up to 5 runs (the median) of the fast methods
             times.append(seconds)
             cpus.append(cpu)
         counted = None if args.no_count else counted_flops(call)
         work = floor_work(name, model, dims, prep, params, result)
         achieved, achieved_cpu = statistics.median(times), statistics.median(cpus)
-        floor_s = floor_seconds(work, lambda r: rates(r)[0], bw, weight_bytes) if work else None
-        floor_cpu = floor_seconds(work, lambda r: rates(r)[1], cpu_bw, weight_bytes) if work else None
+        rate = rates32 if work is not None and work.float32 else rates
+        floor_s = floor_seconds(work, lambda r, rate=rate: rate(r)[0], bw, weight_bytes) if work else None
+        floor_cpu = floor_seconds(work, lambda r, rate=rate: rate(r)[1], cpu_bw, weight_bytes) if work else None
         entry = {"method": name, "params": overrides, "status": result.status, "error": result.error,
                  "seconds": achieved, "times_s": times, "cpu_s": achieved_cpu, "cpu_times_s": cpus,
                  "floor_flops": work.flops if work else None, "floor_s": floor_s, "floor_cpu_s": floor_cpu,
@@ -348,7 +352,8 @@ def main() -> None:
             detail += f"; CPU time / CPU floor {entry['cpu_over_floor']:.1f}x"
         if entry["counted_over_floor"]:
             detail += f"; FLOPs executed / needed {entry['counted_over_floor']:.2f}"
-        rows.append(H.row(name, "roofline floor (measured matmul rate and memory bandwidth)", achieved, floor_s, None, detail, kind="floor",
+        label = name if args.dtype == "float32" else f"{name} ({args.dtype})"  # a second dtype's file joins the summary
+        rows.append(H.row(label, "roofline floor (measured matmul rate and memory bandwidth)", achieved, floor_s, None, detail, kind="floor",
                           cpu_over_floor=entry["cpu_over_floor"], counted_over_floor=entry["counted_over_floor"]))
     rate1, cpu_rate1 = matmul_rate(dims, args.device, H.dtype_of(args))
 
