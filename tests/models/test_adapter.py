@@ -478,6 +478,10 @@ def test_auto_dtype_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert parse_dtype("auto") is torch.float32
     fresh = build_tiny("llama")
     assert load_model(fresh.hf_model, tokenizer=fresh.tokenizer, dtype="auto").dtype == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert loading.fast_dtype("cuda") is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert loading.fast_dtype("cuda:1") is torch.float16
 
 
 def test_native_bf16_reads_the_cpu_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
