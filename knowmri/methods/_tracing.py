@@ -396,20 +396,18 @@ def trace(model: Any, input_ids: torch.Tensor, position: int, answer: int, subje
         skip_first = corrupt_mlp if corrupt_mlp and _first_block_shortcut(
             model, suffixes[cells[0]], cells[0], clean["mlp"], corrupt, corrupt_mlp) else None
         done, total = 0, len(kinds) * len(cells)
-        reads = _ReadOuts(model, answer, S, grids)
         for kind in kinds:
             starts = restore_starts(kind, window, L)
             for t in cells:
                 rows = max(1, batch_size * T // ((T - t) * S))  # the same tokens per forward as whole sequences
                 for i in range(0, L, rows):
                     layers = list(range(i, min(L, i + rows)))
-                    last, groups = _restore_suffix(model, suffixes[t], kind, t, layers, starts, clean, corrupt,
-                                                   window, S, skip_first if kind == "mlp" else None)
-                    reads.add(kind, t, layers, last, groups)
+                    grids[kind][t, layers] = _restore_suffix(model, suffixes[t], kind, t, layers, starts, clean,
+                                                             corrupt, answer, window, S,
+                                                             skip_first if kind == "mlp" else None)
                 done += 1
                 if progress is not None:
                     progress(done / total, f"{kind} token {t}")
-        reads.flush()
         return TraceResult(high, low, grids, "suffix block replay")
     done, total = 0, len(kinds) * L
     for kind in kinds:
@@ -510,48 +508,11 @@ def staircase_cost(kind: str, layers: list[int], starts: list[int], window: int,
     return sum(len(step.groups) for step in steps if step.block < n_layers), len(steps[-1].groups)
 
 
-class _ReadOuts:
-    """The suffix engine's read-outs, deferred and batched: the final residual at the predicting position
-    of every staircase waits until `ROWS` rows do, then all go through the final norm and the
-    unembedding in one product (a vocabulary-sized product runs ~70 GFLOP/s at the ~60-200 rows of one
-    staircase on the project's CPU, ~120 from 500 rows), and each group's P(answer), averaged over its
-    S noise rows, goes to its cells of `grids`."""
-
-    ROWS = 512
-
-    def __init__(self, model: Any, answer: int, S: int, grids: dict[str, torch.Tensor]) -> None:
-        self.model, self.answer, self.S, self.grids = model, answer, S, grids
-        self.pending: list[tuple[str, int, list[int], list[list[int]]]] = []
-        self.states: list[torch.Tensor] = []
-        self.rows = 0
-
-    def add(self, kind: str, t: int, layers: list[int], last: torch.Tensor, groups: list[list[int]]) -> None:
-        self.pending.append((kind, t, layers, groups))
-        self.states.append(last)
-        self.rows += last.shape[0]
-        if self.rows >= self.ROWS:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.states:
-            return
-        device = self.states[0].device
-        last = torch.cat([x.to(device) for x in self.states])
-        per_group = _prob(self.model.readout(last), self.answer).view(-1, self.S).mean(1).cpu()
-        g = 0
-        for kind, t, layers, groups in self.pending:
-            for members in groups:
-                self.grids[kind][t, [layers[i] for i in members]] = per_group[g]
-                g += 1
-        self.pending, self.states, self.rows = [], [], 0
-
-
 def _restore_suffix(model: Any, runner: SuffixRunner, kind: str, t: int, layers: list[int], starts: list[int],
-                    clean: dict[str, list[torch.Tensor]], corrupt: list[torch.Tensor], window: int,
-                    S: int, skip_first: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[list[int]]]:
-    """The final residual at the predicting position ([groups x S, d], row (group, sample s)) of restoring
-    (t, l), l in `layers`, in one staircase batch (`_staircase`): each block runs once over the groups of
-    rows that need it; and the groups (members: indices into `layers`), whose restorations share rows.
+                    clean: dict[str, list[torch.Tensor]], corrupt: list[torch.Tensor], answer: int, window: int,
+                    S: int, skip_first: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """P(answer) averaged over noise samples for restoring (t, l), l in `layers`, in one staircase batch
+    (`_staircase`): each block runs once over the groups of rows that need it, row (group, sample s).
 
     With `skip_first` (mlp, the corrupted MLP outputs per layer [S, T, d]), a window's first block is not
     run: it changes only position t, by the clean minus the corrupted MLP output there.
@@ -579,7 +540,12 @@ def _restore_suffix(model: Any, runner: SuffixRunner, kind: str, t: int, layers:
                               positions=[0] * len(rows), paired=True)
                 with mlp_at_one_position(model, j, -1) if j == L - 1 else nullcontext():
                     hidden = runner.block(j, hidden)
-    return hidden[:, -1], step.groups
+    groups = step.groups
+    per_group = _prob(model.readout(hidden[:, -1]), answer).view(len(groups), S).mean(1).cpu()
+    out = torch.empty(len(layers))
+    for g, members in enumerate(groups):
+        out[members] = per_group[g]
+    return out
 
 
 def _first_block_shortcut(model: Any, runner: SuffixRunner, t: int, clean: list[torch.Tensor],

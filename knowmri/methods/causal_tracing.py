@@ -83,9 +83,8 @@ class CausalTracing(Method):
         staircase batches of rows over blocks start..L-1 (on a causal model only positions t..T-1 over
         the corrupted prefix, `batch_size` x T / (T - t) rows' worth of tokens per batch, with the rows that
         are still equal shared and the MLP window's first block skipped, `staircase_cost`; otherwise whole
-        prompts, `batch_size` rows), each read out at the last position (the suffix engine's read-outs in
-        batches of `_ReadOuts.ROWS` rows and more)."""
-        from knowmri.methods._tracing import _ReadOuts, _suffix_pays, restore_starts, staircase_cost
+        prompts, `batch_size` rows), each read out at the last position."""
+        from knowmri.methods._tracing import _suffix_pays, restore_starts, staircase_cost
         from knowmri.methods.common import Dims, Pass, elementwise_seconds, prepare_passes, sample_shape, work_estimate
 
         p = params if isinstance(params, CausalTracingParams) else CausalTracingParams()
@@ -105,7 +104,6 @@ class CausalTracing(Method):
             for t in cells:  # a checked suffix runner per token: two recordings (one block computed), a check
                 passes += [Pass(rows=b, tokens=T - t, blocks=1, context=T, readout=b, cache=True) for b in (1, 2)]
                 passes.append(Pass(rows=1, tokens=T - t, context=T, readout=1, model_call=False))
-            reads, waiting = [], 0  # read-outs batched as `_ReadOuts` does: flushed from ROWS rows on
             for kind in p.kinds:
                 for t in cells:
                     per = max(1, p.batch_size * T // ((T - t) * S))
@@ -114,12 +112,7 @@ class CausalTracing(Method):
                         calls, groups = staircase_cost(kind, list(layers), starts[kind], p.window, L, kind == "mlp")
                         span = L - min(starts[kind][layer] for layer in layers) - (kind == "mlp")
                         passes.append(Pass(rows=S * groups, tokens=T - t, blocks=calls / groups, span=span, context=T,
-                                           model_call=False))
-                        waiting += S * groups
-                        if waiting >= _ReadOuts.ROWS:
-                            reads.append(waiting)
-                            waiting = 0
-            passes += [Pass(rows=n, blocks=0, readout=n, model_call=False) for n in reads + [waiting] if n]
+                                           readout=S * groups, model_call=False))
         else:
             per = max(1, p.batch_size // S)
             for kind in p.kinds:

@@ -250,16 +250,15 @@ def test_staircase_cost_counts_the_engine(window, monkeypatch, suffix_engine):
 
     model = km.testing.planted_model("llama").model
     runs, reads = [], []
-    block, add = _tracing.SuffixRunner.block, _tracing._ReadOuts.add
+    block, readout = _tracing.SuffixRunner.block, type(model).readout
 
     def spy_block(self, layer, hidden):
         runs.append(hidden.shape[0] // 2)
         return block(self, layer, hidden)
 
-    def spy_add(self, kind, t, layers, last, groups):
-        assert last.shape[0] == 2 * len(groups)  # S rows per group read out
-        reads.append(len(groups))
-        return add(self, kind, t, layers, last, groups)
+    def spy_readout(self, hidden):
+        reads.append(hidden.shape[0] // 2)
+        return readout(self, hidden)
 
     result = run(model, FACT, samples=2, window=window)
     L, T = model.n_layers, len(result.findings["tokens"])
@@ -271,13 +270,13 @@ def test_staircase_cost_counts_the_engine(window, monkeypatch, suffix_engine):
             calls, groups = _tracing.staircase_cost(kind, list(range(L)), starts, window, L, kind == "mlp")
             want_calls, want_groups = want_calls + calls, want_groups + groups
     monkeypatch.setattr(_tracing.SuffixRunner, "block", spy_block)
-    monkeypatch.setattr(_tracing._ReadOuts, "add", spy_add)
+    monkeypatch.setattr(type(model), "readout", spy_readout)
     monkeypatch.setattr(_tracing.SuffixRunner, "check", lambda self, *args: True)
     monkeypatch.setattr(_tracing, "_first_block_shortcut", lambda *args: True)
     run(model, FACT, samples=2, window=window, batch_size=10_000)
-    assert len(reads) == len(cells) * 3  # one staircase per (kind, token): all layers in one batch
+    staircase = len(cells) * 3  # one staircase per (kind, token): all layers in one batch
     assert sum(runs) == want_calls  # the checks run one row (0 groups of 2)
-    assert sum(reads) == want_groups
+    assert sum(reads[-staircase:]) == want_groups
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -296,18 +295,3 @@ def test_one_layer_model(family, monkeypatch):
     assert (fast["engine"], slow["engine"]) == ("suffix block replay", "block replay")
     for kind in ("hidden", "mlp", "attn"):
         torch.testing.assert_close(torch.tensor(fast[kind]), torch.tensor(slow[kind]), atol=1e-6, rtol=1e-4)
-
-
-def test_batched_read_outs_match_one_per_staircase(monkeypatch, suffix_engine):
-    """The suffix engine's deferred read-outs (`_ReadOuts`, flushed every ROWS rows) give the grids that
-    reading out each staircase on its own gives."""
-    from knowmri.methods import _tracing
-
-    model = km.testing.planted_model("llama").model
-    monkeypatch.setattr(_tracing._ReadOuts, "ROWS", 1)
-    alone = run(model, FACT, samples=2)
-    monkeypatch.setattr(_tracing._ReadOuts, "ROWS", 10**6)
-    batched = run(model, FACT, samples=2)
-    assert batched.findings["engine"] == alone.findings["engine"] == "suffix block replay"
-    for kind in ("hidden", "mlp", "attn"):
-        assert torch.allclose(torch.tensor(batched.findings[kind]), torch.tensor(alone.findings[kind]), atol=1e-6)
