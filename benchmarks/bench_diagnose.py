@@ -205,7 +205,7 @@ def main() -> None:
                           cpu + v["status"] + (f"; warm {warm:.2f} s" if warm is not None else "")
                           + (f"; {v['error'][:150]}" if v["error"] else ""), kind="diagnose", cpu_s=v["cpu_s"]))
     rows.append(total_row("diagnose: total (11 methods + consensus)", cold, colds, note, args.threads))
-    also, agree = _also_dtype(args)
+    also, agree = _also_dtype(args), {}
     if also is not None:
         del model
         other = H.load_smollm2(argparse.Namespace(**{**vars(args), "dtype": also}))
@@ -228,16 +228,16 @@ def main() -> None:
     print(f"wrote {path}")
 
 
-def _also_dtype(args: Any) -> tuple[str | None, dict]:
+def _also_dtype(args: Any) -> str | None:
     """The second dtype to time (None: none), from --also-dtype."""
     from knowmri.models.loading import fast_dtype
 
     if args.also_dtype in ("none", "", None) or getattr(args, "shape", None):
-        return None, {}
+        return None
     name = str(fast_dtype(args.device)).removeprefix("torch.") if args.also_dtype == "auto" else args.also_dtype
     if name not in H.DTYPES:
         raise SystemExit(f"--also-dtype: unknown dtype {args.also_dtype!r}")
-    return (None, {}) if name == args.dtype else (name, {})
+    return None if name == args.dtype else name
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+DTYPES = ["float32", "float16", "bfloat16", "auto"]
+DTYPE_HELP = "float32 (default, exact), bfloat16, float16, or auto (bfloat16 where the device computes it natively)"
+
 
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
@@ -198,8 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--param", action="append", metavar="METHOD.NAME=VALUE", help="override a hyper-parameter")
     sp.add_argument("--out", help="directory for report.json and index.html")
     sp.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    sp.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "auto"], default=None,
-                        help="float32 (default, exact), bfloat16, float16, or auto (bfloat16 where the device computes it natively)")
+    sp.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
     sp.add_argument("--json", action="store_true", help="print report.json to stdout")
     sp.add_argument("--progress", action="store_true", help="show progress even when not on a terminal")
     sp.set_defaults(func=cmd_diagnose)
@@ -218,8 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--out", help="directory for the JSON result and index.html")
         sp.add_argument("--device", choices=["cpu", "cuda"], default=None)
-        sp.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "auto"], default=None,
-                        help="float32 (default, exact), bfloat16, float16, or auto (bfloat16 where the device computes it natively)")
+        sp.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
         sp.add_argument("--device-map", help="shard one model over the GPUs present, e.g. auto")
         sp.add_argument("--json", action="store_true", help="print the JSON result to stdout")
         sp.add_argument("--progress", action="store_true", help="show progress even when not on a terminal")
