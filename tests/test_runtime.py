@@ -1,5 +1,7 @@
 """Memory reuse while methods run: big buffers come from the heap, not a fresh mapping each time."""
 
+import contextlib
+import ctypes
 import resource
 
 import pytest
@@ -17,13 +19,30 @@ def _faults_of_allocations(n: int = 6, mib: int = 64) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
+_PR_SET_THP_DISABLE, _PR_GET_THP_DISABLE = 41, 42
+
+
+@contextlib.contextmanager
+def _small_pages():
+    """Transparent huge pages off for this process, so a page fault is one 4 KiB page and counts are exact."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    before = libc.prctl(_PR_GET_THP_DISABLE, 0, 0, 0, 0)
+    if before < 0 or libc.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
+        pytest.skip("prctl(PR_SET_THP_DISABLE) is not available")
+    try:
+        yield
+    finally:
+        libc.prctl(_PR_SET_THP_DISABLE, before, 0, 0, 0)
+
+
 @pytest.mark.skipif(not runtime.malloc_tuning_enabled(), reason="glibc only (or turned off)")
 def test_big_buffers_are_reused_inside():
     pages = 64 * 2**20 // resource.getpagesize()
-    outside = _faults_of_allocations()
-    with runtime.reuse_freed_memory():
-        _faults_of_allocations(12)  # the heap grows until freed chunks fit the requests
-        inside = _faults_of_allocations()
+    with _small_pages():
+        outside = _faults_of_allocations()
+        with runtime.reuse_freed_memory():
+            _faults_of_allocations(12)  # the heap grows until freed chunks fit the requests
+            inside = _faults_of_allocations()
     assert outside > 5 * pages  # every allocation mapped and faulted afresh
     assert inside < outside / 2  # mostly reused
     assert runtime._depth == 0
