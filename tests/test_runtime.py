@@ -1,16 +1,25 @@
 """Memory reuse while methods run: big buffers come from the heap, not a fresh mapping each time."""
 
-import contextlib
-import ctypes
+import json
+import os
 import resource
+import subprocess
+import sys
 
 import pytest
-import torch
 
 from knowmri import runtime
 
+# Run in a fresh interpreter: the heap an earlier test leaves behind (free chunks in glibc's bins,
+# pages resident or not) decides whether an allocation outside the context faults afresh, so the
+# comparison is only meaningful from a known heap state. Transparent huge pages are turned off
+# (prctl PR_SET_THP_DISABLE) so that one fault is one 4 KiB page and the counts are exact.
+_MEASURE = """
+import ctypes, json, resource, sys
+import torch
+from knowmri import runtime
 
-def _faults_of_allocations(n: int = 6, mib: int = 64) -> int:
+def faults(n=6, mib=64):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(n):
         x = torch.empty(mib * 2**18)  # float32: mib MiB
@@ -18,34 +27,29 @@ def _faults_of_allocations(n: int = 6, mib: int = 64) -> int:
         del x
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-
-_PR_SET_THP_DISABLE, _PR_GET_THP_DISABLE = 41, 42
-
-
-@contextlib.contextmanager
-def _small_pages():
-    """Transparent huge pages off for this process, so a page fault is one 4 KiB page and counts are exact."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    before = libc.prctl(_PR_GET_THP_DISABLE, 0, 0, 0, 0)
-    if before < 0 or libc.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
-        pytest.skip("prctl(PR_SET_THP_DISABLE) is not available")
-    try:
-        yield
-    finally:
-        libc.prctl(_PR_SET_THP_DISABLE, before, 0, 0, 0)
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(41, 1, 0, 0, 0) != 0:  # PR_SET_THP_DISABLE
+    print(json.dumps(None)); sys.exit()
+outside = faults()
+with runtime.reuse_freed_memory():
+    faults(12)  # the heap grows until freed chunks fit the requests
+    inside = faults()
+print(json.dumps({"outside": outside, "inside": inside, "depth": runtime._depth}))
+"""
 
 
 @pytest.mark.skipif(not runtime.malloc_tuning_enabled(), reason="glibc only (or turned off)")
 def test_big_buffers_are_reused_inside():
+    done = subprocess.run([sys.executable, "-c", _MEASURE], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "KNOWMRI_MALLOC_TUNING": "1"})
+    assert done.returncode == 0, done.stderr
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    if counts is None:
+        pytest.skip("prctl(PR_SET_THP_DISABLE) is not available")
     pages = 64 * 2**20 // resource.getpagesize()
-    with _small_pages():
-        outside = _faults_of_allocations()
-        with runtime.reuse_freed_memory():
-            _faults_of_allocations(12)  # the heap grows until freed chunks fit the requests
-            inside = _faults_of_allocations()
-    assert outside > 5 * pages  # every allocation mapped and faulted afresh
-    assert inside < outside / 2  # mostly reused
-    assert runtime._depth == 0
+    assert counts["outside"] > 5 * pages  # every allocation mapped and faulted afresh
+    assert counts["inside"] < counts["outside"] / 2  # mostly reused
+    assert counts["depth"] == 0
 
 
 class _FakeLibc:
