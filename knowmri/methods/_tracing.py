@@ -35,6 +35,7 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 
 from knowmri.hooks import Hooks, site
 from knowmri.methods.common import takes_logits_to_keep
+from knowmri.models.attention import short_attention
 from knowmri.sample import Span
 
 KIND_SITES = {"hidden": "resid_post", "mlp": "mlp.out", "attn": "attn.out"}
@@ -356,7 +357,15 @@ def trace(model: Any, input_ids: torch.Tensor, position: int, answer: int, subje
     With `suffix` (causal models), a restoration at token t re-runs only positions t..T-1; otherwise, or
     when that does not reproduce the model, whole sequences from the restored block on. None chooses
     by cost: the suffix engine makes more, smaller block calls, which only pays on real-sized models.
+    The replays' many small attention calls run as batched matmuls (`short_attention`).
     """
+    with short_attention(model):
+        return _trace(model, input_ids, position, answer, subject, noise, kinds, window, batch_size, progress, suffix)
+
+
+def _trace(model: Any, input_ids: torch.Tensor, position: int, answer: int, subject: Span, noise: torch.Tensor,
+           kinds: list[str], window: int, batch_size: int, progress: Callable[[float, str], None] | None,
+           suffix: bool | None) -> TraceResult:
     L, T, S = model.n_layers, input_ids.shape[1], noise.shape[0]
     mask = torch.ones_like(input_ids)
     subj = list(subject)
@@ -396,18 +405,20 @@ def trace(model: Any, input_ids: torch.Tensor, position: int, answer: int, subje
         skip_first = corrupt_mlp if corrupt_mlp and _first_block_shortcut(
             model, suffixes[cells[0]], cells[0], clean["mlp"], corrupt, corrupt_mlp) else None
         done, total = 0, len(kinds) * len(cells)
+        readouts = _Readouts(model, answer, S)
         for kind in kinds:
             starts = restore_starts(kind, window, L)
             for t in cells:
                 rows = max(1, batch_size * T // ((T - t) * S))  # the same tokens per forward as whole sequences
                 for i in range(0, L, rows):
                     layers = list(range(i, min(L, i + rows)))
-                    grids[kind][t, layers] = _restore_suffix(model, suffixes[t], kind, t, layers, starts, clean,
-                                                             corrupt, answer, window, S,
-                                                             skip_first if kind == "mlp" else None)
+                    final, groups = _restore_suffix(model, suffixes[t], kind, t, layers, starts, clean, corrupt,
+                                                    window, S, skip_first if kind == "mlp" else None)
+                    readouts.add(grids[kind][t], layers, groups, final)
                 done += 1
                 if progress is not None:
                     progress(done / total, f"{kind} token {t}")
+        readouts.flush()
         return TraceResult(high, low, grids, "suffix block replay")
     done, total = 0, len(kinds) * L
     for kind in kinds:
@@ -508,11 +519,46 @@ def staircase_cost(kind: str, layers: list[int], starts: list[int], window: int,
     return sum(len(step.groups) for step in steps if step.block < n_layers), len(steps[-1].groups)
 
 
+class _Readouts:
+    """Final states waiting to be read out together, written into their grid rows on `flush`.
+
+    A staircase ends with S rows per group, often a few dozen rows: the unembedding of so few rows
+    is bound by reading its [vocab, d] matrix, several times slower per row than a few hundred rows
+    at once, so the rows of consecutive staircases share one matmul (each row's logits are the same)."""
+
+    ROWS = 768
+
+    def __init__(self, model: Any, answer: int, S: int) -> None:
+        self.model, self.answer, self.S = model, answer, S
+        self.pending: list[tuple[torch.Tensor, list[int], list[list[int]], torch.Tensor]] = []
+        self.rows = 0
+
+    def add(self, row: torch.Tensor, layers: list[int], groups: list[list[int]], final: torch.Tensor) -> None:
+        """Queue `final` [len(groups) x S, d]; group g's mean P(answer) goes to `row[layers[m]]`, m in groups[g]."""
+        if self.rows + final.shape[0] > self.ROWS:
+            self.flush()
+        self.pending.append((row, layers, groups, final))
+        self.rows += final.shape[0]
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        finals = torch.cat([p[3] for p in self.pending])
+        probs = self.model.readout_logprob(finals, self.answer).exp().view(-1, self.S).mean(1).cpu()
+        g = 0
+        for row, layers, groups, _ in self.pending:
+            for members in groups:
+                row[[layers[m] for m in members]] = probs[g]
+                g += 1
+        self.pending, self.rows = [], 0
+
+
 def _restore_suffix(model: Any, runner: SuffixRunner, kind: str, t: int, layers: list[int], starts: list[int],
-                    clean: dict[str, list[torch.Tensor]], corrupt: list[torch.Tensor], answer: int, window: int,
-                    S: int, skip_first: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """P(answer) averaged over noise samples for restoring (t, l), l in `layers`, in one staircase batch
-    (`_staircase`): each block runs once over the groups of rows that need it, row (group, sample s).
+                    clean: dict[str, list[torch.Tensor]], corrupt: list[torch.Tensor], window: int, S: int,
+                    skip_first: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[list[int]]]:
+    """The final states at the read-out position [groups x S, d] and the groups (members: indices into
+    `layers`) for restoring (t, l), l in `layers`, in one staircase batch (`_staircase`): each block runs
+    once over the groups of rows that need it, row (group, sample s).
 
     With `skip_first` (mlp, the corrupted MLP outputs per layer [S, T, d]), a window's first block is not
     run: it changes only position t, by the clean minus the corrupted MLP output there.
@@ -540,12 +586,7 @@ def _restore_suffix(model: Any, runner: SuffixRunner, kind: str, t: int, layers:
                               positions=[0] * len(rows), paired=True)
                 with mlp_at_one_position(model, j, -1) if j == L - 1 else nullcontext():
                     hidden = runner.block(j, hidden)
-    groups = step.groups
-    per_group = _prob(model.readout(hidden[:, -1]), answer).view(len(groups), S).mean(1).cpu()
-    out = torch.empty(len(layers))
-    for g, members in enumerate(groups):
-        out[members] = per_group[g]
-    return out
+    return hidden[:, -1], step.groups
 
 
 def _first_block_shortcut(model: Any, runner: SuffixRunner, t: int, clean: list[torch.Tensor],

@@ -302,16 +302,45 @@ class Model:
 
     def readout(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from residual-stream states: final norm, the model's own scaling, unembedding."""
+        return self._capped(self.unembed_module(self._unembed_input(hidden)))
+
+    def _unembed_input(self, hidden: torch.Tensor) -> torch.Tensor:
         norm = self.final_norm
         if norm is not None:
             hidden = norm(hidden)
         if self.spec.readout_scale and getattr(self.config, self.spec.readout_scale, False):
             hidden = hidden * (self.d_model ** -0.5)
-        logits = self.unembed_module(hidden)
+        return hidden
+
+    def _capped(self, logits: torch.Tensor) -> torch.Tensor:
         cap = getattr(self.config, self.spec.logit_softcap, None) if self.spec.logit_softcap else None
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def readout_logprob(self, hidden: torch.Tensor, token: int, chunk: int = 4096) -> torch.Tensor:
+        """log P(token) [B] (float32) from residual-stream states [B, d]: `readout`'s log-softmax at one token.
+
+        A plain linear unembedding is taken in vocabulary chunks with a running logsumexp, so the
+        [B, vocab] logits are never held at once: for a few hundred rows they overflow the CPU's
+        caches, and the passes over them cost more than the matmul."""
+        module = self.unembed_module
+        x = self._unembed_input(hidden)
+        if type(module) is not nn.Linear or module.weight.shape[0] <= chunk:
+            logits = self.readout(hidden).float()
+            if not 0 <= token < logits.shape[-1]:
+                raise ValueError(f"token {token} is outside the vocabulary of {logits.shape[-1]} tokens")
+            return logits[:, token] - logits.logsumexp(-1)
+        weight, bias = module.weight, module.bias
+        if not 0 <= token < weight.shape[0]:
+            raise ValueError(f"token {token} is outside the vocabulary of {weight.shape[0]} tokens")
+        lse = target = None
+        for start in range(0, weight.shape[0], chunk):
+            part = self._capped(nn.functional.linear(x, weight[start:start + chunk],
+                                                     None if bias is None else bias[start:start + chunk])).float()
+            if start <= token < start + chunk:
+                target = part[:, token - start]
+            part = part.logsumexp(-1)
+            lse = part if lse is None else torch.logaddexp(lse, part)
+        return target - lse
 
     @torch.inference_mode()
     def predict(self, prompt: str, top_k: int = 5) -> list[tuple[str, float]]:

@@ -203,6 +203,22 @@ def test_readout_reproduces_logits(model: Model) -> None:
     torch.testing.assert_close(again, logits, atol=ATOL, rtol=1e-4)
 
 
+@pytest.mark.parametrize("chunk", [7, 100_000], ids=["chunked", "whole"])
+def test_readout_logprob_is_the_log_softmax(model: Model, chunk: int) -> None:
+    """`readout_logprob` (vocabulary chunks, running logsumexp) equals `readout`'s log-softmax at the token."""
+    enc = model.encode(PROMPT, " Paris")
+    last = f"blocks.{model.n_layers - 1}.resid_post"
+    values, _ = read_sites(model, enc, [last])
+    hidden = values[last][0]
+    token = int(enc.target_ids[0])
+    with torch.no_grad():
+        want = model.readout(hidden).float().log_softmax(-1)
+        for t in (token, 0, want.shape[-1] - 1):
+            torch.testing.assert_close(model.readout_logprob(hidden, t, chunk=chunk), want[:, t], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.readout_logprob(hidden, want.shape[-1] + 3, chunk=7)
+
+
 def test_final_norm_site(model: Model) -> None:
     if model.final_norm is None:
         with Hooks(model) as h, pytest.raises(ValueError, match="no final norm"):
