@@ -436,17 +436,28 @@ def project_parts(parts: list[tuple[Any, torch.Tensor, Any]], width: int) -> lis
     return final
 
 
+def pca_coords(centred: torch.Tensor, dims: int) -> np.ndarray:
+    """[n, <= dims] principal coordinates of centred points (U S of their SVD), from the eigenvectors of the
+    [n, n] Gram matrix: with a few dozen points in a wide embedding space that is a tenth of an SVD's cost.
+    Each axis is signed so that its largest coordinate is positive (an SVD's signs are arbitrary too).
+    In torch, not numpy: numpy's OpenBLAS threads keep spinning after a call, and on a small machine they
+    take the cores from the next forward pass (tens of milliseconds on 2 cores)."""
+    values, vectors = torch.linalg.eigh(centred @ centred.T)  # ascending
+    top = values.argsort(descending=True)[:dims]
+    coords = vectors[:, top] * values[top].clamp_min(0.0).sqrt()
+    flip = coords.gather(0, coords.abs().argmax(0, keepdim=True)).sign()
+    return (coords * torch.where(flip == 0, 1.0, flip)).cpu().numpy()
+
+
 def _neighbour_map(
     emb: torch.Tensor, row_norms: torch.Tensor, ids: list[int], nb_ids: torch.Tensor, tok: Any, dims: int
 ) -> Any:
-    """A PCA (numpy SVD) scatter of the prompt's tokens and their nearest neighbours."""
+    """A PCA scatter of the prompt's tokens and their nearest neighbours."""
     groups = {t: [t] + [int(i) for i in row] for t, row in zip(ids, nb_ids.tolist())}
     order = list(dict.fromkeys(i for members in groups.values() for i in members))
     index_t = torch.tensor(order, device=emb.device)
-    points = (emb[index_t].double() / row_norms[index_t, None].double()).cpu().numpy()  # unit vectors
-    centred = points - points.mean(0, keepdims=True)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    coords = centred @ vt[:dims].T
+    points = (emb[index_t].double() / row_norms[index_t, None].double()).cpu()  # unit vectors
+    coords = pca_coords(points - points.mean(0, keepdim=True), dims)
     if coords.shape[1] < dims:
         coords = np.pad(coords, ((0, 0), (0, dims - coords.shape[1])))
     index = {i: n for n, i in enumerate(order)}

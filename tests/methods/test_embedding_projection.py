@@ -227,3 +227,20 @@ def test_projection_in_small_batches_gives_the_same_findings(monkeypatch, family
     for key in ("layer_tokens", "target_rank", "neurons", "heads", "neighbours"):
         assert parts[key] == whole[key]
     assert parts["target_score"] == pytest.approx(whole["target_score"], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("n,d,dims", [(40, 64, 2), (90, 576, 3), (5, 64, 3), (3, 8, 3)], ids=["few", "wide", "tiny", "fewer-than-dims"])
+def test_pca_coords_equal_the_svd_up_to_sign(n, d, dims):
+    import numpy as np
+
+    from knowmri.methods.embedding_projection import pca_coords
+
+    points = np.random.default_rng(0).standard_normal((n, d))
+    centred = points - points.mean(0, keepdims=True)
+    u, s, _ = np.linalg.svd(centred, full_matrices=False)
+    want = (u * s)[:, :dims]
+    got = pca_coords(torch.from_numpy(centred), dims)
+    assert got.shape == want.shape
+    for axis in range(want.shape[1]):
+        sign = np.sign(want[:, axis] @ got[:, axis]) or 1.0
+        assert np.allclose(got[:, axis], sign * want[:, axis], atol=1e-8)
