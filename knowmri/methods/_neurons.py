@@ -435,9 +435,44 @@ def neuron_top_tokens(model: Any, neurons: Sequence[tuple[int, int]], k: int = 5
     if gain is not None:
         vectors = vectors * gain.to(unembed.device)
     with torch.no_grad():
-        ids = (vectors @ unembed.float().T).topk(min(k, unembed.shape[0]), dim=-1).indices.cpu()
+        ids = top_vocabulary(unembed, vectors, min(k, unembed.shape[0])).cpu()
     tok = model.tokenizer
     return [[tok.decode([int(t)]) for t in row] for row in ids]
+
+
+#: Rows of the float32 rescoring shortlist above which a row is scored against the whole vocabulary instead.
+SHORTLIST_MAX = 4096
+
+
+def top_vocabulary(unembed: torch.Tensor, vectors: torch.Tensor, k: int) -> torch.Tensor:
+    """[n, k] ids of the largest float32 products `vectors` [n, d] @ `unembed` [V, d].T, best first.
+
+    With a float32 unembedding that is the product itself. With a bfloat16/float16 one, a float32 copy
+    of the whole matrix (hundreds of MB on a large vocabulary, and most of the time) is avoided: the
+    product in the model's dtype gives a shortlist, which is rescored in float32. The shortlist is
+    every token whose low-precision score could still reach the k-th best: each product is within
+    4 u ||v|| ||e_j|| of the float32 one (u the dtype's unit roundoff; rounding v and the result cost
+    at most 2 u ||v|| ||e_j||, by Cauchy-Schwarz), so the top k of the rescored shortlist are those of
+    the float32 product. A row whose shortlist grows past SHORTLIST_MAX is scored in full."""
+    vectors = vectors.to(device=unembed.device, dtype=torch.float32)
+    if unembed.dtype not in (torch.bfloat16, torch.float16):
+        return (vectors @ unembed.to(torch.float32).T).topk(k, dim=-1).indices
+    from knowmri.methods.common import weight_derived
+
+    approx = (vectors.to(unembed.dtype) @ unembed.T).float()  # [n, V]
+    norms = weight_derived(unembed, "row_norms", lambda w: torch.linalg.vector_norm(w, dim=-1, dtype=torch.float32))
+    slack = 4 * torch.finfo(unembed.dtype).eps / 2 * vectors.norm(dim=-1, keepdim=True) * norms[None]  # [n, V]
+    reach = (approx - slack).topk(k, dim=-1).values[:, -1:]  # the k-th best lower bound of each row
+    shortlist = (approx + slack >= reach) & torch.isfinite(approx)
+    out = torch.empty(vectors.shape[0], k, dtype=torch.long, device=unembed.device)
+    for i in range(vectors.shape[0]):
+        ids = shortlist[i].nonzero().squeeze(1)
+        if not torch.isfinite(approx[i]).all() or len(ids) > SHORTLIST_MAX or len(ids) < k:
+            out[i] = (unembed.float() @ vectors[i]).topk(k).indices  # overflow or a wide shortlist: in full
+            continue
+        scores = unembed[ids].float() @ vectors[i]
+        out[i] = ids[scores.topk(k).indices]
+    return out
 
 
 # ---------------------------------------------------------------------- selection, findings and figures

@@ -71,8 +71,8 @@ class Fine(Method):
         per_layer = matmul_seconds(model, 2 * dims.d_mlp * dims.d * shape.answer, dims.d_mlp)
         passes = [*prepare_passes(model, shape), *clean_pass_passes(model, shape, shape.answer + 1), readout_pass(p.top_k)]
         buffers = clean_pass_bytes(model, shape, shape.answer + 1) + 4 * 3 * shape.answer * dims.layers * dims.d_mlp
-        if dims.bytes < 4:  # `neuron_top_tokens` reads a float32 copy of the unembedding
-            buffers += 4 * dims.vocab * dims.d
+        if dims.bytes < 4:  # `neuron_top_tokens`: low-precision scores, their slack and the shortlist, and the
+            buffers += 3 * 4 * p.top_k * dims.vocab + 4 * dims.vocab * dims.d  # row norms' float32 copy (first use)
         return work_estimate(model, passes, seconds=dims.layers * per_layer, memory=buffers)
 
     @torch.inference_mode()

@@ -238,3 +238,26 @@ def test_rows_skip_the_blocks_before_their_layer(monkeypatch) -> None:
     whole, b = count()
     assert direct < whole
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("case", ["random", "near-ties", "wide"])
+def test_top_vocabulary_equals_the_float32_product(dtype, case, monkeypatch) -> None:
+    """The low-precision shortlist, rescored in float32, gives the top tokens of the float32 product of the
+    same (rounded) weights: on random rows, on rows whose best tokens differ by less than the dtype can
+    resolve, and with a shortlist cap so small that every row is scored in full."""
+    gen = torch.Generator().manual_seed(0)
+    unembed = torch.randn(3000, 64, generator=gen).to(dtype)
+    vectors = torch.randn(12, 64, generator=gen)
+    if case == "near-ties":  # eight tokens nearly parallel to the first row: their products differ by ~1e-4
+        base = vectors[0] / vectors[0].norm()
+        for j in range(8):
+            unembed[100 + j] = (base * 3 + 1e-4 * j * torch.randn(64, generator=gen)).to(dtype)
+    if case == "wide":
+        monkeypatch.setattr(nr, "SHORTLIST_MAX", 1)
+    want = (vectors @ unembed.float().T).topk(5, dim=-1)
+    got = nr.top_vocabulary(unembed, vectors, 5)
+    scores = vectors @ unembed.float().T
+    assert torch.allclose(scores.gather(1, got), want.values, rtol=0, atol=1e-5)  # the same scores, best first
+    if case != "near-ties":
+        assert torch.equal(got, want.indices)
