@@ -429,7 +429,7 @@ def neuron_top_tokens(model: Any, neurons: Sequence[tuple[int, int]], k: int = 5
     """The `k` vocabulary tokens each neuron's value vector promotes most (through the unembedding)."""
     if not neurons:
         return []
-    unembed = model.unembedding.detach()
+    unembed = model.unembedding  # the parameter itself: its row norms are kept per weight (`weight_derived`)
     rows = [model.mlp_value_vectors(layer)[unit].detach().float().to(unembed.device) for layer, unit in neurons]
     vectors = torch.stack(rows)
     if gain is not None:
@@ -453,7 +453,9 @@ def top_vocabulary(unembed: torch.Tensor, vectors: torch.Tensor, k: int) -> torc
     every token whose low-precision score could still reach the k-th best: each product is within
     4 u ||v|| ||e_j|| of the float32 one (u the dtype's unit roundoff; rounding v and the result cost
     at most 2 u ||v|| ||e_j||, by Cauchy-Schwarz), so the top k of the rescored shortlist are those of
-    the float32 product. A row whose shortlist grows past SHORTLIST_MAX is scored in full."""
+    the float32 product. Where the shortlists' union grows past SHORTLIST_MAX tokens (or a product
+    overflows float16), the float32 product is taken in full, a block of the vocabulary at a time. Pass the
+    weight itself (not a `.detach()`ed view, a new tensor each time), so that its row norms are computed once."""
     vectors = vectors.to(device=unembed.device, dtype=torch.float32)
     if unembed.dtype not in (torch.bfloat16, torch.float16):
         return (vectors @ unembed.to(torch.float32).T).topk(k, dim=-1).indices
@@ -463,16 +465,26 @@ def top_vocabulary(unembed: torch.Tensor, vectors: torch.Tensor, k: int) -> torc
     norms = weight_derived(unembed, "row_norms", lambda w: torch.linalg.vector_norm(w, dim=-1, dtype=torch.float32))
     slack = 4 * torch.finfo(unembed.dtype).eps / 2 * vectors.norm(dim=-1, keepdim=True) * norms[None]  # [n, V]
     reach = (approx - slack).topk(k, dim=-1).values[:, -1:]  # the k-th best lower bound of each row
-    shortlist = (approx + slack >= reach) & torch.isfinite(approx)
-    out = torch.empty(vectors.shape[0], k, dtype=torch.long, device=unembed.device)
-    for i in range(vectors.shape[0]):
-        ids = shortlist[i].nonzero().squeeze(1)
-        if not torch.isfinite(approx[i]).all() or len(ids) > SHORTLIST_MAX or len(ids) < k:
-            out[i] = (unembed.float() @ vectors[i]).topk(k).indices  # overflow or a wide shortlist: in full
-            continue
-        scores = unembed[ids].float() @ vectors[i]
-        out[i] = ids[scores.topk(k).indices]
-    return out
+    shortlist = approx + slack >= reach  # [n, V]
+    union = shortlist.any(0).nonzero().squeeze(1)
+    if not torch.isfinite(approx).all() or len(union) > SHORTLIST_MAX:  # overflow or a wide shortlist: in full
+        return _chunked_top(unembed, vectors, k)
+    scores = vectors @ unembed[union].float().T  # [n, U]: every row against the shortlists' union, rescored
+    scores = scores.masked_fill(~shortlist[:, union], float("-inf"))
+    return union[scores.topk(k, dim=-1).indices]
+
+
+def _chunked_top(unembed: torch.Tensor, vectors: torch.Tensor, k: int, chunk: int = 8192) -> torch.Tensor:
+    """`top_vocabulary` of the float32 product, converting `chunk` vocabulary rows to float32 at a time."""
+    best_values = best_ids = None
+    for first in range(0, unembed.shape[0], chunk):
+        scores = vectors @ unembed[first: first + chunk].float().T
+        ids = torch.arange(first, first + scores.shape[1], device=scores.device).expand_as(scores)
+        if best_values is not None:
+            scores, ids = torch.cat([best_values, scores], 1), torch.cat([best_ids, ids], 1)
+        best_values, pick = scores.topk(min(k, scores.shape[1]), dim=-1)
+        best_ids = ids.gather(1, pick)
+    return best_ids
 
 
 # ---------------------------------------------------------------------- selection, findings and figures

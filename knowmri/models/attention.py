@@ -69,7 +69,14 @@ def _register() -> None:
 
 @contextmanager
 def short_attention(model: Any) -> Iterator[bool]:
-    """Inside, the model's sdpa attention runs as `_forward`; yields whether it does (False: unchanged)."""
+    """Inside, the model's sdpa attention runs as `_forward`; yields whether it does (False: unchanged).
+
+    Only for float32 models on the CPU, where it was measured to win (causal tracing on SmolLM2: 1.2x
+    faster overall). In bfloat16 the CPU's small batched matmuls lose to SDPA's fused kernel (the same
+    trace 1.7x slower), and on a GPU SDPA's kernels are the better choice; those keep SDPA."""
+    if model.dtype != torch.float32 or model.device.type != "cpu":
+        yield False
+        return
     configs = {id(c): c for c in [getattr(m, "config", None) for m in model.hf_model.modules()] + [model.config]
                if c is not None and getattr(c, "_attn_implementation", None) == "sdpa"}
     if not configs:

@@ -118,6 +118,15 @@ def test_eager_model_untouched():
         assert not active and model.hf_model.config._attn_implementation == "eager"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_half_precision_keeps_sdpa(dtype):
+    """In half precision the CPU's small batched matmuls lose to SDPA's kernel: the context changes nothing."""
+    model = _sdpa_model("llama")
+    model.hf_model.to(dtype)
+    with short_attention(model) as active:
+        assert not active and model.hf_model.config._attn_implementation == "sdpa"
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_causal_tracing_same_grids_as_eager(family, monkeypatch):
     """Causal tracing (which opens the context) gives an sdpa model the grids of its eager twin, and no
