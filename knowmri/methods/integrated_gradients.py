@@ -20,6 +20,7 @@ import torch
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
 from knowmri.methods.common import prepare
 from knowmri.models.arch import resolve
+from knowmri.models.attention import uses_short_attention
 from knowmri.models.model import Encoded
 from knowmri.report import figures
 from knowmri.sample import Sample
@@ -176,6 +177,7 @@ class IntegratedGradients(Method):
         buffers = 4 * (shape.answer + 3) * shape.input * model.d_model  # the summed gradients, x, x0, delta
         return work_estimate(model, passes, memory=buffers)
 
+    @uses_short_attention(torch.bfloat16)
     def run(self, model: Any, sample: Sample, params: IntegratedGradientsParams, ctx: RunContext) -> MethodResult:
         prep = prepare(model, sample)
         enc = prep.enc

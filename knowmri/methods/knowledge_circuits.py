@@ -12,6 +12,7 @@ import torch
 from knowmri.methods._circuits import SUBJECTS, choose_subject, edge_attribution, forward_logits, patched_metric, prune
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
 from knowmri.methods.common import prepare
+from knowmri.models.attention import uses_short_attention
 from knowmri.sample import Sample
 
 
@@ -92,6 +93,7 @@ class KnowledgeCircuits(Method):
         return work_estimate(model, passes, seconds=heads + scores, memory=read + per_head,
                              resident=2 * 4 * nodes * T * dims.d + 4 * nodes * nodes * 3)
 
+    @uses_short_attention(torch.bfloat16)
     def run(self, model: Any, sample: Sample, params: KnowledgeCircuitsParams, ctx: RunContext) -> MethodResult:
         prep = prepare(model, sample, need_subject=True)
         clean = prep.enc.input_ids[:, : prep.enc.prompt_len]

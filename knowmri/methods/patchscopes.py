@@ -23,6 +23,7 @@ import torch
 from knowmri.hooks import Hooks, site
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
 from knowmri.methods.common import prepare
+from knowmri.models.attention import uses_short_attention
 from knowmri.report import figures
 from knowmri.sample import Sample
 
@@ -220,6 +221,7 @@ class Patchscopes(Method):
         cache = rows * (n + steps) * 2 * dims.kv * dims.bytes * dims.layers
         return work_estimate(model, passes, memory=dists, resident=2 * dists + cache)
 
+    @uses_short_attention(torch.bfloat16)
     @torch.inference_mode()
     def run(self, model: Any, sample: Sample, params: PatchscopesParams, ctx: RunContext) -> MethodResult:
         prep = prepare(model, sample)

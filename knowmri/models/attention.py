@@ -12,7 +12,8 @@ to transformers' own sdpa function, so the model computes what it computes witho
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -47,6 +48,9 @@ def _forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.T
                                       **kwargs)
     g = H // Hk
     scale = d ** -0.5 if scaling is None else scaling
+    dtype = value.dtype
+    if dtype in (torch.bfloat16, torch.float16):  # in float32, as SDPA's kernels accumulate: the inputs are small
+        query, key, value = query.float(), key.float(), value.float()
     scores = (query.reshape(B, Hk, g * q, d) @ key.transpose(-1, -2)).view(B, Hk, g, q, k).float() * scale
     if mask is None and q > 1:  # sdpa's own reading of no mask: causal, queries and keys aligned
         mask = torch.ones(q, k, dtype=torch.bool, device=query.device).tril().view(1, 1, q, k)
@@ -54,7 +58,7 @@ def _forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.T
         grouped = mask.view(mask.shape[0], 1, 1, q, k) if mask.shape[1] == 1 else mask.view(mask.shape[0], Hk, g, q, k)
         scores = scores.masked_fill(~grouped, float("-inf")) if grouped.dtype == torch.bool else scores + grouped
     weights = scores.softmax(-1).to(value.dtype).view(B, Hk, g * q, k)
-    out = (weights @ value).view(B, H, q, d).transpose(1, 2).contiguous()
+    out = (weights @ value).view(B, H, q, d).transpose(1, 2).to(dtype).contiguous()
     return out, None
 
 
@@ -68,13 +72,16 @@ def _register() -> None:
 
 
 @contextmanager
-def short_attention(model: Any) -> Iterator[bool]:
+def short_attention(model: Any, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> Iterator[bool]:
     """Inside, the model's sdpa attention runs as `_forward`; yields whether it does (False: unchanged).
 
-    Only for float32 models on the CPU, where it was measured to win (causal tracing on SmolLM2: 1.2x
-    faster overall). In bfloat16 the CPU's small batched matmuls lose to SDPA's fused kernel (the same
-    trace 1.7x slower), and on a GPU SDPA's kernels are the better choice; those keep SDPA."""
-    if model.dtype != torch.float32 or model.device.type != "cpu":
+    Only on the CPU and for models in one of `dtypes`, which each engine sets to where it was measured
+    to win on SmolLM2 (CPU, 2 threads): causal tracing's float32 replays (1.2x overall; in bfloat16
+    the same trace is 3x slower than with SDPA's kernel); the gradient passes of integrated gradients
+    and knowledge circuits and PatchScopes' decoding in bfloat16 (1.15-1.6x: SDPA's CPU backward and
+    its per-head batched backward are slow there; in float32 they gain nothing). On a GPU SDPA's
+    kernels are the better choice."""
+    if model.dtype not in dtypes or model.device.type != "cpu":
         yield False
         return
     configs = {id(c): c for c in [getattr(m, "config", None) for m in model.hf_model.modules()] + [model.config]
@@ -90,3 +97,14 @@ def short_attention(model: Any) -> Iterator[bool]:
     finally:
         for config in configs.values():
             config._attn_implementation_internal = "sdpa"
+
+
+def uses_short_attention(*dtypes: torch.dtype) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorates a method's `run(self, model, ...)` to run inside `short_attention(model, dtypes)`."""
+    def wrap(run: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(run)
+        def inner(self: Any, model: Any, *args: Any, **kwargs: Any) -> Any:
+            with short_attention(model, dtypes):
+                return run(self, model, *args, **kwargs)
+        return inner
+    return wrap

@@ -55,6 +55,19 @@ def test_equals_sdpa(heads, mask_kind):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_half_precision_computes_in_float32(dtype):
+    """On half-precision inputs the scores, softmax and weighted sum run in float32 (as SDPA's kernels
+    accumulate): the output is the float32 attention of the same inputs, rounded once (within one unit
+    of the dtype's last place, where the two float32 computations fall on either side of a rounding edge)."""
+    query, key, value = (t.to(dtype) for t in _qkv())
+    mask = _masks(3, 3, 7)["bool"]
+    got, _ = _forward(_module(), query, key, value, mask)
+    want, _ = _sdpa(_module(), query.float(), key.float(), value.float(), mask)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, atol=1e-6, rtol=torch.finfo(dtype).eps)
+
+
 @pytest.mark.parametrize("q", [1, 7], ids=["one_query", "causal_square"])
 def test_without_mask_equals_sdpa(q):
     """No mask means what sdpa makes of it: one query sees every key; q == k queries are causal."""
@@ -119,12 +132,45 @@ def test_eager_model_untouched():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
-def test_half_precision_keeps_sdpa(dtype):
-    """In half precision the CPU's small batched matmuls lose to SDPA's kernel: the context changes nothing."""
+def test_only_the_dtypes_asked_for(dtype):
+    """By default (causal tracing's float32 replays) a half-precision model keeps SDPA; asked for its
+    dtype, the context takes over and the logits stay SDPA's up to the dtype's rounding."""
     model = _sdpa_model("llama")
     model.hf_model.to(dtype)
     with short_attention(model) as active:
         assert not active and model.hf_model.config._attn_implementation == "sdpa"
+    ids = torch.tensor([[5, 17, 42, 8, 99, 23, 61]]) % model.vocab_size
+    with torch.no_grad():
+        want = model.hf_model(input_ids=ids).logits.float()
+        with short_attention(model, (dtype,)) as active:
+            assert active
+            got = model.hf_model(input_ids=ids).logits.float()
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("name", ["integrated_gradients", "knowledge_circuits", "patchscopes"])
+def test_bfloat16_methods_run_with_it(name, monkeypatch):
+    """The methods measured faster with it in bfloat16 run their passes through it there (and not in float32)."""
+    import knowmri.models.attention as attention
+
+    calls = []
+    real = attention._forward
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "_forward", spy)
+    monkeypatch.setitem(__import__("transformers").AttentionInterface._global_mapping, NAME, spy)
+    sample = km.Sample({"prompt": "The Eiffel Tower is located in the city of", "ground_truth": " Paris",
+                        "triple_subject": "Eiffel Tower"})
+    for dtype, expect in ((torch.float32, False), (torch.bfloat16, True)):
+        model = _sdpa_model("llama")
+        model.hf_model.to(dtype)
+        calls.clear()
+        method = get_method(name)
+        result = method.run(model, sample, method.Params(), RunContext())
+        assert result is not None and bool(calls) == expect, (dtype, len(calls))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
