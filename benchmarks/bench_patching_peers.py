@@ -67,8 +67,12 @@ class Setup:
 
 # ---------------------------------------------------------------------- knowmri
 def knowmri_batched(st: Setup, max_rows: int) -> torch.Tensor:
-    """Every cell as one row of a batched corrupted forward (paired restores), in chunks."""
+    """Every cell as one row of a batched corrupted forward (paired restores), in chunks; the vocabulary
+    read out at the predicting position only (`logits_to_keep`, where the model takes it)."""
+    from knowmri.methods.common import takes_logits_to_keep
+
     m = st.model
+    keep = {"logits_to_keep": torch.tensor([st.position])} if takes_logits_to_keep(type(m.hf_model)) else {}
     cells = [(t, layer) for layer in st.layers for t in range(st.T)]
     out = torch.empty(len(cells))
     with torch.inference_mode():
@@ -81,8 +85,9 @@ def knowmri_batched(st: Setup, max_rows: int) -> torch.Tensor:
                     rows = [j for j, c in enumerate(chunk) if c[1] == layer]
                     toks = [chunk[j][0] for j in rows]
                     h.replace(site(layer, "resid_post"), st.clean[layer][toks], rows=rows, positions=toks, paired=True)
-                logits = m.forward(input_ids=st.ids.repeat(n, 1), attention_mask=torch.ones_like(st.ids).repeat(n, 1))
-            out[i:i + n] = st.prob(logits).cpu()
+                logits = m.forward(input_ids=st.ids.repeat(n, 1), attention_mask=torch.ones_like(st.ids).repeat(n, 1), **keep)
+            at = logits[:, 0] if keep else logits[:, st.position]
+            out[i:i + n] = at.float().softmax(-1)[:, st.answer].cpu()
     return out.view(len(st.layers), st.T).T.contiguous()
 
 

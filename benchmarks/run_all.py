@@ -207,6 +207,9 @@ def other_tables(rows: list[dict[str, Any]]) -> str:
             over = r["knowmri_s"] / r["baseline_s"] if r["knowmri_s"] and r["baseline_s"] else None
             parts.append(f"| {r['method']} | {H.fmt_s(r['knowmri_s'])} | {H.fmt_s(r['baseline_s'])} | "
                          f"{'–' if over is None else f'{over:.1f}x'} | {r['detail']} |")
+        if any(r["method"].endswith(")") for r in floor):
+            parts.append("\nRows without a dtype are the default (float32), which the goal (every method within 3x of "
+                         "its floor) is about; rows marked with a dtype are the same methods in that dtype, for comparison.")
     diag = [r for r in rows if r["kind"] == "diagnose"]
     if diag:
         parts += ["\n### `km.diagnose` of every method on the Eiffel fact (SmolLM2, 2 threads)\n",
