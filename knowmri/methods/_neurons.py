@@ -459,10 +459,10 @@ def top_vocabulary(unembed: torch.Tensor, vectors: torch.Tensor, k: int) -> torc
     vectors = vectors.to(device=unembed.device, dtype=torch.float32)
     if unembed.dtype not in (torch.bfloat16, torch.float16):
         return (vectors @ unembed.to(torch.float32).T).topk(k, dim=-1).indices
-    from knowmri.methods.common import weight_derived
+    from knowmri.methods.common import row_norms
 
     approx = (vectors.to(unembed.dtype) @ unembed.T).float()  # [n, V]
-    norms = weight_derived(unembed, "row_norms", lambda w: torch.linalg.vector_norm(w, dim=-1, dtype=torch.float32))
+    norms = row_norms(unembed)
     slack = 4 * torch.finfo(unembed.dtype).eps / 2 * vectors.norm(dim=-1, keepdim=True) * norms[None]  # [n, V]
     reach = (approx - slack).topk(k, dim=-1).values[:, -1:]  # the k-th best lower bound of each row
     shortlist = approx + slack >= reach  # [n, V]

@@ -222,6 +222,12 @@ def weight_derived(weight: torch.Tensor, name: str, fn: Any) -> Any:
     return value
 
 
+def row_norms(weight: torch.Tensor) -> torch.Tensor:
+    """[rows] float32 norms of a weight matrix's rows (an embedding's or unembedding's tokens), computed once
+    per weight (`weight_derived`; pass the parameter itself, not a `.detach()`ed view)."""
+    return weight_derived(weight, "row_norms", lambda w: torch.linalg.vector_norm(w, dim=-1, dtype=torch.float32))
+
+
 def _with_target(model: Any, prompt: str, enc: Encoded, token: int) -> Encoded:
     """`enc` (a bare prompt) given a one-token target."""
     enc.target_ids = [token]

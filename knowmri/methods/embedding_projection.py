@@ -21,6 +21,7 @@ import torch
 from knowmri.methods._weights import output_weights, ov_circuit
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
 from knowmri.methods.common import clean_pass, prepare, weight_derived
+from knowmri.methods.common import row_norms as weight_row_norms
 from knowmri.report import figures
 from knowmri.sample import Sample
 
@@ -395,8 +396,7 @@ def value_norms(model: Any, layer: int) -> torch.Tensor:
 
 def embedding_norms(model: Any) -> torch.Tensor:
     """[vocab] float32 norms of the input embeddings (computed once per weight)."""
-    return weight_derived(model.embed_module.weight, "row_norms",
-                          lambda w: torch.linalg.vector_norm(w, dim=-1, dtype=torch.float32))
+    return weight_row_norms(model.embed_module.weight)
 
 
 def project_parts(parts: list[tuple[Any, torch.Tensor, Any]], width: int) -> list[tuple[torch.Tensor, ...]]:
