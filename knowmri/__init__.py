@@ -32,7 +32,7 @@ _EXPORTS = {
     "register_method": "knowmri.methods.base",
     "Method": "knowmri.methods.base",
     "Params": "knowmri.methods.base",
-    "MethodResult": "knowmri.methods.base",
+    "MethodResult": "knowmri.report.result",
     "localize": "knowmri.localize",
     "enhance": "knowmri.localize",
 }

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from knowmri.analysis import Aggregator, build_consensus
 from knowmri.matching import match
 from knowmri.methods.base import MethodResult, RunContext, get_method
 from knowmri.report.report import Report
@@ -83,7 +84,7 @@ def _diagnose(sample: Any, model: Any, methods: list[str] | str | None, params: 
     if bar is not None:
         bar.close()
     if consensus:
-        report.build_consensus(model=model, sample=sample)
+        report.consensus = build_consensus(report, model=model, sample=sample)
     return report
 
 
@@ -96,7 +97,7 @@ def diagnose_dataset(dataset: Any, model: Any, methods: list[str] | str | None =
     """Run methods on the first `samples` records of a dataset and aggregate them into one Report.
 
     Per-sample results are reduced as they come (token importance by role, mean layer scores,
-    mean causal-tracing grids by token role, neuron frequency); see `knowmri.report.aggregate`.
+    mean causal-tracing grids by token role, neuron frequency); see `knowmri.analysis.aggregate`.
     """
     n = len(dataset) if samples is None else min(samples, len(dataset))
     if n < 1:
@@ -107,8 +108,6 @@ def diagnose_dataset(dataset: Any, model: Any, methods: list[str] | str | None =
 
 def _diagnose_dataset(dataset: Any, model: Any, methods: list[str] | str | None, params: dict[str, dict] | None,
                       progress: bool | Progress, seed: int, n: int) -> Report:
-    from knowmri.report.aggregate import Aggregator
-
     agg = Aggregator(model)
     report = Report(model=model.info(), sample={"dataset": getattr(dataset, "name", "dataset"), "samples": n})
     bar = _progress_bar(n, "sample") if progress is True else None

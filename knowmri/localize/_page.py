@@ -9,8 +9,8 @@ from typing import Any
 def write_page(path: Path, title: str, data: dict[str, Any], figures: list[tuple[str, Any]],
                tables: list[dict[str, Any]]) -> None:
     """Render `data` (a result's to_dict()) with its figures and tables through the report template."""
-    from knowmri.methods.base import _jsonable
     from knowmri.report.html import render_html
+    from knowmri.report.result import jsonable
 
     name = data.get("kind", "result")
     dataset = data.get("dataset") or {}
@@ -22,7 +22,7 @@ def write_page(path: Path, title: str, data: dict[str, Any], figures: list[tuple
         "results": {name: {
             "method": name, "path": ["Dataset", title], "status": "ok", "error": None,
             "seconds": data.get("seconds", 0.0), "params": data.get("params", {}), "summary": data.get("summary", ""),
-            "figures": [{"name": n, "plotly": _jsonable(f.to_plotly_json() if hasattr(f, "to_plotly_json") else f)}
+            "figures": [{"name": n, "plotly": jsonable(f.to_plotly_json() if hasattr(f, "to_plotly_json") else f)}
                         for n, f in figures],
             "tables": tables,
         }},

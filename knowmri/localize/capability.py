@@ -58,10 +58,10 @@ class Localization:
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # mean_abs, mean, frequency: [n_layers, d_mlp]
 
     def to_dict(self) -> dict[str, Any]:
-        from knowmri.methods.base import _jsonable
         from knowmri.report.report import knowmri_version
+        from knowmri.report.result import jsonable
 
-        return _jsonable({
+        return jsonable({
             "knowmri_version": knowmri_version(), "kind": "localization", "model": self.model, "dataset": self.dataset,
             "params": self.params, "summary": self.summary, "seconds": self.seconds, "neurons": self.neurons,
             "stability": self.stability, "layer_distribution": self.layer_distribution, "provenance": self.provenance,

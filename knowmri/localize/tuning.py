@@ -246,10 +246,10 @@ class Enhancement:
     deltas: dict[str, Deltas] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        from knowmri.methods.base import _jsonable
         from knowmri.report.report import knowmri_version
+        from knowmri.report.result import jsonable
 
-        return _jsonable({
+        return jsonable({
             "knowmri_version": knowmri_version(), "kind": "enhancement", "model": self.model, "dataset": self.dataset,
             "params": self.params, "summary": self.summary, "seconds": self.seconds, **self.arms, "arms": self.arms,
             "neurons": self.neurons, "provenance": self.provenance,

@@ -1,4 +1,4 @@
-"""The method framework: `Method`, its typed hyper-parameters, results, and the registry."""
+"""The method framework: `Method`, its typed hyper-parameters and the registry (`MethodResult` re-exported)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import os
 import pkgutil
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+from knowmri.report.result import MethodResult  # re-exported: methods import it from here
 from knowmri.sample import Sample
 
 
@@ -86,76 +87,6 @@ class Estimate:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-@dataclass
-class MethodResult:
-    """One method's outcome on one sample: the `results.<name>` block of report.json."""
-
-    method: str
-    path: list[str]
-    status: str = "ok"
-    error: str | None = None
-    seconds: float = 0.0
-    params: dict[str, Any] = field(default_factory=dict)
-    summary: str = ""
-    findings: dict[str, Any] = field(default_factory=dict)
-    tables: list[dict[str, Any]] = field(default_factory=list)
-    figures: list[dict[str, Any]] = field(default_factory=list)
-    arrays: dict[str, Any] = field(default_factory=dict)
-
-    def add_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
-        self.tables.append({"name": name, "columns": list(columns), "rows": [list(r) for r in rows]})
-
-    def add_figure(self, name: str, figure: Any) -> None:
-        """Add a Plotly figure (its JSON dict, as `knowmri.report.figures` builds it, or a `go.Figure`).
-
-        The figure is stored as plain JSON; the shared template of `knowmri.report.figures` (plain
-        JSON already) is kept by reference, not copied into every figure."""
-        from knowmri.report.figures import is_shared_template
-
-        plotly = figure if isinstance(figure, dict) else figure.to_plotly_json() if hasattr(figure, "to_plotly_json") else figure
-        layout = plotly.get("layout") if isinstance(plotly, dict) else None
-        template = layout.get("template") if isinstance(layout, dict) else None
-        if template is not None and is_shared_template(template):
-            plotly = _jsonable({**plotly, "layout": {k: v for k, v in layout.items() if k != "template"}})
-            plotly["layout"]["template"] = template
-        else:
-            plotly = _jsonable(plotly)
-        self.figures.append({"name": name, "plotly": plotly})
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("arrays")
-        return _jsonable(d)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MethodResult:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types from numpy/torch values, recursively."""
-    import numpy as np
-
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if hasattr(obj, "tolist") and hasattr(obj, "dim"):
-        return obj.detach().cpu().tolist()
-    if isinstance(obj, float) and obj != obj:
-        return None
-    return obj
 
 
 class Method:

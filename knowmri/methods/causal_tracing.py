@@ -12,7 +12,8 @@ Findings: the grids `hidden`, `mlp`, `attn` ([token][layer] probabilities), `hig
 and `low_score` (corrupted); `token_scores` are each token's largest indirect effect (restored
 minus corrupted P) over layers in the hidden grid, `layer_scores` each layer's largest over
 tokens in the MLP grid (`*_kind` says which grid when a kind was not traced); `peaks` gives
-each grid's best cell.
+each grid's best cell, and `sites` the same cells as hook sites, best first: the MLP's (the state
+ROME edits), the attention's, then the hidden state's (it restores everything, so localises least).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from knowmri.hooks import site
 from knowmri.methods._tracing import embedding_std, subject_noise, trace
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
 from knowmri.methods.common import prepare
@@ -31,6 +33,7 @@ from knowmri.sample import Sample
 KINDS = ("hidden", "mlp", "attn")
 _LABEL = {"hidden": "hidden state", "mlp": "MLP output", "attn": "attention output"}
 _COLOURS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
+_SITES = {"mlp": "mlp.out", "attn": "attn.out", "hidden": "resid_post"}  # hook site restored per kind, best first
 
 
 @dataclass
@@ -155,7 +158,9 @@ class CausalTracing(Method):
             "layer_scores": [{"layer": layer, "score": float(res.grids[layer_kind][:, layer].max()) - low}
                              for layer in range(L)],
             "layer_scores_kind": layer_kind,
-            "peaks": peaks, "subject_span": {"start": span.start, "stop": span.stop},
+            "peaks": peaks, "sites": [{"site": site(p["layer"], _SITES[k]), "position": p["token"], "token": p["token_text"],
+                                       "score": p["effect"], "kind": k} for k in _SITES if (p := peaks.get(k))],
+            "subject_span": {"start": span.start, "stop": span.stop},
             "subject_tokens": tokens[span.start:span.stop], "tokens": tokens, "position": enc.pred_pos,
             "answer": prep.answer, "answer_token": answer, "answer_source": prep.answer_source,
             "noise_std": noise_std, "engine": res.engine,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from knowmri.methods.base import MethodResult, _jsonable
+from knowmri.report.result import MethodResult, jsonable
 
 
 def versions() -> dict[str, str]:
@@ -59,18 +59,9 @@ class Report:
     def ok(self) -> list[str]:
         return [n for n, r in self.results.items() if r.status == "ok"]
 
-    def build_consensus(self, model: Any = None, sample: Any = None) -> None:
-        """Compare the methods' findings (token, layer and neuron agreement; causal checks)."""
-        from knowmri.report.consensus import build_consensus
-
-        try:
-            self.consensus = build_consensus(self, model=model, sample=sample)
-        except Exception as err:  # consensus must never sink the report
-            self.consensus = {"error": f"{type(err).__name__}: {err}"}
-
     def to_dict(self) -> dict[str, Any]:
         """The report.json structure."""
-        return _jsonable({
+        return jsonable({
             "knowmri_version": knowmri_version(),
             "versions": self.meta.get("versions") or versions(),
             "model": self.model,

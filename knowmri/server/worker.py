@@ -112,6 +112,7 @@ class Worker:
         self.live.set(run_id, "error", progress)
 
     def _run(self, run_id: str) -> None:
+        from knowmri.analysis import build_consensus
         from knowmri.diagnosis import diagnose
         from knowmri.matching import match
         from knowmri.sample import Sample
@@ -160,7 +161,7 @@ class Worker:
             progress["methods"][name] = result.status
         progress.update(stage="consensus", fraction=0.96, message="comparing the methods' findings")
         self._publish(run_id, progress, force=False)
-        report.build_consensus(model=model, sample=sample)
+        report.consensus = build_consensus(report, model=model, sample=sample)
         data = _finite(report.to_dict())
         data["run_id"] = run_id
         progress.update(stage="done", fraction=1.0, message="done")

@@ -96,22 +96,3 @@ def test_html_escapes_script_breaking_tokens(tmp_path):
                               "tables": []}}}
     html = render_html(data, include_js=False)
     assert "</script><b>" not in html and "&lt;i&gt;s&lt;/i&gt;" in html
-
-
-def test_spearman_equals_scipy():
-    """The consensus's rank correlation (computed without importing scipy.stats) equals scipy's."""
-    import random
-
-    from scipy.stats import spearmanr
-
-    from knowmri.report.consensus import _spearman
-
-    rng = random.Random(0)
-    for _ in range(200):
-        n = rng.randint(3, 12)
-        a = [rng.choice([0.0, 1.0, 2.0, rng.random()]) for _ in range(n)]
-        b = [rng.choice([0.0, 1.0, rng.random()]) for _ in range(n)]
-        got = _spearman(a, b)
-        if got is not None:
-            assert abs(got - spearmanr(a, b).statistic) < 1e-9
-    assert _spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None

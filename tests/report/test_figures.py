@@ -9,8 +9,8 @@ import numpy as np
 import plotly.graph_objects as go
 import pytest
 
-from knowmri.methods.base import MethodResult, _jsonable
 from knowmri.report import figures
+from knowmri.report.result import MethodResult, jsonable
 
 LAYOUT = {"template": "plotly_white", "margin": {"l": 60, "r": 20, "t": 50, "b": 60}}
 
@@ -82,7 +82,7 @@ def test_the_template_is_built_once_and_shared():
     a = figures.bars(["a"], [1], title="a", x_title="x", y_title="y")
     b = figures.lines([0], {"s": [1]}, title="b", x_title="x", y_title="y")
     assert a["layout"]["template"] is b["layout"]["template"] is figures.template_json()
-    json.dumps(_jsonable(a))  # plain JSON
+    json.dumps(jsonable(a))  # plain JSON
 
 
 def test_stored_figures_reference_the_shared_template():

@@ -1,9 +1,10 @@
 """Dataset-level diagnosis: aggregate per-sample method results into one report.
 
-Token importance is pooled by role (ROME's token categories: the subject's first, middle and last
-tokens, the relation tokens after it, and the prompt's last token); per-layer scores are
-averaged; causal-tracing grids are averaged per role and layer; neurons are counted by how many
-samples located them.
+Token importance is pooled by role (ROME's token categories, `knowmri.analysis.roles`); per-layer
+scores are averaged; the effect grids behind a result's `sites` (a [token][layer] grid under each
+site's `kind`, e.g. causal tracing's `mlp`, with `low_score` as its baseline) are averaged per role and
+layer; neurons are counted by how many samples located them. Like the consensus, it reads the
+findings a result carries, never its method's name.
 """
 
 from __future__ import annotations
@@ -13,28 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from knowmri.methods.base import MethodResult
+from knowmri.analysis.roles import ROLES, token_roles
 from knowmri.report import figures
-
-ROLES = ("first", "subject_first", "subject_middle", "subject_last", "relation", "last")
-
-
-def token_roles(model: Any, sample: Any, n_prompt: int) -> dict[int, str]:
-    """Each prompt position's role (see ROLES)."""
-    roles = {i: "relation" for i in range(n_prompt)}
-    if n_prompt:
-        roles[0] = "first"
-    subject = sample.get("triple_subject")
-    if subject and subject in sample.get("prompt", ""):
-        span = list(model.token_span(sample["prompt"], subject))
-        for j, i in enumerate(span):
-            if i < n_prompt:
-                roles[i] = "subject_first" if j == 0 else ("subject_last" if j == len(span) - 1 else "subject_middle")
-        if len(span) == 1 and span[0] < n_prompt:
-            roles[span[0]] = "subject_last"
-    if n_prompt:
-        roles[n_prompt - 1] = "last"
-    return roles
+from knowmri.report.result import MethodResult
 
 
 class Aggregator:
@@ -49,7 +31,8 @@ class Aggregator:
         self.role_per_token: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.top_role: dict[str, Counter] = defaultdict(Counter)
         self.layer_scores: dict[str, list[np.ndarray]] = defaultdict(list)
-        self.grids: dict[str, dict[str, list[np.ndarray]]] = defaultdict(lambda: defaultdict(list))
+        self.grids: dict[str, dict[str, dict[str, list[np.ndarray]]]] = defaultdict(
+            lambda: defaultdict(lambda: defaultdict(list)))  # method -> kind -> role -> [layer] rows
         self.neurons: dict[str, Counter] = defaultdict(Counter)
         self.neuron_score: dict[str, dict[tuple[int, int], float]] = defaultdict(lambda: defaultdict(float))
         self.records: list[dict[str, Any]] = []
@@ -73,9 +56,10 @@ class Aggregator:
                     if 0 <= int(s["layer"]) < len(ls):
                         ls[int(s["layer"])] = float(s["score"])
                 self.layer_scores[name].append(ls)
-            for key in ("hidden", "mlp", "attn"):
-                if name == "causal_tracing" and f.get(key):
-                    self._grid(key, sample, np.asarray(f[key], dtype=float), float(f.get("low_score", 0.0)))
+            kinds = {s.get("kind") for s in f.get("sites") or [] if isinstance(s, dict)}
+            for kind, grid in f.items():
+                if kind in kinds and grid:
+                    self._grid(name, kind, sample, np.asarray(grid, dtype=float), float(f.get("low_score", 0.0)))
             for x in f.get("neurons", [])[:20]:
                 k = (int(x["layer"]), int(x["unit"]))
                 self.neurons[name][k] += 1
@@ -101,12 +85,12 @@ class Aggregator:
         best = max(scores, key=lambda s: abs(float(s["score"])))
         self.top_role[name][roles.get(int(best["index"]), "relation")] += 1
 
-    def _grid(self, kind: str, sample: Any, grid: np.ndarray, low: float) -> None:
+    def _grid(self, name: str, kind: str, sample: Any, grid: np.ndarray, low: float) -> None:
         roles = token_roles(self.model, sample, grid.shape[0])
         for role in ROLES:
             rows = [i for i in range(grid.shape[0]) if roles.get(i) == role]
             if rows:
-                self.grids[kind][role].append(grid[rows].mean(0) - low)
+                self.grids[name][kind][role].append(grid[rows].mean(0) - low)
 
     def report(self, report: Any) -> None:
         """Fill `report.results` with one aggregated result per method."""
@@ -140,8 +124,8 @@ class Aggregator:
                 parts.append(f"mean layer score peaks at layer {int(mean.argmax())}")
                 r.add_figure("Mean layer score", figures.lines(list(range(len(mean))), {name: mean.tolist()},
                              title=f"{name}: mean over {len(self.layer_scores[name])} samples", x_title="layer", y_title="score"))
-            if name == "causal_tracing" and self.grids:
-                for kind, by_role in self.grids.items():
+            if name in self.grids:
+                for kind, by_role in self.grids[name].items():
                     roles = [role for role in ROLES if by_role.get(role)]
                     z = [np.mean(by_role[role], axis=0).tolist() for role in roles]
                     r.findings[f"{kind}_by_role"] = dict(zip(roles, z))
