@@ -4,9 +4,10 @@ compare the change in P(answer) with ablating random units of the same layers.
 The check of knowledge neurons (Dai et al. 2022, "Knowledge Neurons in Pretrained Transformers":
 suppressing the located neurons lowers the fact's probability, amplifying them raises it) and of
 causal tracing's sites (Meng et al. 2022, ROME: the decisive MLP state), applied to every result by
-what its findings carry: `neurons` (the top `k` are ablated; zeroed or doubled) and `sites` (the best
-site, at its position). A localisation holds up when ablating it lowers P(answer) by more than twice
-what the random control does (and by at least 2%).
+what its findings carry: `neurons` (the top `k`, zeroed or doubled at every position) and `sites` (the
+best one, zeroed or doubled at its position; the control zeroes a random 5% of that layer's MLP
+neurons there). A localisation holds up when ablating it lowers P(answer) by more than twice what the
+random control does, and by at least 2%.
 """
 
 from __future__ import annotations
