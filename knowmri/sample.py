@@ -14,6 +14,7 @@ KEYS: dict[str, type] = {
     "triple_subject": str,
     "triple_relation": str,
     "triple_object": str,
+    "relation_id": str,
     "target_new": str,
     "label": str,
     "reasoning": str,

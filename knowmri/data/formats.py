@@ -93,6 +93,8 @@ def known_record(rec: Mapping[str, Any], src: str, i: int) -> dict[str, Any]:
               "triple_object": attribute.strip()}
     if relation:
         fields["triple_relation"] = str(relation)
+    if isinstance(rec.get("relation_id"), str) and rec["relation_id"].strip():
+        fields["relation_id"] = rec["relation_id"].strip()
     return fields
 
 
@@ -123,6 +125,8 @@ def counterfact_record(rec: Mapping[str, Any], src: str, i: int) -> dict[str, An
                   "triple_subject": subject, "triple_relation": str(rw.get("relation_id") or
                                                                      template.replace("{}", "").strip()),
                   "triple_object": true.strip()}
+        if isinstance(rw.get("relation_id"), str) and rw["relation_id"].strip():
+            fields["relation_id"] = rw["relation_id"].strip()
         paraphrases = [p for p in rec.get("paraphrase_prompts") or [] if isinstance(p, str) and p.strip()]
         if paraphrases:
             fields["prompts"] = [prompt, *paraphrases]
@@ -214,7 +218,8 @@ def pararel(path: Path, split: str | None) -> list[Row]:
             prompts = [t.replace("[X]", sub) for t in templates]
             rows.append((str(tuple_file), j, {"prompt": prompts[0], "prompts": prompts,
                                               "ground_truth": continuation(obj), "triple_subject": sub,
-                                              "triple_relation": relation, "triple_object": obj}))
+                                              "triple_relation": relation, "triple_object": obj,
+                                              "relation_id": relation}))
     if wanted and not rows:
         raise ValueError(f"{path}: no PARAREL relation matches split={split!r}")
     return rows
