@@ -3,8 +3,9 @@
     from knowmri.server.app import create_app      # an ASGI app (for tests, or any ASGI server)
     from knowmri.server.app import serve           # what `knowmri serve` runs (uvicorn)
 
-The page is static (plain JS, no build step); Plotly's JavaScript is served from the installed
-`plotly` package, so nothing is fetched from a CDN.
+The page is static (plain JS modules, no build step); the report renderer comes from
+`knowmri/report/static` (the saved index.html inlines the same file) and Plotly's JavaScript from the
+installed `plotly` package, so nothing is fetched from a CDN.
 """
 
 from __future__ import annotations
@@ -136,6 +137,8 @@ def _plotly_bundle() -> tuple[bytes, bytes, str]:
 
 
 def _add_page(app: FastAPI) -> None:
+    from knowmri.report.html import ASSETS
+
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
@@ -150,6 +153,7 @@ def _add_page(app: FastAPI) -> None:
             return Response(packed, media_type="application/javascript", headers={**headers, "Content-Encoding": "gzip"})
         return Response(raw, media_type="application/javascript", headers=headers)
 
+    app.mount("/static/report", StaticFiles(directory=ASSETS), name="report")  # the report renderer, shared
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
 

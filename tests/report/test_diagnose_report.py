@@ -95,4 +95,4 @@ def test_html_escapes_script_breaking_tokens(tmp_path):
                               "figures": [{"name": "f", "plotly": {"data": [{"x": ["</script>"]}], "layout": {}}}],
                               "tables": []}}}
     html = render_html(data, include_js=False)
-    assert "</script><b>" not in html and "&lt;i&gt;s&lt;/i&gt;" in html
+    assert "</script><b>" not in html and "\\u003ci\\u003es\\u003c/i\\u003e" in html

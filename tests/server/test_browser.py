@@ -126,3 +126,44 @@ def test_reasons_records_and_compare_with_a_token(page: Any, tmp_path: Path, tin
         page.wait_for_selector("#compare-right .js-plotly-plot")
         assert sorted([page.input_value("#compare-a"), page.input_value("#compare-b")]) == sorted(ids)
         assert "Colosseum" in page.inner_text("#compare-diff") and "Eiffel" in page.inner_text("#compare-diff")
+
+
+def test_the_saved_report_draws_every_figure_offline(page: Any, tmp_path: Path, tiny_gpt2: Any) -> None:
+    """index.html from file:// (no server, no network): every figure drawn, whatever the strings in the report."""
+    import knowmri as km
+
+    hostile = " <!--<script>"
+    other = second_method()
+    report = km.diagnose({"prompt": "The Eiffel Tower is located in the city of", "triple_subject": "Eiffel Tower",
+                          "ground_truth": hostile}, tiny_gpt2, methods=["logit_lens", other],
+                         params={other: {"steps": 4}} if other == "integrated_gradients" else None, progress=False)
+    report.save(tmp_path)
+    n_figures = sum(len(r.figures) for r in report.results.values())
+    assert n_figures >= 2
+    page.route("**/*", lambda route: route.abort() if not route.request.url.startswith("file:") else route.continue_())
+    page.goto((tmp_path / "index.html").as_uri())
+    page.wait_for_function(f"document.querySelectorAll('#report .js-plotly-plot').length === {n_figures}")
+    for name in ("logit_lens", other):
+        assert page.inner_text(f'#report [data-method="{name}"] .badge') == "ok"
+    assert hostile.strip() in page.inner_text("#report .report-head")
+    assert page.locator("#report .consensus .verdict").inner_text()
+    assert page.locator("#report table.data").count() >= 2
+
+
+def test_cancel_a_queued_run(page: Any, tmp_path: Path, tiny_gpt2: Any) -> None:
+    import httpx
+
+    with BackgroundServer(create_app(home=tmp_path, models={MODEL: tiny_gpt2}, worker=False)) as server:
+        with httpx.Client(base_url=server.url, timeout=30) as api:
+            if "/api/runs/{run_id}/cancel" not in api.get("/api/openapi.json").json()["paths"]:
+                pytest.skip("this server has no POST /api/runs/{id}/cancel")
+            run_id = api.post("/api/runs", json={"model": MODEL, "text": FACT, "methods": ["logit_lens"]}).json()["id"]
+        open_page(page, server.url + f"#/run/{run_id}")
+        page.wait_for_selector("#run-status .badge:text('queued')")
+        page.click("#cancel-run")
+        page.wait_for_selector("#run-status .badge:text('cancelled')")
+        assert page.is_hidden("#cancel-run") and page.is_hidden("#progress-card")
+        assert "cancelled" in page.inner_text("#run-note")
+        open_page(page, server.url + "#/runs")
+        page.wait_for_selector(f'#runs-table tr[data-run="{run_id}"] .badge:text("cancelled")')
+        assert page.locator(f'#runs-table tr[data-run="{run_id}"] button:text("Delete")').count() == 1
