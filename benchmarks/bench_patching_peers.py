@@ -69,7 +69,7 @@ class Setup:
 def knowmri_batched(st: Setup, max_rows: int) -> torch.Tensor:
     """Every cell as one row of a batched corrupted forward (paired restores), in chunks; the vocabulary
     read out at the predicting position only (`logits_to_keep`, where the model takes it)."""
-    from knowmri.methods.common import takes_logits_to_keep
+    from knowmri.methods.costs import takes_logits_to_keep
 
     m = st.model
     keep = {"logits_to_keep": torch.tensor([st.position])} if takes_logits_to_keep(type(m.hf_model)) else {}

@@ -459,7 +459,7 @@ def top_vocabulary(unembed: torch.Tensor, vectors: torch.Tensor, k: int) -> torc
     vectors = vectors.to(device=unembed.device, dtype=torch.float32)
     if unembed.dtype not in (torch.bfloat16, torch.float16):
         return (vectors @ unembed.to(torch.float32).T).topk(k, dim=-1).indices
-    from knowmri.methods.common import row_norms
+    from knowmri.methods.weight_cache import row_norms
 
     approx = (vectors.to(unembed.dtype) @ unembed.T).float()  # [n, V]
     norms = row_norms(unembed)

@@ -34,7 +34,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from knowmri.hooks import Hooks, site
-from knowmri.methods.common import takes_logits_to_keep
+from knowmri.methods.costs import takes_logits_to_keep
 from knowmri.models.attention import short_attention
 from knowmri.sample import Span
 

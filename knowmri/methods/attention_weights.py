@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
-from knowmri.methods.common import prepare, takes_logits_to_keep
+from knowmri.methods.common import prepare
+from knowmri.methods.costs import takes_logits_to_keep
 from knowmri.report import figures
 from knowmri.sample import Sample
 
@@ -83,7 +84,7 @@ class AttentionWeights(Method):
 
     def estimate(self, model: Any, sample: Sample, params: Params | None = None) -> Estimate:
         """One forward with eager attention, every layer's [heads, T, T] weights returned and kept (float32)."""
-        from knowmri.methods.common import Dims, Pass, prepare_passes, sample_shape, work_estimate
+        from knowmri.methods.costs import Dims, Pass, prepare_passes, sample_shape, work_estimate
 
         shape = sample_shape(model, sample)
         dims = Dims.of(model)

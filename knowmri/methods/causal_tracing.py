@@ -85,7 +85,7 @@ class CausalTracing(Method):
         are still equal shared and the MLP window's first block skipped, `staircase_cost`; otherwise whole
         prompts, `batch_size` rows), each read out at the last position."""
         from knowmri.methods._tracing import _suffix_pays, restore_starts, staircase_cost
-        from knowmri.methods.common import Dims, Pass, elementwise_seconds, prepare_passes, sample_shape, work_estimate
+        from knowmri.methods.costs import Dims, Pass, elementwise_seconds, prepare_passes, sample_shape, work_estimate
 
         p = params if isinstance(params, CausalTracingParams) else CausalTracingParams()
         shape = sample_shape(model, sample)

@@ -20,8 +20,9 @@ import torch
 
 from knowmri.methods._weights import output_weights, ov_circuit
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
-from knowmri.methods.common import clean_pass, prepare, weight_derived
-from knowmri.methods.common import row_norms as weight_row_norms
+from knowmri.methods.common import clean_pass, prepare
+from knowmri.methods.weight_cache import row_norms as weight_row_norms
+from knowmri.methods.weight_cache import weight_derived
 from knowmri.report import figures
 from knowmri.sample import Sample
 
@@ -99,7 +100,7 @@ class EmbeddingProjection(Method):
         vectors read in the vocabulary (every layer's residual, the top neurons, the chosen heads' OV
         circuit per prompt token, the prompt tokens' embeddings) projected in chunks of
         PROJECT_CHUNK_BYTES, whose float32 scores and the rank grid [layers, top_k, vocab] are the peak."""
-        from knowmri.methods.common import (
+        from knowmri.methods.costs import (
             Dims,
             clean_pass_bytes,
             clean_pass_passes,

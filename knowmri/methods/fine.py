@@ -54,7 +54,7 @@ class Fine(Method):
     def estimate(self, model: Any, sample: Sample, params: Params | None = None) -> Estimate:
         """The clean pass, each layer's value vectors dotted with the answer tokens' unembeddings, and the
         top neurons' value vectors read through the unembedding."""
-        from knowmri.methods.common import (
+        from knowmri.methods.costs import (
             Dims,
             clean_pass_bytes,
             clean_pass_passes,

@@ -161,7 +161,7 @@ class IntegratedGradients(Method):
         """`steps` x answer-token rows over the whole input, forward and backward in batches of
         `internal_batch_size` rows (read out at the answer's positions), then one forward of the two
         endpoints; the batch's activations are the peak."""
-        from knowmri.methods.common import Pass, prepare_passes, sample_shape, takes_logits_to_keep, work_estimate
+        from knowmri.methods.costs import Pass, prepare_passes, sample_shape, takes_logits_to_keep, work_estimate
 
         p = params if isinstance(params, IntegratedGradientsParams) else IntegratedGradientsParams()
         shape = sample_shape(model, sample)

@@ -62,7 +62,7 @@ class KnowledgeCircuits(Method):
         through the attention core and each head's q/k/v columns), the edge-score product, and the
         faithfulness forward; the batch's activations and the gradients read at every layer are the peak."""
         from knowmri.methods._circuits import SUBJECTS
-        from knowmri.methods.common import (
+        from knowmri.methods.costs import (
             Dims,
             Pass,
             elementwise_seconds,

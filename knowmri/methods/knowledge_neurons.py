@@ -83,7 +83,7 @@ class KnowledgeNeurons(Method):
         check) and its IG rows: `steps` rows per layer, rows of layer l over blocks l..L-1, batched as
         `_neurons._chunks` batches them (forward and backward; the largest batch's activations and
         key/value copies are the peak); then the listed neurons' value vectors in the vocabulary."""
-        from knowmri.methods.common import Dims, Pass, prepare_passes, readout_pass, sample_shape, work_estimate
+        from knowmri.methods.costs import Dims, Pass, prepare_passes, readout_pass, sample_shape, work_estimate
 
         p = params if isinstance(params, KnowledgeNeuronsParams) else KnowledgeNeuronsParams()
         dims = Dims.of(model)

@@ -202,7 +202,7 @@ class Patchscopes(Method):
         the patched pass over the target from the patched position, and max_new_tokens - 1 cached
         decoding steps; every step's float32 next-token distribution [n_layers, vocab] is kept (and
         stacked at the end: twice their size), with the rows' key/value cache."""
-        from knowmri.methods.common import Dims, Pass, prepare_passes, sample_shape, work_estimate
+        from knowmri.methods.costs import Dims, Pass, prepare_passes, sample_shape, work_estimate
 
         p = params if isinstance(params, PatchscopesParams) else PatchscopesParams()
         shape = sample_shape(model, sample)
