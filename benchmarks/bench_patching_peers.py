@@ -69,10 +69,9 @@ class Setup:
 def knowmri_batched(st: Setup, max_rows: int) -> torch.Tensor:
     """Every cell as one row of a batched corrupted forward (paired restores), in chunks; the vocabulary
     read out at the predicting position only (`logits_to_keep`, where the model takes it)."""
-    from knowmri.methods.costs import takes_logits_to_keep
 
     m = st.model
-    keep = {"logits_to_keep": torch.tensor([st.position])} if takes_logits_to_keep(type(m.hf_model)) else {}
+    keep = {"logits_to_keep": torch.tensor([st.position])} if m.takes_logits_to_keep else {}
     cells = [(t, layer) for layer in st.layers for t in range(st.T)]
     out = torch.empty(len(cells))
     with torch.inference_mode():

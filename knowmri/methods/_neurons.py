@@ -5,7 +5,6 @@ read-outs, and the figures both methods draw. Defines no method (a helper module
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -60,8 +59,7 @@ def ig_jobs(model: Any, enc: Encoded, pairs: Sequence[tuple[int, int]], mode: st
                 raise ValueError("positions='subject' does not apply to a seq2seq model: its neurons are the decoder's")
             candidates = list(subject)
         elif mode == "all":
-            ids = enc.decoder_input_ids if model.kind == "seq2seq" else enc.input_ids
-            candidates = list(range(ids.shape[1]))
+            candidates = list(range(enc.read_ids.shape[1]))
         else:
             raise ValueError(f"unknown positions mode {mode!r}: use 'answer', 'subject' or 'all'")
         jobs = [(q, p, t) for p, t in pairs for q in candidates if model.kind == "masked" or q <= p]
@@ -108,7 +106,7 @@ class _Rows:
                 with torch.no_grad():
                     encoder = model.hf_model.get_encoder()
                     self.encoder_out = encoder(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
-        full = enc.decoder_input_ids.shape[1] if model.kind == "seq2seq" else enc.input_ids.shape[1]
+        full = enc.read_ids.shape[1]
         self.fed = predict - scaled + 1 if self.incremental else full
         self.local = 0 if self.incremental else scaled
         self.prefix = scaled if self.incremental else 0
@@ -117,20 +115,20 @@ class _Rows:
         return _prefix_cache(self.model, self.enc, self.scaled)
 
     def __call__(self, batch: int) -> torch.Tensor:
-        enc, hf = self.enc, self.model.hf_model
+        enc, model = self.enc, self.model
         if self.incremental:
             cache = None
             if self.cache is not None:
                 cache = copy.deepcopy(self.cache)
                 cache.batch_repeat_interleave(batch)
-            out = hf(input_ids=enc.input_ids[:, self.scaled: self.predict + 1].repeat(batch, 1),
-                     attention_mask=enc.attention_mask[:, : self.predict + 1].repeat(batch, 1), use_cache=True,
-                     **{_cache_kwarg(hf): cache})
+            out = model.run(input_ids=enc.input_ids[:, self.scaled: self.predict + 1].repeat(batch, 1),
+                            attention_mask=enc.attention_mask[:, : self.predict + 1].repeat(batch, 1), use_cache=True,
+                            cache=cache)
             return out.logits[:, -1]
         if self.encoder_out is not None:
-            out = hf(encoder_outputs=(self.encoder_out.expand(batch, -1, -1),),
-                     attention_mask=enc.attention_mask.repeat(batch, 1),
-                     decoder_input_ids=enc.decoder_input_ids.repeat(batch, 1), use_cache=False)
+            out = model.run(encoder_outputs=(self.encoder_out.expand(batch, -1, -1),),
+                            attention_mask=enc.attention_mask.repeat(batch, 1),
+                            decoder_input_ids=enc.decoder_input_ids.repeat(batch, 1))
             return out.logits[:, self.predict]
         return self.model.forward(**enc.inputs(batch))[:, self.predict]
 
@@ -138,14 +136,9 @@ class _Rows:
 def _prefix_cache(model: Any, enc: Encoded, length: int) -> Any:
     """The key/value cache of a clean forward over the first `length` positions."""
     with torch.no_grad():
-        out = model.hf_model(input_ids=enc.input_ids[:, :length], attention_mask=enc.attention_mask[:, :length],
-                             use_cache=True)
-    return out["cache"] if "cache" in out else out.get("past_key_values")
-
-
-def _cache_kwarg(hf_model: Any) -> str:
-    """The forward's name for a key/value cache: `cache` (transformers >= 5.2x) or `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+        out = model.run(input_ids=enc.input_ids[:, :length], attention_mask=enc.attention_mask[:, :length],
+                        use_cache=True)
+    return model.output_cache(out)
 
 
 def _expandable(cache: Any) -> bool:
@@ -251,7 +244,6 @@ class _Direct:
     def __init__(self, model: Any, enc: Encoded, scaled: int, predict: int) -> None:
         self.model = model
         template = None
-        hf = model.hf_model
         if model.kind == "causal":
             if scaled > 0:
                 template = _prefix_cache(model, enc, scaled)
@@ -262,14 +254,12 @@ class _Direct:
             self.local, self.position, self.prefix = scaled - first, predict - first, first
 
             def feed(batch: int) -> torch.Tensor:
-                kwargs: dict[str, Any] = {"input_ids": ids.repeat(batch, 1), "attention_mask": mask.repeat(batch, 1)}
+                cache = None
                 if template is not None:
                     cache = copy.deepcopy(template)
                     cache.batch_repeat_interleave(batch)
-                    kwargs.update(use_cache=True, **{_cache_kwarg(hf): cache})
-                else:
-                    kwargs["use_cache"] = False
-                return hf(**kwargs).logits[:, self.position]
+                return model.run(input_ids=ids.repeat(batch, 1), attention_mask=mask.repeat(batch, 1),
+                                 cache=cache).logits[:, self.position]
         else:
             ids, mask = enc.input_ids, enc.attention_mask
             self.local, self.position, self.prefix = scaled, predict, 0
@@ -277,8 +267,7 @@ class _Direct:
             def feed(batch: int) -> torch.Tensor:
                 return model.forward(**enc.inputs(batch))[:, self.position]
 
-        self.fed = self.position + 1 if model.kind == "causal" else (
-            enc.decoder_input_ids.shape[1] if model.kind == "seq2seq" else enc.input_ids.shape[1])
+        self.fed = self.position + 1 if model.kind == "causal" else enc.read_ids.shape[1]
         with torch.no_grad():
             with record_calls(model) as one:
                 expected = feed(1)

@@ -24,7 +24,6 @@ falls back to full forwards (with the block input replaced) when the check fails
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -34,7 +33,6 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from knowmri.hooks import Hooks, site
-from knowmri.methods.costs import takes_logits_to_keep
 from knowmri.models.attention import short_attention
 from knowmri.sample import Span
 
@@ -252,11 +250,10 @@ class SuffixRunner:
         self.prefix = [_prefix_layer(layer, t, S) for layer in cache.layers[:model.n_layers]]
         self.template = cache
         recorded = []
-        extra = {"logits_to_keep": 1} if takes_logits_to_keep(type(model.hf_model)) else {}
         for b in (1, 2):
             with record_calls(model, skip=skip) as calls:
-                model.hf_model(input_ids=input_ids[:, t:].repeat(b, 1), attention_mask=attention_mask.repeat(b, 1),
-                               use_cache=True, **{cache_keyword(model): self._cache(None, b)}, **extra)
+                model.run(input_ids=input_ids[:, t:].repeat(b, 1), attention_mask=attention_mask.repeat(b, 1),
+                          cache=self._cache(None, b), keep=1)
             recorded.append(list(calls))
         self.blocks = BlockRunner(model, recorded[0], recorded[1], 2, input_ids, attention_mask)
         args, kwargs = recorded[0][0]
@@ -299,12 +296,6 @@ class SuffixRunner:
             return torch.allclose(got.float().softmax(-1).cpu(), expected.float().softmax(-1).cpu(), atol=1e-3)
         except (ValueError, TypeError, RuntimeError, IndexError, KeyError, AttributeError):
             return False
-
-
-def cache_keyword(model: Any) -> str:
-    """The name the model's forward takes its key/value cache by (`cache` in recent transformers)."""
-    params = inspect.signature(model.hf_model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def _prefix_layer(layer: Any, t: int, S: int) -> Any:
@@ -386,9 +377,8 @@ def _trace(model: Any, input_ids: torch.Tensor, position: int, answer: int, subj
         h.add("embed", noise_run, positions=subj)
         last = h.read(site(L - 1, "resid_post"))
         mlp_caps = [h.read(site(layer, "mlp.out")) for layer in range(L)] if suffix and "mlp" in kinds else []
-        out = model.hf_model(input_ids=input_ids.repeat(n_run, 1), attention_mask=mask.repeat(n_run, 1),
-                             use_cache=suffix)
-    cache = (getattr(out, "cache", None) or getattr(out, "past_key_values", None)) if suffix else None
+        out = model.run(input_ids=input_ids.repeat(n_run, 1), attention_mask=mask.repeat(n_run, 1), use_cache=suffix)
+    cache = model.output_cache(out) if suffix else None
     corrupt_logits = out.logits[:S, position]
     low = float(_prob(corrupt_logits, answer).mean())
     corrupt = [_hidden_of(calls_many[layer])[:S] for layer in range(L)] + [last.value[:S]]

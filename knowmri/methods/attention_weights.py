@@ -20,7 +20,6 @@ import torch
 
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
 from knowmri.methods.common import prepare
-from knowmri.methods.costs import takes_logits_to_keep
 from knowmri.report import figures
 from knowmri.sample import Sample
 
@@ -62,9 +61,8 @@ def eager_attention(hf_model: Any) -> Iterator[None]:
 
 def attention_patterns(model: Any, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """Per layer, [heads, queries, keys] attention weights of one input (cross-attention for seq2seq)."""
-    extra = {"logits_to_keep": 1} if takes_logits_to_keep(type(model.hf_model)) else {}  # no vocabulary read-out needed
     with eager_attention(model.hf_model):
-        out = model.hf_model(**inputs, output_attentions=True, use_cache=False, **extra)
+        out = model.run(**inputs, output_attentions=True, keep=1)  # no vocabulary read-out needed
     atts = out.cross_attentions if model.kind == "seq2seq" else out.attentions
     if not atts or any(a is None for a in atts) or len(atts) != model.n_layers:
         raise ValueError(f"{model.architecture} did not return attention weights")

@@ -13,7 +13,6 @@ import torch
 
 from knowmri.hooks import Hooks, site
 from knowmri.methods.base import RunContext
-from knowmri.methods.costs import takes_logits_to_keep
 from knowmri.methods.weight_cache import tensor_version
 from knowmri.models.model import Encoded
 from knowmri.sample import Sample, Span
@@ -125,7 +124,7 @@ def clean_pass(model: Any, enc: Encoded, ctx: RunContext | None = None, *, posit
     counters, bumped by in-place edits), so a different prompt, answer or model never reads a
     stale pass. Without a `ctx` the pass is run and not kept.
     """
-    length = int((enc.decoder_input_ids if enc.decoder_input_ids is not None else enc.input_ids).shape[1])
+    length = int(enc.read_ids.shape[1])
     wanted = {p % length for p in (*enc.target_positions, enc.pred_pos, *positions)}
     key = ("knowmri.clean_pass", id(model), _tensor_key(enc.input_ids), _tensor_key(enc.attention_mask),
            None if enc.decoder_input_ids is None else _tensor_key(enc.decoder_input_ids))
@@ -168,14 +167,7 @@ def _run_clean_pass(model: Any, enc: Encoded, positions: list[int]) -> CleanPass
         resid = [h.read(site(layer, "resid_post")) for layer in range(model.n_layers)]
         neurons = [h.read(site(layer, "mlp.neurons"), positions=positions) for layer in range(model.n_layers)]
         heads = [h.read(site(layer, "attn.heads"), positions=positions) for layer in range(model.n_layers)] if read_heads else []
-        hf = model.hf_model
-        if takes_logits_to_keep(type(hf)):  # the unembedding only at the positions read
-            index = torch.tensor(positions, dtype=torch.long, device=model.device)
-            logits = hf(**inputs, use_cache=False, logits_to_keep=index).logits[0]
-        else:
-            logits = hf(**inputs, use_cache=False).logits[0]
-        if logits.shape[0] != len(positions):
-            logits = logits[torch.tensor(positions, device=logits.device)]
+        logits = model.run(**inputs, keep=positions).logits[0]  # the unembedding only at the positions read
 
         def stack(caps: list) -> torch.Tensor:
             return torch.stack([c.value[0].to(readout_device) for c in caps])

@@ -12,29 +12,17 @@ scale right with prompt length, layers, widths, vocabulary, rows and dtype.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import threading
 import time
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 import torch
 
 from knowmri.methods.estimate import Estimate
 from knowmri.sample import Sample
-
-
-@cache
-def takes_logits_to_keep(cls: type) -> bool:
-    """Whether a Hugging Face model class can compute logits at chosen positions only (`logits_to_keep`)."""
-    try:
-        return "logits_to_keep" in inspect.signature(cls.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
 
 #: Elements kept per token and block for the backward pass, in units of (d_model, d_mlp): norms' inputs
 #: and outputs, queries, keys, values, rotated copies, the attention output, the MLP's input and its
@@ -422,7 +410,7 @@ def prepare_passes(model: Any, shape: Shape) -> list[Pass]:
 
 def clean_pass_passes(model: Any, shape: Shape, positions: int = 1) -> list[Pass]:
     """`clean_pass`: one forward, logits read at `positions` positions (all where logits_to_keep is missing)."""
-    keep = positions if takes_logits_to_keep(type(model.hf_model)) else shape.positions
+    keep = positions if model.takes_logits_to_keep else shape.positions
     return [Pass(tokens=shape.input + shape.decoder, readout=keep)]
 
 

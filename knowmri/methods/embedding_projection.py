@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from knowmri.methods._weights import output_weights, ov_circuit
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
 from knowmri.methods.common import clean_pass, prepare
 from knowmri.methods.weight_cache import row_norms as weight_row_norms
@@ -93,7 +92,7 @@ class EmbeddingProjection(Method):
     Params = EmbeddingProjectionParams
 
     def check(self, model: Any, sample: Sample) -> list[str]:
-        return [] if model.spec.extra.get("qkv") else [f"{model.architecture} has no q/k/v map (archs.toml `qkv`)"]
+        return [] if model.spec.qkv else [f"{model.architecture} has no q/k/v map (archs.toml `qkv`)"]
 
     def estimate(self, model: Any, sample: Sample, params: Params | None = None) -> Estimate:
         """The clean pass (with heads); the value-vector and embedding norms (once per process); the
@@ -137,7 +136,7 @@ class EmbeddingProjection(Method):
         prep = prepare(model, sample, ctx=ctx)
         enc, pos, tok = prep.enc, prep.enc.pred_pos, model.tokenizer
         if params.position != -1:
-            length = enc.input_ids.shape[1] if model.kind != "seq2seq" else enc.decoder_input_ids.shape[1]
+            length = enc.read_ids.shape[1]
             if not -length <= params.position < length:
                 raise ValueError(f"position {params.position} is out of range for {length} tokens")
             pos = params.position % length
@@ -199,7 +198,7 @@ class EmbeddingProjection(Method):
         unique_ids = list(dict.fromkeys(i for i in prompt_ids if i not in special)) or list(dict.fromkeys(prompt_ids))
         norms_per_layer = []
         for layer in range(n_layers):  # what each head writes at the position: z_h @ W_O[h]
-            w_o = output_weights(model, layer)
+            w_o = model.output_weights(layer)
             z = heads[layer].to(device=w_o.device, dtype=w_o.dtype)
             norms_per_layer.append((z[:, None, :] @ w_o).squeeze(1).float().norm(dim=-1).cpu())
         head_norms = torch.stack(norms_per_layer)  # [L, H]
@@ -216,7 +215,7 @@ class EmbeddingProjection(Method):
         embedded = model.embed_module(id_tensor)[0]  # the embedding as the residual stream receives it
         ovs = []
         for layer, head in chosen:
-            w_v, w_o = ov_circuit(model, layer, head)
+            w_v, w_o = model.ov_circuit(layer, head)
             ovs.append((embedded.to(device=w_v.device, dtype=w_v.dtype) @ w_v @ w_o).to(unembed.device))  # [n, d_model]
 
         # (4) nearest neighbours in the input embedding space (cosine)

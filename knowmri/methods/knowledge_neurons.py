@@ -200,7 +200,7 @@ class KnowledgeNeurons(Method):
         if params.positions == "answer":
             return {}
         q = positions[int(by_position[:, layer, unit].argmax())]
-        ids = prep.enc.decoder_input_ids if model.kind == "seq2seq" else prep.enc.input_ids
+        ids = prep.enc.read_ids
         return {"position": q, "token": model.tokenizer.decode([int(ids[0, q])])}
 
     @staticmethod
