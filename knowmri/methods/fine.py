@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from knowmri.methods import _neurons as nr
+from knowmri.methods import neuron_readouts as nr
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
 from knowmri.methods.common import clean_pass, prepare
 from knowmri.sample import Sample

@@ -1,4 +1,5 @@
-"""Edge attribution patching (Syed et al. 2023) and EAP-IG (Hanna et al. 2024) on HF models.
+"""The knowledge-circuits engine (`knowledge_circuits` runs it): edge attribution patching (Syed et al.
+2023) and EAP-IG (Hanna et al. 2024) on HF models, node-level patching and the corrupted subject.
 
 The graph: `input` (the residual entering block 0: embeddings, plus positions where the model
 has them), every attention head `a{l}.h{h}` (its output projected by its slice of the output
@@ -86,7 +87,8 @@ def node_names(n_layers: int, n_heads: int, parallel: bool) -> tuple[list[str], 
     return up, down, lu, ld, valid
 
 
-def _metric(logits: torch.Tensor, answer: int, wrong: int, kind: str) -> torch.Tensor:
+def answer_metric(logits: torch.Tensor, answer: int, wrong: int, kind: str) -> torch.Tensor:
+    """[batch]: the metric at the last position: logit difference of `answer` and `wrong`, log P or P of `answer`."""
     last = logits[:, -1].to(torch.promote_types(logits.dtype, torch.float32))
     if kind == "logit_diff":
         return last[:, answer] - last[:, wrong]
@@ -245,7 +247,7 @@ def edge_attribution(model: Any, clean_ids: torch.Tensor, corrupt_ids: torch.Ten
         projections, handles = _record_projections(model)
         try:
             with torch.enable_grad():
-                values = _metric(forward_logits(model, ids), answer, wrong, metric)
+                values = answer_metric(forward_logits(model, ids), answer, wrong, metric)
         finally:
             for handle in handles:
                 handle.remove()
@@ -315,7 +317,7 @@ def patched_metric(model: Any, clean_ids: torch.Tensor, keep: set[str], corrupte
                 h.replace(site(layer, "attn.heads"), corrupted[site(layer, "attn.heads")][None][:, :, off], units=off)
             if f"m{layer}" not in keep:
                 h.replace(site(layer, "mlp.out"), corrupted[site(layer, "mlp.out")][None])
-        return float(_metric(forward_logits(model, clean_ids.to(model.device)), answer, wrong, metric)[0])
+        return float(answer_metric(forward_logits(model, clean_ids.to(model.device)), answer, wrong, metric)[0])
 
 
 @torch.no_grad()
