@@ -136,7 +136,7 @@ def test_projection_in_small_batches_gives_the_same_findings(monkeypatch, family
 def test_pca_coords_equal_the_svd_up_to_sign(n, d, dims):
     import numpy as np
 
-    from knowmri.methods.embedding_projection import pca_coords
+    from knowmri.methods.projection_engine import pca_coords
 
     points = np.random.default_rng(0).standard_normal((n, d))
     centred = points - points.mean(0, keepdims=True)
