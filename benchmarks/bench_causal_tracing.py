@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from knowmri.hooks import Hooks, site  # noqa: E402
-from knowmri.methods._tracing import KIND_SITES, embedding_std, subject_noise, trace, window_layers  # noqa: E402
 from knowmri.methods.base import RunContext, get_method  # noqa: E402
 from knowmri.methods.common import prepare  # noqa: E402
+from knowmri.methods.tracing_engine import KIND_SITES, embedding_std, subject_noise, trace, window_layers  # noqa: E402
 from knowmri.sample import Sample, Span  # noqa: E402
 
 EIFFEL = Sample(prompt="The Eiffel Tower is located in the city of", ground_truth=" Paris", triple_subject="Eiffel Tower")

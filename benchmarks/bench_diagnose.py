@@ -27,7 +27,7 @@ import _harness as H
 import torch
 from bench_floor import Dims, matmul_rate
 
-from knowmri.methods.common import _DERIVED
+from knowmri.methods import weight_cache
 
 GOAL_S = 60.0
 
@@ -164,7 +164,7 @@ def cold_runs(model: Any, args: Any, dtype: torch.dtype, note: str, params: dict
     colds = []
     for i in range(max(1, args.repeats)):  # the machine is noisy: repeated cold runs, the median reported
         os.environ["KNOWMRI_HOME"] = H.scratch_home()  # cold: SPINE trains
-        _DERIVED.clear()  # and the per-process weight-derived values (norms) are computed again
+        weight_cache.clear()  # and the per-process weight-derived values (norms) are computed again
         rate = matmul_rate(Dims.of(model), args.device, dtype)[0] / 1e9  # this moment's machine speed
         print(f"matmul rate ({str(dtype).removeprefix('torch.')}) before run {i + 1}: {rate:.0f} GFLOP/s", flush=True)
         colds.append({**one_run(model, f"cold run {i + 1} (fresh $KNOWMRI_HOME)" + note, params), "gflops": rate})

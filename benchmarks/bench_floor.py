@@ -146,7 +146,7 @@ def floor_work(name: str, model: Any, dims: Dims, prep: Any, params: Any, result
         S = params.samples
         s0 = prep.subject.start if prep.subject is not None else 0
         cells = range(s0, T) if model.kind == "causal" else range(T)
-        from knowmri.methods._tracing import restore_starts, staircase_cost
+        from knowmri.methods.tracing_engine import restore_starts, staircase_cost
 
         work, reads = 0.0, 0
         for kind in params.kinds:

@@ -1,7 +1,7 @@
 """Benchmark: knowmri's batched knowledge-neuron attribution (Dai et al. 2022) against
 
 - the straightforward per-layer loop (the paper's / EleutherAI's algorithm, reimplemented in
-  `knowmri.methods._neurons.ig_neurons_reference`: per layer a clean forward, then `steps`
+  `knowmri.testing.kn_reference.ig_neurons_reference`: per layer a clean forward, then `steps`
   scaled copies of the whole input in one batch and one backward), and
 - EleutherAI's `knowledge-neurons` PyPI package (`pip install --no-deps knowledge-neurons einops`).
 
@@ -36,7 +36,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 from _harness import allclose, alternate, load_smollm2, parser, print_rows, row, setup, tolerance, write_result  # noqa: E402
 
-from knowmri.methods import _neurons as nr  # noqa: E402
+from knowmri.methods import kn_engine  # noqa: E402
+from knowmri.methods import neuron_readouts as nr  # noqa: E402
+from knowmri.testing.kn_reference import ig_neurons_reference  # noqa: E402
 
 PROMPT = "The Eiffel Tower is located in the city of"
 TOP = 10
@@ -44,15 +46,15 @@ TOP = 10
 
 def ours(model: Any, enc: Any, steps: int) -> torch.Tensor:
     """knowmri: one clean forward, then the batched IG rows; [n_layers, d_mlp]."""
-    jobs, positions = nr.ig_jobs(model, enc, nr.answer_tokens(model, enc), "answer")
+    jobs, positions = kn_engine.ig_jobs(model, enc, nr.answer_tokens(model, enc), "answer")
     clean, _ = nr.clean_neurons(model, enc, positions)
-    return nr.ig_neurons(model, enc, jobs, clean, positions, steps=steps, riemann="linspace").sum(0)
+    return kn_engine.ig_neurons(model, enc, jobs, clean, positions, steps=steps, riemann="linspace").sum(0)
 
 
 def loop(model: Any, enc: Any, steps: int) -> torch.Tensor:
     """The per-layer loop of the paper / EleutherAI; [n_layers, d_mlp]."""
-    jobs, _ = nr.ig_jobs(model, enc, nr.answer_tokens(model, enc), "answer")
-    return nr.ig_neurons_reference(model, enc, jobs, steps=steps, riemann="linspace").sum(0)
+    jobs, _ = kn_engine.ig_jobs(model, enc, nr.answer_tokens(model, enc), "answer")
+    return ig_neurons_reference(model, enc, jobs, steps=steps, riemann="linspace").sum(0)
 
 
 def eleutherai(model: Any, enc: Any, steps: int) -> Any:

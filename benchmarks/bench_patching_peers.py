@@ -8,7 +8,7 @@ the corrupted run; the result is P(answer) at the last position, a [tokens, laye
 Implementations (one model's weights, each framework on its own copy; alternated, repeated):
 - knowmri hooks, batched: one corrupted forward per chunk of cells, each row restoring its own
   (token, layer) with `Hooks.replace(..., rows=, positions=, paired=True)`;
-- knowmri trace engine (`knowmri.methods._tracing.trace`, what `causal_tracing` runs): the same
+- knowmri trace engine (`knowmri.methods.tracing_engine.trace`, what `causal_tracing` runs): the same
   grid with the prefix reused (a restoration at layer l re-runs only blocks l+1..L-1) and the
   cells before the subject skipped (exactly the corrupted value on a causal model);
 - plain PyTorch: `register_forward_hook` on the HF blocks, one forward per cell (the floor of
@@ -34,7 +34,7 @@ import _harness as H
 import torch
 
 from knowmri.hooks import Hooks, site
-from knowmri.methods._tracing import embedding_std, subject_noise, trace
+from knowmri.methods.tracing_engine import embedding_std, subject_noise, trace
 
 METHOD = "activation patching sweep"
 
@@ -69,10 +69,9 @@ class Setup:
 def knowmri_batched(st: Setup, max_rows: int) -> torch.Tensor:
     """Every cell as one row of a batched corrupted forward (paired restores), in chunks; the vocabulary
     read out at the predicting position only (`logits_to_keep`, where the model takes it)."""
-    from knowmri.methods.common import takes_logits_to_keep
 
     m = st.model
-    keep = {"logits_to_keep": torch.tensor([st.position])} if takes_logits_to_keep(type(m.hf_model)) else {}
+    keep = {"logits_to_keep": torch.tensor([st.position])} if m.takes_logits_to_keep else {}
     cells = [(t, layer) for layer in st.layers for t in range(st.T)]
     out = torch.empty(len(cells))
     with torch.inference_mode():

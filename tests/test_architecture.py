@@ -15,16 +15,8 @@ from knowmri.methods.base import list_methods
 
 ROOT = Path(knowmri.__file__).parent
 
-# Known circles outside the report and analysis layers, each as the edge that closes it; drop an entry
-# once its circle is gone.
-# - methods.base -> methods.common: `Method.estimate`'s default imports the cost model from common, which
-#   imports base (being removed by moving the cost model to methods/costs.py).
-# - methods.base -> methods: the registry imports the package to list its modules, and the package's
-#   `__call__` (`knowmri.methods()`) imports the registry from base.
-KNOWN_CIRCLES = {
-    ("knowmri.methods.base", "knowmri.methods.common"),
-    ("knowmri.methods.base", "knowmri.methods"),
-}
+# Import circles allowed, each as the edge that closes it (none: keep it that way).
+KNOWN_CIRCLES: set[tuple[str, str]] = set()
 
 # What the report's data layer (report.json, its HTML page, MethodResult) may not import.
 ABOVE_REPORT = ("knowmri.methods", "knowmri.analysis", "knowmri.models", "knowmri.hooks")

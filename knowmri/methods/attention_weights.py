@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
-from knowmri.methods.common import prepare, takes_logits_to_keep
+from knowmri.methods.common import prepare
 from knowmri.report import figures
 from knowmri.sample import Sample
 
@@ -61,9 +61,8 @@ def eager_attention(hf_model: Any) -> Iterator[None]:
 
 def attention_patterns(model: Any, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """Per layer, [heads, queries, keys] attention weights of one input (cross-attention for seq2seq)."""
-    extra = {"logits_to_keep": 1} if takes_logits_to_keep(type(model.hf_model)) else {}  # no vocabulary read-out needed
     with eager_attention(model.hf_model):
-        out = model.hf_model(**inputs, output_attentions=True, use_cache=False, **extra)
+        out = model.run(**inputs, output_attentions=True, keep=1)  # no vocabulary read-out needed
     atts = out.cross_attentions if model.kind == "seq2seq" else out.attentions
     if not atts or any(a is None for a in atts) or len(atts) != model.n_layers:
         raise ValueError(f"{model.architecture} did not return attention weights")
@@ -83,7 +82,7 @@ class AttentionWeights(Method):
 
     def estimate(self, model: Any, sample: Sample, params: Params | None = None) -> Estimate:
         """One forward with eager attention, every layer's [heads, T, T] weights returned and kept (float32)."""
-        from knowmri.methods.common import Dims, Pass, prepare_passes, sample_shape, work_estimate
+        from knowmri.methods.costs import Dims, Pass, prepare_passes, sample_shape, work_estimate
 
         shape = sample_shape(model, sample)
         dims = Dims.of(model)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+from knowmri.methods.estimate import Estimate  # re-exported: methods import it from here
 from knowmri.report.result import MethodResult  # re-exported: methods import it from here
 from knowmri.sample import Sample
 
@@ -76,19 +77,6 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     return value
 
 
-@dataclass
-class Estimate:
-    """Predicted cost of one run: seconds (on this device) and peak extra memory in bytes."""
-
-    seconds: float
-    memory_bytes: int
-    forward_passes: int = 0
-    backward_passes: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 class Method:
     """A knowledge-interpretation method. Subclass, set the class attributes, implement `run`.
 
@@ -111,7 +99,7 @@ class Method:
 
     def estimate(self, model: Any, sample: Sample, params: Params | None = None) -> Estimate:
         """Predicted cost; the default assumes one forward pass."""
-        from knowmri.methods.common import forward_cost
+        from knowmri.methods.costs import forward_cost
 
         return forward_cost(model, sample, forward=1)
 
@@ -188,9 +176,7 @@ def load_builtin_methods() -> None:
 
 
 def _import_methods() -> None:
-    import knowmri.methods as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
+    for info in pkgutil.iter_modules([os.path.dirname(__file__)]):
         if info.name not in ("base", "common"):
             importlib.import_module(f"knowmri.methods.{info.name}")
     from importlib.metadata import entry_points

@@ -6,7 +6,7 @@ matrix's entries; ROME uses 3 x the std of subject-token embeddings), `samples` 
 fixed seed shared by every cell. For every token and layer, the clean hidden state (the block's
 output), or the clean MLP / attention output over a `window` of layers centred like ROME, is
 put back into the corrupted run; the score is P(answer's first token) averaged over the noise
-samples. The batched engine lives in `knowmri.methods._tracing`.
+samples. The batched engine lives in `knowmri.methods.tracing_engine`.
 
 Findings: the grids `hidden`, `mlp`, `attn` ([token][layer] probabilities), `high_score` (clean)
 and `low_score` (corrupted); `token_scores` are each token's largest indirect effect (restored
@@ -24,9 +24,9 @@ from typing import Any
 import torch
 
 from knowmri.hooks import site
-from knowmri.methods._tracing import embedding_std, subject_noise, trace
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
 from knowmri.methods.common import prepare
+from knowmri.methods.tracing_engine import embedding_std, subject_noise, trace
 from knowmri.report import figures
 from knowmri.sample import Sample
 
@@ -81,14 +81,14 @@ class CausalTracing(Method):
         return []
 
     def estimate(self, model: Any, sample: Sample, params: Params | None = None) -> Estimate:
-        """The engine's passes (`_tracing.trace`): the embedding std, the clean and the corrupted run (full
+        """The engine's passes (`tracing_engine.trace`): the embedding std, the clean and the corrupted run (full
         logits, kept to the end with the corrupted run's cache), then per kind and restored token the
         staircase batches of rows over blocks start..L-1 (on a causal model only positions t..T-1 over
         the corrupted prefix, `batch_size` x T / (T - t) rows' worth of tokens per batch, with the rows that
         are still equal shared and the MLP window's first block skipped, `staircase_cost`; otherwise whole
         prompts, `batch_size` rows), each read out at the last position."""
-        from knowmri.methods._tracing import _suffix_pays, restore_starts, staircase_cost
-        from knowmri.methods.common import Dims, Pass, elementwise_seconds, prepare_passes, sample_shape, work_estimate
+        from knowmri.methods.costs import Dims, Pass, elementwise_seconds, prepare_passes, sample_shape, work_estimate
+        from knowmri.methods.tracing_engine import restore_starts, staircase_cost, suffix_pays
 
         p = params if isinstance(params, CausalTracingParams) else CausalTracingParams()
         shape = sample_shape(model, sample)
@@ -98,7 +98,7 @@ class CausalTracing(Method):
         first = shape.subject[0] if shape.subject is not None and model.kind == "causal" else 0
         cells = range(min(first, T - 1), T)
         n_run = max(S, 2)
-        suffix = model.kind == "causal" and _suffix_pays(model, T, first, S, list(p.kinds), p.window)
+        suffix = model.kind == "causal" and suffix_pays(model, T, first, S, list(p.kinds), p.window)
         passes = [*prepare_passes(model, shape), Pass(tokens=T, readout=T),
                   Pass(rows=n_run, tokens=T, readout=n_run * T, cache=suffix),
                   Pass(rows=S, tokens=T, readout=S, model_call=False)]

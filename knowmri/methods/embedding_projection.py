@@ -8,6 +8,9 @@ activation, read as tokens; (3) the OV circuits W_V W_O of the heads that write 
 prompt's token embeddings and read through the unembedding (which token each head would write when it
 attends to a token); (4) the nearest neighbours of the prompt's tokens in the input embedding space, with a
 PCA map of them.
+
+`run` takes these as named steps; the products, and the choice of neurons and the heads' outputs they read,
+are in `projection_engine`.
 """
 
 from __future__ import annotations
@@ -18,10 +21,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from knowmri.methods._weights import output_weights, ov_circuit
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
-from knowmri.methods.common import clean_pass, prepare, weight_derived
-from knowmri.methods.common import row_norms as weight_row_norms
+from knowmri.methods.common import clean_pass, prepare
+from knowmri.methods.projection_engine import (
+    PROJECT_CHUNK_BYTES,
+    VocabularyReader,
+    head_output_norms,
+    ov_outputs,
+    pca_coords,
+    top_neurons,
+)
+from knowmri.models.model import Encoded
 from knowmri.report import figures
 from knowmri.sample import Sample
 
@@ -92,14 +102,14 @@ class EmbeddingProjection(Method):
     Params = EmbeddingProjectionParams
 
     def check(self, model: Any, sample: Sample) -> list[str]:
-        return [] if model.spec.extra.get("qkv") else [f"{model.architecture} has no q/k/v map (archs.toml `qkv`)"]
+        return [] if model.spec.qkv else [f"{model.architecture} has no q/k/v map (archs.toml `qkv`)"]
 
     def estimate(self, model: Any, sample: Sample, params: Params | None = None) -> Estimate:
         """The clean pass (with heads); the value-vector and embedding norms (once per process); the
         vectors read in the vocabulary (every layer's residual, the top neurons, the chosen heads' OV
         circuit per prompt token, the prompt tokens' embeddings) projected in chunks of
         PROJECT_CHUNK_BYTES, whose float32 scores and the rank grid [layers, top_k, vocab] are the peak."""
-        from knowmri.methods.common import (
+        from knowmri.methods.costs import (
             Dims,
             clean_pass_bytes,
             clean_pass_passes,
@@ -134,319 +144,234 @@ class EmbeddingProjection(Method):
     @torch.inference_mode()
     def run(self, model: Any, sample: Sample, params: EmbeddingProjectionParams, ctx: RunContext) -> MethodResult:
         prep = prepare(model, sample, ctx=ctx)
-        enc, pos, tok = prep.enc, prep.enc.pred_pos, model.tokenizer
-        if params.position != -1:
-            length = enc.input_ids.shape[1] if model.kind != "seq2seq" else enc.decoder_input_ids.shape[1]
-            if not -length <= params.position < length:
-                raise ValueError(f"position {params.position} is out of range for {length} tokens")
-            pos = params.position % length
-        n_layers = model.n_layers
-        clean = clean_pass(model, enc, ctx, positions=[pos], heads=True)  # shared with the other light methods
+        pos = read_position(prep.enc, params.position)
+        clean = clean_pass(model, prep.enc, ctx, positions=[pos], heads=True)  # shared with the other light methods
         row = clean.rows([pos])[0]
         resid = clean.resid[:, pos]  # [L, d_model]
-        neurons = clean.neurons[:, row]  # [L, d_mlp]
-        heads = clean.heads[:, row]  # [L, H, d_head]
-        unembed = model.unembedding  # [V, d], in the model's dtype (no float32 copy of a large vocabulary)
-        emb = model.embed_module.weight
-
-        def project(vectors: torch.Tensor) -> torch.Tensor:
-            vectors = vectors.to(device=unembed.device, dtype=unembed.dtype)
-            if params.final_norm:
-                return model.readout(vectors).float()
-            return (vectors @ unembed.T).float()
-
-        def inner(vectors: torch.Tensor) -> torch.Tensor:  # dot products with every input embedding
-            return (vectors @ emb.T).float()
-
-        decoded: dict[int, str] = {}
-
-        def name(i: int) -> str:
-            if i not in decoded:
-                decoded[i] = tok.decode([i])
-            return decoded[i]
-
-        def names(ids: torch.Tensor) -> list[str]:
-            return [name(i) for i in ids.tolist()]
-
-        k = min(params.top_k, model.vocab_size)
-        target = enc.target_ids[0]
-        answer = tok.decode([target])
-
-        # What is read in the vocabulary (projected together below, in a few large products):
-        # (1) the residual stream of every layer at the position
+        # What is read in the vocabulary (projected together, in a few large products): (1) the residual
+        # stream of every layer at the position, (2) the top neurons' value vectors, (3) the chosen heads' OV
+        # circuits applied to the prompt's tokens, (4) those tokens' nearest input-embedding neighbours.
         ctx.progress(0.2, "MLP neurons")
-        # (2) the MLP neurons that write most at the position: |a| x ||v||, read as sign(a) * v
-        picked: list[tuple[int, int]] = []
-        vectors = resid[:0]
-        if params.top_neurons:
-            acts = neurons.float().to(unembed.device)  # [L, d_mlp]
-            values = [model.mlp_value_vectors(layer) for layer in range(n_layers)]
-            norms = torch.stack([value_norms(model, layer).to(unembed.device) for layer in range(n_layers)])
-            score = acts.abs() * norms
-            top = score.flatten().topk(min(params.top_neurons, score.numel())).indices.tolist()
-            picked = [(i // score.shape[1], i % score.shape[1]) for i in top]
-            vectors = torch.stack(
-                [values[layer][unit].to(unembed.device) * acts[layer, unit].sign() for layer, unit in picked]
-            )
-
+        neurons = top_neurons(model, clean.neurons[:, row], params.top_neurons)
         ctx.progress(0.4, "attention heads")
-        # (3) OV circuits of the heads that write most: what each would write for each prompt token
-        prompt_ids = (
-            enc.input_ids[0, : enc.prompt_len].tolist() if model.kind != "masked" else enc.input_ids[0].tolist()
-        )
-        special = set(tok.all_special_ids)
-        unique_ids = list(dict.fromkeys(i for i in prompt_ids if i not in special)) or list(dict.fromkeys(prompt_ids))
-        norms_per_layer = []
-        for layer in range(n_layers):  # what each head writes at the position: z_h @ W_O[h]
-            w_o = output_weights(model, layer)
-            z = heads[layer].to(device=w_o.device, dtype=w_o.dtype)
-            norms_per_layer.append((z[:, None, :] @ w_o).squeeze(1).float().norm(dim=-1).cpu())
-        head_norms = torch.stack(norms_per_layer)  # [L, H]
-        chosen = parse_heads(params.heads)
-        for layer, head in chosen:
-            if not (0 <= layer < n_layers and 0 <= head < model.n_heads):
-                raise ValueError(
-                    f"head {layer}.{head} does not exist: the model has {n_layers} layers of {model.n_heads} heads"
-                )
-        if not chosen and params.top_heads:
-            order = head_norms.flatten().topk(min(params.top_heads, head_norms.numel())).indices
-            chosen = [(int(i) // model.n_heads, int(i) % model.n_heads) for i in order]
-        id_tensor = torch.tensor([unique_ids], device=model.device)
-        embedded = model.embed_module(id_tensor)[0]  # the embedding as the residual stream receives it
-        ovs = []
-        for layer, head in chosen:
-            w_v, w_o = ov_circuit(model, layer, head)
-            ovs.append((embedded.to(device=w_v.device, dtype=w_v.dtype) @ w_v @ w_o).to(unembed.device))  # [n, d_model]
-
-        # (4) nearest neighbours in the input embedding space (cosine)
-        row_norms = embedding_norms(model).clamp_min(1e-12)
-        query_ids = torch.tensor(unique_ids, device=emb.device)
-        n_nb = min(params.n_neighbours, model.vocab_size - 1)
-
-        def neighbours_of(dots: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
-            q = query_ids[first: first + dots.shape[0]]
-            sims = dots / (row_norms[q, None] * row_norms[None, :])
-            sims[torch.arange(len(q), device=sims.device), q] = -2.0
-            return sims.topk(n_nb, dim=-1)
-
-        def top_ids(logits: torch.Tensor, first: int) -> tuple[torch.Tensor]:
-            return (logits.topk(k, dim=-1).indices,)
-
-        def cast(x: torch.Tensor) -> torch.Tensor:
-            return x.to(device=unembed.device, dtype=unembed.dtype)
-
+        token_ids = prompt_token_ids(model, prep.enc)
+        head_norms = head_output_norms(model, clean.heads[:, row])  # [L, H]
+        chosen = choose_heads(model, params, head_norms)
+        ovs = ov_outputs(model, chosen, token_ids)
         ctx.progress(0.6, "vocabulary projections")
-        # With tied embeddings (and no final norm) the neighbours' dot products are the same product.
-        neighbour_fn = project if emb is unembed and not params.final_norm else inner
-        (logits,), (neuron_ids,), (ov_ids,), (nb_vals, nb_ids) = project_parts([
-            (project, cast(resid), lambda x, first: (x,)),
-            (project, cast(vectors), top_ids),
-            (project, cast(torch.cat(ovs)) if ovs else cast(resid[:0]), top_ids),
-            (neighbour_fn, emb[query_ids], neighbours_of),
-        ], width=model.vocab_size)
-
+        reader = VocabularyReader(model, token_ids, final_norm=params.final_norm, top_k=params.top_k,
+                                  n_neighbours=params.n_neighbours)
+        read = reader.read(resid, neurons.vectors, ovs)
         ctx.progress(0.8, "tables")
-        target_score = logits[:, target]
-        target_rank = ((logits > target_score[:, None]).sum(-1, dtype=torch.int32) + 1).tolist()
-        layer_tokens = [names(row) for row in logits.topk(k, dim=-1).indices]
-        final_top = logits[-1].topk(k).indices.tolist()
-        shown = [target] + [i for i in final_top if i != target][: max(0, k - 1)]
-        shown_scores = logits[:, torch.tensor(shown, device=logits.device)]  # [L, S]
-        rank_grid = ((logits[:, None, :] > shown_scores[:, :, None]).sum(-1, dtype=torch.int32) + 1).tolist()
-        neuron_rows: list[dict[str, Any]] = [
-            {
-                "layer": layer,
-                "unit": unit,
-                "score": float(score[layer, unit]),
-                "activation": float(acts[layer, unit]),
-                "tokens": names(row),
-            }
-            for (layer, unit), row in zip(picked, neuron_ids)
-        ]
-        head_rows = []
-        n_ids = len(unique_ids)
-        for j, (layer, head) in enumerate(chosen):
-            rows = ov_ids[j * n_ids: (j + 1) * n_ids]
-            copies = [{"token": name(t), "writes": names(row)} for t, row in zip(unique_ids, rows)]
-            copying = float(np.mean([t in row.tolist() for t, row in zip(unique_ids, rows)]))
-            head_rows.append(
-                {
-                    "layer": layer,
-                    "head": head,
-                    "score": float(head_norms[layer, head]),
-                    "copying": copying,
-                    "copies": copies,
-                }
-            )
-        neighbours = {name(t): names(row) for t, row in zip(unique_ids, nb_ids)}
-        map_fig = _neighbour_map(emb, row_norms, unique_ids, nb_ids, tok, params.map_dims)
-
+        names = TokenNames(model.tokenizer)
+        ranks = RankTables.of(read.logits, prep.enc.target_ids[0], reader.k)
+        neuron_rows = [{"layer": layer, "unit": unit, "score": score, "activation": act, "tokens": names(ids)}
+                       for (layer, unit, score, act), ids in zip(neurons.picked, read.neuron_ids)]
+        head_rows = _head_rows(chosen, head_norms, token_ids, read.ov_ids, names)
+        neighbours = {names.one(t): names(ids) for t, ids in zip(token_ids, read.neighbour_ids)}
+        map_fig = _neighbour_map(reader.emb, reader.row_norms, token_ids, read.neighbour_ids, model.tokenizer,
+                                 params.map_dims)
         result = self.new_result(params)
-        first_top = next((i for i, r in enumerate(target_rank) if r == 1), None)
         result.findings = {
             "target": prep.answer,
-            "target_token": answer,
+            "target_token": model.tokenizer.decode([ranks.target]),
             "answer_source": prep.answer_source,
             "position": pos,
             "final_norm": params.final_norm,
-            "layer_tokens": layer_tokens,
-            "target_rank": target_rank,
-            "target_score": [float(s) for s in target_score],
-            "first_top1_layer": first_top,
-            "layer_scores": [{"layer": i, "score": 1.0 / r} for i, r in enumerate(target_rank)],
+            "layer_tokens": [names(ids) for ids in ranks.layer_top],
+            "target_rank": ranks.target_rank,
+            "target_score": ranks.target_score,
+            "first_top1_layer": ranks.first_top,
+            "layer_scores": [{"layer": i, "score": 1.0 / r} for i, r in enumerate(ranks.target_rank)],
             "neurons": neuron_rows,
             "heads": head_rows,
             "neighbours": neighbours,
             "neighbour_similarity": {
-                name(t): [round(v, 4) for v in row] for t, row in zip(unique_ids, nb_vals.tolist())
+                names.one(t): [round(v, 4) for v in row] for t, row in zip(token_ids, read.neighbour_sims.tolist())
             },
         }
-        how = "through the final norm" if params.final_norm else "directly by the unembedding"
-        where = (
-            f"it is the top token from layer {first_top} on"
-            if first_top is not None
-            else f"its best rank is {min(target_rank)} (layer {int(np.argmin(target_rank))})"
-        )
-        at = "the position predicting the answer" if pos == enc.pred_pos else f"position {pos}"
-        parts = [
-            f"Projected {how}, the residual stream at {at} ranks {answer!r} ({prep.answer_source}) "
-            f"{target_rank[0]} after layer 0 and {target_rank[-1]} after the last layer; {where}."
-        ]
-        if neuron_rows:
-            n0 = neuron_rows[0]
-            parts.append(
-                f"The neuron writing most there is L{n0['layer']}.{n0['unit']}, whose value vector promotes "
-                f"{', '.join(map(repr, n0['tokens'][:3]))}."
-            )
-        if head_rows:
-            best = max(head_rows, key=lambda r: r["copying"])
-            parts.append(
-                f"Of the heads read, {best['layer']}.{best['head']} copies the most prompt tokens "
-                f"({best['copying']:.0%} map to themselves through W_V W_O)."
-            )
-        result.summary = " ".join(parts)
-
-        layers = list(range(n_layers))
-        result.add_figure(
-            "Rank of the answer and the final top tokens by layer",
-            figures.heatmap(
-                [[float(np.log10(r)) for r in row] for row in rank_grid],
-                x=[repr(tok.decode([i])) for i in shown],
-                y=layers,
-                text=[[str(r) for r in row] for row in rank_grid],
-                colorscale="Blues_r",
-                colorbar="log10 rank",
-                title=f"Residual stream projected {how}: rank of each token (1 = top)",
-                x_title="token",
-                y_title="layer",
-            ),
-        )
-        result.add_figure("Prompt tokens and their embedding neighbours", map_fig)
-        result.add_table(
-            "Residual stream in the vocabulary",
-            ["layer", f"rank of {answer!r}", "top tokens"],
-            [[i, target_rank[i], " | ".join(layer_tokens[i])] for i in layers],
-        )
-        result.add_table(
-            "Most active MLP neurons",
-            ["layer", "unit", "activation", "score", "tokens promoted"],
-            [
-                [r["layer"], r["unit"], round(r["activation"], 4), round(r["score"], 4), " | ".join(r["tokens"])]
-                for r in neuron_rows
-            ],
-        )
-        result.add_table(
-            "Attention OV circuits",
-            ["head", "output norm", "copying", "token -> writes"],
-            [
-                [
-                    f"{r['layer']}.{r['head']}",
-                    round(r["score"], 4),
-                    round(r["copying"], 3),
-                    "; ".join(f"{c['token']} -> {c['writes'][0]}" for c in r["copies"]),
-                ]
-                for r in head_rows
-            ],
-        )
-        result.add_table(
-            "Nearest embedding neighbours",
-            ["token", "neighbours (cosine)"],
-            [
-                [t, " | ".join(f"{n} ({s:.2f})" for n, s in zip(nbs, result.findings["neighbour_similarity"][t]))]
-                for t, nbs in neighbours.items()
-            ],
-        )
-        result.arrays["residual_logits_top"] = logits.topk(k, dim=-1).values.cpu().numpy()
+        result.summary = _summary(result.findings, ranks, at_prediction=pos == prep.enc.pred_pos)
+        _add_figures_and_tables(result, model, ranks, map_fig)
+        result.arrays["residual_logits_top"] = read.logits.topk(reader.k, dim=-1).values.cpu().numpy()
         return result
 
 
-PROJECT_CHUNK_BYTES = 1 << 27  # float32 scores of one batch of projected rows
+def read_position(enc: Encoded, position: int) -> int:
+    """The input position read: the one predicting the answer (-1), else `position` (negative from the end)."""
+    if position == -1:
+        return enc.pred_pos
+    length = enc.read_ids.shape[1]
+    if not -length <= position < length:
+        raise ValueError(f"position {position} is out of range for {length} tokens")
+    return position % length
 
 
-def value_norms(model: Any, layer: int) -> torch.Tensor:
-    """[d_mlp] float32 norms of one layer's MLP value vectors (computed once per weight)."""
-    def norms(_: torch.Tensor) -> torch.Tensor:
-        v = model.mlp_value_vectors(layer)  # [d_mlp, d_model], often a transposed view of [d_model, d_mlp]
-        if v.stride(-1) == 1:
-            return torch.linalg.vector_norm(v, dim=-1, dtype=torch.float32)
-        return v.T.float().square().sum(0).sqrt()  # column sums: strided row norms are several times slower
+class TokenNames:
+    """Token texts, each id decoded once."""
 
-    return weight_derived(model.component(layer, "mlp_down").weight, "value_norms", norms)  # the stored parameter
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.decoded: dict[int, str] = {}
 
+    def one(self, i: int) -> str:
+        if i not in self.decoded:
+            self.decoded[i] = self.tokenizer.decode([i])
+        return self.decoded[i]
 
-def embedding_norms(model: Any) -> torch.Tensor:
-    """[vocab] float32 norms of the input embeddings (computed once per weight)."""
-    return weight_row_norms(model.embed_module.weight)
-
-
-def project_parts(parts: list[tuple[Any, torch.Tensor, Any]], width: int) -> list[tuple[torch.Tensor, ...]]:
-    """For each (fn, rows [n, d], reduce): `reduce(fn(rows)[i:j], i)` over its rows, concatenated.
-
-    Consecutive parts with the same `fn` are projected together, in batches of rows whose [rows,
-    width] float32 output stays under PROJECT_CHUNK_BYTES: a few large products instead of many
-    small ones (a [10, d] x [d, vocab] product is several times slower per row than a [300, d] one).
-    """
-    max_rows = max(1, PROJECT_CHUNK_BYTES // (4 * width))
-    results: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in parts]
-    i = 0
-    while i < len(parts):
-        fn = parts[i][0]
-        j = i
-        while j < len(parts) and parts[j][0] is fn:
-            j += 1
-        pieces = [(p, s, parts[p][1][s:s + max_rows]) for p in range(i, j)
-                  for s in range(0, parts[p][1].shape[0], max_rows)]
-        batch: list[tuple[int, int, torch.Tensor]] = []
-        for piece in [*pieces, None]:
-            if batch and (piece is None or sum(len(t) for _, _, t in batch) + len(piece[2]) > max_rows):
-                out = fn(torch.cat([t for _, _, t in batch]))
-                offset = 0
-                for p, first, t in batch:
-                    results[p].append(parts[p][2](out[offset:offset + len(t)], first))
-                    offset += len(t)
-                batch = []
-            if piece is not None:
-                batch.append(piece)
-        i = j
-    final = []
-    for p, (_, rows, reduce) in enumerate(parts):
-        if not results[p]:
-            results[p].append(reduce(torch.zeros(0, width, device=rows.device), 0))
-        final.append(tuple(torch.cat(items) for items in zip(*results[p])))
-    return final
+    def __call__(self, ids: torch.Tensor) -> list[str]:
+        return [self.one(i) for i in ids.tolist()]
 
 
-def pca_coords(centred: torch.Tensor, dims: int) -> np.ndarray:
-    """[n, <= dims] principal coordinates of centred points (U S of their SVD), from the eigenvectors of the
-    [n, n] Gram matrix: with a few dozen points in a wide embedding space that is a tenth of an SVD's cost.
-    Each axis is signed so that its largest coordinate is positive (an SVD's signs are arbitrary too).
-    In torch, not numpy: numpy's OpenBLAS threads keep spinning after a call, and on a small machine they
-    take the cores from the next forward pass (tens of milliseconds on 2 cores)."""
-    values, vectors = torch.linalg.eigh(centred @ centred.T)  # ascending
-    top = values.argsort(descending=True)[:dims]
-    coords = vectors[:, top] * values[top].clamp_min(0.0).sqrt()
-    flip = coords.gather(0, coords.abs().argmax(0, keepdim=True)).sign()
-    return (coords * torch.where(flip == 0, 1.0, flip)).cpu().numpy()
+def prompt_token_ids(model: Any, enc: Encoded) -> list[int]:
+    """The prompt's distinct tokens, in order, special tokens left out (unless there is nothing else)."""
+    ids = enc.input_ids[0, : enc.prompt_len].tolist() if model.kind != "masked" else enc.input_ids[0].tolist()
+    special = set(model.tokenizer.all_special_ids)
+    return list(dict.fromkeys(i for i in ids if i not in special)) or list(dict.fromkeys(ids))
+
+
+def choose_heads(model: Any, params: EmbeddingProjectionParams, head_norms: torch.Tensor) -> list[tuple[int, int]]:
+    """The heads read: `params.heads`, else the `top_heads` with the largest output norm."""
+    chosen = parse_heads(params.heads)
+    for layer, head in chosen:
+        if not (0 <= layer < model.n_layers and 0 <= head < model.n_heads):
+            raise ValueError(
+                f"head {layer}.{head} does not exist: the model has {model.n_layers} layers of {model.n_heads} heads"
+            )
+    if not chosen and params.top_heads:
+        order = head_norms.flatten().topk(min(params.top_heads, head_norms.numel())).indices
+        chosen = [(int(i) // model.n_heads, int(i) % model.n_heads) for i in order]
+    return chosen
+
+
+@dataclass
+class RankTables:
+    """The answer's rank and score in every layer's projection, each layer's top tokens, and the rank of the
+    answer and the final layer's top tokens in every layer (`rank_grid` [L, len(shown)])."""
+
+    target: int
+    target_rank: list[int]
+    target_score: list[float]
+    layer_top: torch.Tensor
+    first_top: int | None
+    shown: list[int]
+    rank_grid: list[list[int]]
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, target: int, k: int) -> RankTables:
+        target_score = logits[:, target]
+        target_rank = ((logits > target_score[:, None]).sum(-1, dtype=torch.int32) + 1).tolist()
+        layer_top = logits.topk(k, dim=-1).indices
+        final_top = logits[-1].topk(k).indices.tolist()
+        shown = [target] + [i for i in final_top if i != target][: max(0, k - 1)]
+        shown_scores = logits[:, torch.tensor(shown, device=logits.device)]  # [L, S]
+        rank_grid = ((logits[:, None, :] > shown_scores[:, :, None]).sum(-1, dtype=torch.int32) + 1).tolist()
+        first_top = next((i for i, r in enumerate(target_rank) if r == 1), None)
+        return cls(target, target_rank, [float(s) for s in target_score], layer_top, first_top, shown, rank_grid)
+
+
+def _head_rows(chosen: list[tuple[int, int]], head_norms: torch.Tensor, token_ids: list[int], ov_ids: torch.Tensor,
+               names: TokenNames) -> list[dict[str, Any]]:
+    """Per chosen head: its output norm, which token it writes for each prompt token, and how many map to themselves."""
+    head_rows = []
+    n_ids = len(token_ids)
+    for j, (layer, head) in enumerate(chosen):
+        rows = ov_ids[j * n_ids: (j + 1) * n_ids]
+        copies = [{"token": names.one(t), "writes": names(row)} for t, row in zip(token_ids, rows)]
+        copying = float(np.mean([t in row.tolist() for t, row in zip(token_ids, rows)]))
+        head_rows.append(
+            {
+                "layer": layer,
+                "head": head,
+                "score": float(head_norms[layer, head]),
+                "copying": copying,
+                "copies": copies,
+            }
+        )
+    return head_rows
+
+
+def _summary(f: dict[str, Any], ranks: RankTables, at_prediction: bool) -> str:
+    how = "through the final norm" if f["final_norm"] else "directly by the unembedding"
+    target_rank, first_top, answer = ranks.target_rank, ranks.first_top, f["target_token"]
+    where = (
+        f"it is the top token from layer {first_top} on"
+        if first_top is not None
+        else f"its best rank is {min(target_rank)} (layer {int(np.argmin(target_rank))})"
+    )
+    at = "the position predicting the answer" if at_prediction else f"position {f['position']}"
+    parts = [
+        f"Projected {how}, the residual stream at {at} ranks {answer!r} ({f['answer_source']}) "
+        f"{target_rank[0]} after layer 0 and {target_rank[-1]} after the last layer; {where}."
+    ]
+    if f["neurons"]:
+        n0 = f["neurons"][0]
+        parts.append(
+            f"The neuron writing most there is L{n0['layer']}.{n0['unit']}, whose value vector promotes "
+            f"{', '.join(map(repr, n0['tokens'][:3]))}."
+        )
+    if f["heads"]:
+        best = max(f["heads"], key=lambda r: r["copying"])
+        parts.append(
+            f"Of the heads read, {best['layer']}.{best['head']} copies the most prompt tokens "
+            f"({best['copying']:.0%} map to themselves through W_V W_O)."
+        )
+    return " ".join(parts)
+
+
+def _add_figures_and_tables(result: MethodResult, model: Any, ranks: RankTables, map_fig: Any) -> None:
+    f, tok = result.findings, model.tokenizer
+    how = "through the final norm" if f["final_norm"] else "directly by the unembedding"
+    answer, target_rank, layer_tokens = f["target_token"], ranks.target_rank, f["layer_tokens"]
+    layers = list(range(model.n_layers))
+    result.add_figure(
+        "Rank of the answer and the final top tokens by layer",
+        figures.heatmap(
+            [[float(np.log10(r)) for r in row] for row in ranks.rank_grid],
+            x=[repr(tok.decode([i])) for i in ranks.shown],
+            y=layers,
+            text=[[str(r) for r in row] for row in ranks.rank_grid],
+            colorscale="Blues_r",
+            colorbar="log10 rank",
+            title=f"Residual stream projected {how}: rank of each token (1 = top)",
+            x_title="token",
+            y_title="layer",
+        ),
+    )
+    result.add_figure("Prompt tokens and their embedding neighbours", map_fig)
+    result.add_table(
+        "Residual stream in the vocabulary",
+        ["layer", f"rank of {answer!r}", "top tokens"],
+        [[i, target_rank[i], " | ".join(layer_tokens[i])] for i in layers],
+    )
+    result.add_table(
+        "Most active MLP neurons",
+        ["layer", "unit", "activation", "score", "tokens promoted"],
+        [
+            [r["layer"], r["unit"], round(r["activation"], 4), round(r["score"], 4), " | ".join(r["tokens"])]
+            for r in f["neurons"]
+        ],
+    )
+    result.add_table(
+        "Attention OV circuits",
+        ["head", "output norm", "copying", "token -> writes"],
+        [
+            [
+                f"{r['layer']}.{r['head']}",
+                round(r["score"], 4),
+                round(r["copying"], 3),
+                "; ".join(f"{c['token']} -> {c['writes'][0]}" for c in r["copies"]),
+            ]
+            for r in f["heads"]
+        ],
+    )
+    result.add_table(
+        "Nearest embedding neighbours",
+        ["token", "neighbours (cosine)"],
+        [
+            [t, " | ".join(f"{n} ({s:.2f})" for n, s in zip(nbs, f["neighbour_similarity"][t]))]
+            for t, nbs in f["neighbours"].items()
+        ],
+    )
 
 
 def _neighbour_map(

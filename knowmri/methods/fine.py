@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from knowmri.methods import _neurons as nr
+from knowmri.methods import neuron_readouts as nr
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
 from knowmri.methods.common import clean_pass, prepare
 from knowmri.sample import Sample
@@ -54,7 +54,7 @@ class Fine(Method):
     def estimate(self, model: Any, sample: Sample, params: Params | None = None) -> Estimate:
         """The clean pass, each layer's value vectors dotted with the answer tokens' unembeddings, and the
         top neurons' value vectors read through the unembedding."""
-        from knowmri.methods.common import (
+        from knowmri.methods.costs import (
             Dims,
             clean_pass_bytes,
             clean_pass_passes,

@@ -10,7 +10,6 @@ tokens run as one batch (chunked by `internal_batch_size`); one backward per chu
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,18 +80,12 @@ def input_embedding_module(model: Any) -> torch.nn.Module:
 
 def _forward_embeds(model: Any, embeds: torch.Tensor, enc: Encoded, keep: list[int] | None) -> torch.Tensor:
     """Logits from input embeddings; with `keep`, only at those positions (no vocabulary projection elsewhere)."""
-    rows = embeds.shape[0]
-    kwargs: dict[str, Any] = {"inputs_embeds": embeds, "attention_mask": enc.attention_mask.repeat(rows, 1), "use_cache": False}
-    if enc.decoder_input_ids is not None:
-        kwargs["decoder_input_ids"] = enc.decoder_input_ids.repeat(rows, 1)
-    if keep is not None:
-        kwargs["logits_to_keep"] = torch.tensor(keep, dtype=torch.long, device=embeds.device)
-    return model.hf_model(**kwargs).logits
+    return model.run(**enc.inputs(embeds.shape[0], embeds=embeds), keep=keep).logits
 
 
 def _kept_positions(model: Any, enc: Encoded) -> tuple[list[int] | None, list[int]]:
     """The positions to compute logits at (None: all) and each target's index among the computed ones."""
-    if model.kind == "causal" and "logits_to_keep" in inspect.signature(model.hf_model.forward).parameters:
+    if model.kind == "causal":
         keep = sorted(set(enc.target_positions))
         return keep, [keep.index(p) for p in enc.target_positions]
     return None, list(enc.target_positions)
@@ -161,7 +154,7 @@ class IntegratedGradients(Method):
         """`steps` x answer-token rows over the whole input, forward and backward in batches of
         `internal_batch_size` rows (read out at the answer's positions), then one forward of the two
         endpoints; the batch's activations are the peak."""
-        from knowmri.methods.common import Pass, prepare_passes, sample_shape, takes_logits_to_keep, work_estimate
+        from knowmri.methods.costs import Pass, prepare_passes, sample_shape, work_estimate
 
         p = params if isinstance(params, IntegratedGradientsParams) else IntegratedGradientsParams()
         shape = sample_shape(model, sample)
@@ -169,7 +162,7 @@ class IntegratedGradients(Method):
         batch = min(p.internal_batch_size, rows)
         full, rest = divmod(rows, batch)
         tokens = shape.input + shape.decoder
-        keep = shape.answer if model.kind == "causal" and takes_logits_to_keep(type(model.hf_model)) else shape.positions
+        keep = shape.answer if model.kind == "causal" and model.takes_logits_to_keep else shape.positions
         passes = [*prepare_passes(model, shape),
                   Pass(rows=batch, tokens=tokens, readout=batch * keep, backward=True, count=full),
                   Pass(rows=rest, tokens=tokens, readout=rest * keep, backward=True, count=1 if rest else 0),

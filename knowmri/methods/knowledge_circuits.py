@@ -1,6 +1,6 @@
 """Knowledge circuits (Yao et al. 2024): the subgraph of attention heads and MLPs that carries a
 fact from the subject to the answer, found with edge attribution patching (EAP, Syed et al.
-2023) or its integrated-gradients variant (EAP-IG, Hanna et al. 2024); see `_circuits`."""
+2023) or its integrated-gradients variant (EAP-IG, Hanna et al. 2024); see `circuits_engine`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,15 @@ from typing import Any
 
 import torch
 
-from knowmri.methods._circuits import SUBJECTS, choose_subject, edge_attribution, forward_logits, patched_metric, prune
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
+from knowmri.methods.circuits_engine import (
+    SUBJECTS,
+    choose_subject,
+    edge_attribution,
+    forward_logits,
+    patched_metric,
+    prune,
+)
 from knowmri.methods.common import prepare
 from knowmri.models.attention import uses_short_attention
 from knowmri.sample import Sample
@@ -61,8 +68,7 @@ class KnowledgeCircuits(Method):
         interpolation step, forward and backward, each layer's per-head gradients (batched over heads
         through the attention core and each head's q/k/v columns), the edge-score product, and the
         faithfulness forward; the batch's activations and the gradients read at every layer are the peak."""
-        from knowmri.methods._circuits import SUBJECTS
-        from knowmri.methods.common import (
+        from knowmri.methods.costs import (
             Dims,
             Pass,
             elementwise_seconds,

@@ -10,7 +10,7 @@ attributions are summed (EleutherAI averages them: same ranking and same relativ
 `positions` extends the paper to neurons at the subject's tokens or at every position, where a
 fact recalled from the subject is stored (the paper's position only sees what is read out there).
 The IG rows are batched, and the rows scaling layer l start at block l from the clean residual
-stream (see `_neurons.ig_neurons`); the result equals the per-layer loop.
+stream (see `kn_engine.ig_neurons`); the result equals the per-layer loop.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from knowmri.methods import _neurons as nr
+from knowmri.methods import kn_engine as kn
+from knowmri.methods import neuron_readouts as nr
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
 from knowmri.methods.common import prepare
 from knowmri.sample import Sample
@@ -79,11 +80,11 @@ class KnowledgeNeurons(Method):
 
     def estimate(self, model: Any, sample: Sample, params: Params | None = None) -> Estimate:
         """Per prompt: a clean forward (full logits); per job (scaled position q, predicting position p),
-        the set-up forwards of `_neurons._Direct` (the clean prefix's cache, two recorded forwards, a
+        the set-up forwards of `kn_engine._Direct` (the clean prefix's cache, two recorded forwards, a
         check) and its IG rows: `steps` rows per layer, rows of layer l over blocks l..L-1, batched as
-        `_neurons._chunks` batches them (forward and backward; the largest batch's activations and
+        `kn_engine.row_chunks` batches them (forward and backward; the largest batch's activations and
         key/value copies are the peak); then the listed neurons' value vectors in the vocabulary."""
-        from knowmri.methods.common import Dims, Pass, prepare_passes, readout_pass, sample_shape, work_estimate
+        from knowmri.methods.costs import Dims, Pass, prepare_passes, readout_pass, sample_shape, work_estimate
 
         p = params if isinstance(params, KnowledgeNeuronsParams) else KnowledgeNeuronsParams()
         dims = Dims.of(model)
@@ -111,7 +112,7 @@ class KnowledgeNeurons(Method):
                            *(Pass(rows=b, tokens=fed, context=prefix + fed, readout=b * fed, cache=bool(prefix))
                              for b in (1, 2)),
                            Pass(tokens=fed, context=prefix + fed, readout=1, model_call=False)]
-                for chunk in nr._chunks(model, p.steps, fed, prefix, p.batch_size, range(L)):
+                for chunk in kn.row_chunks(model, p.steps, fed, prefix, p.batch_size, range(L)):
                     rows = p.steps * len(chunk)
                     block_rows = sum(p.steps * (L - layer) for layer in chunk)
                     passes.append(Pass(rows=rows, tokens=fed, blocks=block_rows / rows, span=L - chunk[0],
@@ -129,20 +130,20 @@ class KnowledgeNeurons(Method):
         for j, prompt in enumerate(prompts):
             prep = first if j == 0 else prepare(model, others, prompt=prompt, max_answer_tokens=params.max_answer_tokens)
             pairs = nr.answer_tokens(model, prep.enc)
-            jobs, positions = nr.ig_jobs(model, prep.enc, pairs, params.positions, prep.subject)
+            jobs, positions = kn.ig_jobs(model, prep.enc, pairs, params.positions, prep.subject)
             clean, logits = nr.clean_neurons(model, prep.enc, positions)
 
             def tick(frac: float, j: int = j) -> None:
                 ctx.progress((j + frac) / len(prompts), f"prompt {j + 1}/{len(prompts)}")
 
-            attr = nr.ig_neurons(model, prep.enc, jobs, clean, positions, steps=params.steps, riemann=params.riemann,
+            attr = kn.ig_neurons(model, prep.enc, jobs, clean, positions, steps=params.steps, riemann=params.riemann,
                                  batch_size=params.batch_size, progress=tick)
             by_position = torch.zeros(len(positions), model.n_layers, model.d_mlp)
             for (q, _, _), a in zip(jobs, attr):
                 by_position[positions.index(q)] += a
             total = by_position.sum(0)  # summed over the answer's tokens (and the scaled positions)
             peak = float(total.max())
-            coarse = nr.coarse_neurons(total, params.threshold)
+            coarse = kn.coarse_neurons(total, params.threshold)
             totals.append((total, coarse))
             details.append({
                 "prompt": prompt, "answer_tokens": [model.tokenizer.decode([t]) for _, t in pairs],
@@ -152,7 +153,7 @@ class KnowledgeNeurons(Method):
                         for lay, u, s in nr.ranked(total, 5)],
             })
         mean = torch.stack([t for t, _ in totals]).mean(0)
-        kept, counts = nr.refine([c for _, c in totals], params.p)
+        kept, counts = kn.refine([c for _, c in totals], params.p)
         order = mean[kept].argsort(descending=True)
         idx = kept.nonzero()[order]
         refined = [(int(lay), int(u)) for lay, u in idx]
@@ -200,7 +201,7 @@ class KnowledgeNeurons(Method):
         if params.positions == "answer":
             return {}
         q = positions[int(by_position[:, layer, unit].argmax())]
-        ids = prep.enc.decoder_input_ids if model.kind == "seq2seq" else prep.enc.input_ids
+        ids = prep.enc.read_ids
         return {"position": q, "token": model.tokenizer.decode([int(ids[0, q])])}
 
     @staticmethod

@@ -42,7 +42,7 @@ class LogitLens(Method):
         """The clean pass, then every layer's states at the read positions through the final norm and the
         unembedding, in chunks of READOUT_CHUNK_BYTES of float32 logits (a chunk's logits and their
         log-softmax are the peak), each chunk ranked (top-k over the vocabulary)."""
-        from knowmri.methods.common import (
+        from knowmri.methods.costs import (
             clean_pass_bytes,
             clean_pass_passes,
             elementwise_seconds,

@@ -13,7 +13,6 @@ reference for tests and benchmarks).
 
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,17 +92,10 @@ def _patch(h: Hooks, states: torch.Tensor, position: int, target_layer: int | No
 def _forward(model: Any, past: Any = None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
     """Last-position logits and the KV cache of an HF forward that continues `past`.
 
-    Logits are computed only at the last position where the model allows it (`logits_to_keep`);
-    the cache argument is `cache` in recent transformers and `past_key_values` before.
+    Logits are computed only at the last position where the model allows it (`Model.run`'s `keep`).
     """
-    params = inspect.signature(model.hf_model.forward).parameters
-    if "logits_to_keep" in params:
-        kwargs["logits_to_keep"] = 1
-    if past is not None:
-        kwargs["cache" if "cache" in params else "past_key_values"] = past
-    out = model.hf_model(use_cache=True, **kwargs)
-    cache = out["cache"] if "cache" in out else out.get("past_key_values")
-    return out.logits[:, -1].float(), cache
+    out = model.run(**kwargs, keep=1, cache=past, use_cache=True)
+    return out.logits[:, -1].float(), model.output_cache(out)
 
 
 @torch.inference_mode()
@@ -202,7 +194,7 @@ class Patchscopes(Method):
         the patched pass over the target from the patched position, and max_new_tokens - 1 cached
         decoding steps; every step's float32 next-token distribution [n_layers, vocab] is kept (and
         stacked at the end: twice their size), with the rows' key/value cache."""
-        from knowmri.methods.common import Dims, Pass, prepare_passes, sample_shape, work_estimate
+        from knowmri.methods.costs import Dims, Pass, prepare_passes, sample_shape, work_estimate
 
         p = params if isinstance(params, PatchscopesParams) else PatchscopesParams()
         shape = sample_shape(model, sample)

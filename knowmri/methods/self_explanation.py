@@ -208,7 +208,7 @@ class SelfExplanation(Method):
         """Two greedy generations of one row, each a prefill and one cached step per further token: the
         answer (`answer_tokens` after the prompt) and the explanation (`max_new_tokens` after the request,
         which holds the prompt and the answer); generation may stop earlier, at an end-of-text token."""
-        from knowmri.methods.common import Pass, elementwise_seconds, sample_shape, work_estimate
+        from knowmri.methods.costs import Pass, elementwise_seconds, sample_shape, work_estimate
 
         p = params if isinstance(params, SelfExplanationParams) else SelfExplanationParams()
         shape = sample_shape(model, sample)

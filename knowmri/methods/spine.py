@@ -237,7 +237,7 @@ class Spine(Method):
         autoencoder's updates (per update five [batch, d] x [d, hidden]-sized products, the batch's
         elementwise work and Adam over every weight), each epoch's shuffled and noised copy of the rows,
         and the words' codes at the end; the rows' copies, Adam's state and the codes are the peak."""
-        from knowmri.methods.common import elementwise_seconds, matmul_seconds, model_rates
+        from knowmri.methods.costs import elementwise_seconds, matmul_seconds, model_rates
 
         p = params if isinstance(params, SpineParams) else SpineParams()
         d, vocab = model.d_model, model.vocab_size

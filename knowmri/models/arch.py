@@ -10,8 +10,11 @@ from typing import Any
 import tomllib
 from torch import nn
 
-_LAYER_KEYS = ("attn", "attn_out", "attn_o", "mlp_out", "mlp_in", "mlp_gate", "mlp_down")
+_LAYER_KEYS = ("attn", "attn_out", "attn_o", "attn_q", "attn_k", "attn_v", "attn_qkv", "mlp_out", "mlp_in", "mlp_gate",
+               "mlp_down")
 _ROOT_KEYS = ("embed", "layers", "final_norm", "unembed", "encoder_embed", "encoder_layers")
+#: How a family stores its queries, keys and values (archs.toml `qkv`; see `knowmri.models.heads`).
+QKV_LAYOUTS = ("separate", "fused_conv1d", "fused_interleaved", "fused_mqa", "fused_grouped", "fused_falcon")
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,11 @@ class ArchSpec:
     unembed: tuple[str, ...]
     final_norm: tuple[str, ...] = ()
     mlp_gate: tuple[str, ...] = ()
+    qkv: str | None = None  # one of QKV_LAYOUTS: where attn_q/attn_k/attn_v or attn_qkv apply
+    attn_q: tuple[str, ...] = ()
+    attn_k: tuple[str, ...] = ()
+    attn_v: tuple[str, ...] = ()
+    attn_qkv: tuple[str, ...] = ()
     encoder_embed: tuple[str, ...] = ()
     encoder_layers: tuple[str, ...] = ()
     architectures: tuple[str, ...] = ()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import torch
 from torch import nn
 
 from knowmri.models.arch import ArchSpec, arch_specs, find_spec, infer_spec, missing_paths, resolve
+from knowmri.models.heads import HeadWeights
 from knowmri.sample import Span
 
 
@@ -36,16 +40,24 @@ class Encoded:
         """The position whose logits predict the first answer token (the prompt's last, for causal)."""
         return self.pred_pos
 
-    def inputs(self, batch: int = 1) -> dict[str, torch.Tensor]:
-        """Keyword arguments for the HF forward, repeated `batch` times along the batch axis."""
-        out = {"input_ids": self.input_ids.repeat(batch, 1), "attention_mask": self.attention_mask.repeat(batch, 1)}
+    @property
+    def read_ids(self) -> torch.Tensor:
+        """[1, T]: the ids of the positions that logits and `target_positions` index (the decoder's for seq2seq)."""
+        return self.decoder_input_ids if self.decoder_input_ids is not None else self.input_ids
+
+    def inputs(self, batch: int = 1, embeds: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Keyword arguments for the HF forward, repeated `batch` times along the batch axis; with `embeds`
+        ([batch, T, d_model] input embeddings, the encoder's for seq2seq), those instead of the input ids."""
+        first = {"input_ids": self.input_ids.repeat(batch, 1)} if embeds is None else {"inputs_embeds": embeds}
+        out = {**first, "attention_mask": self.attention_mask.repeat(batch, 1)}
         if self.decoder_input_ids is not None:
             out["decoder_input_ids"] = self.decoder_input_ids.repeat(batch, 1)
         return out
 
 
-class Model:
-    """A wrapped HF model: its component map, its tokenizer, and read-out helpers.
+class Model(HeadWeights):
+    """A wrapped HF model: its component map, its tokenizer, and read-out helpers (per-head attention
+    weights from `HeadWeights`).
 
     Attributes (SPEC §2): name, architecture, n_layers, d_model, d_mlp, n_heads, vocab_size,
     kind (causal | masked | seq2seq), capabilities, hf_model, tokenizer.
@@ -104,7 +116,8 @@ class Model:
         return resolve(self.hf_model, self.spec.unembed)[1]  # type: ignore[index]
 
     def component(self, layer: int, key: str) -> nn.Module:
-        """A per-layer module by spec key (attn, attn_out, attn_o, mlp_out, mlp_in, mlp_gate, mlp_down)."""
+        """A per-layer module by spec key (attn, attn_out, attn_o, attn_q, attn_k, attn_v, attn_qkv, mlp_out,
+        mlp_in, mlp_gate, mlp_down)."""
         if not 0 <= layer < self.n_layers:
             raise ValueError(f"layer {layer} is out of range: the model has {self.n_layers} layers (0-{self.n_layers - 1})")
         found = resolve(self._layers[layer], getattr(self.spec, key))
@@ -298,7 +311,45 @@ class Model:
     # ----------------------------------------------------------------- running
     def forward(self, **inputs: Any) -> torch.Tensor:
         """Logits [batch, positions, vocab] (the decoder's for seq2seq)."""
-        return self.hf_model(**inputs, use_cache=False).logits
+        return self.run(**inputs).logits
+
+    @property
+    def takes_logits_to_keep(self) -> bool:
+        """Whether the HF forward can compute logits at chosen positions only (`logits_to_keep`)."""
+        return "logits_to_keep" in _forward_parameters(type(self.hf_model))
+
+    @property
+    def cache_keyword(self) -> str:
+        """The HF forward's name for a key/value cache: `cache` in recent transformers, `past_key_values` before."""
+        return "cache" if "cache" in _forward_parameters(type(self.hf_model)) else "past_key_values"
+
+    def run(self, *, keep: int | Sequence[int] | torch.Tensor | None = None, cache: Any = None, use_cache: bool = False,
+            **inputs: Any) -> Any:
+        """One call of the HF forward; its output (`.logits` [batch, positions, vocab], the decoder's for seq2seq).
+
+        `inputs` are the forward's own arguments (`Encoded.inputs` builds them, the decoder's ids included
+        for seq2seq). `keep` computes logits at some positions only: an int keeps the last `keep`, a
+        sequence those positions; where the forward cannot (no `logits_to_keep`) all are computed and
+        then cut, so `.logits` holds the kept positions either way. `cache` continues a key/value cache,
+        passed by the forward's own name for it; `use_cache` (implied by a `cache`) returns one
+        (`output_cache`)."""
+        if cache is not None:
+            inputs[self.cache_keyword] = cache
+            use_cache = True
+        cut = keep is not None and not self.takes_logits_to_keep
+        if keep is not None and not cut:
+            inputs["logits_to_keep"] = keep if isinstance(keep, int) else torch.as_tensor(
+                keep, dtype=torch.long, device=self.device)
+        out = self.hf_model(**inputs, use_cache=use_cache)
+        if cut:
+            logits = out.logits
+            out.logits = logits[:, -keep:] if isinstance(keep, int) else logits[:, torch.as_tensor(keep, device=logits.device)]
+        return out
+
+    @staticmethod
+    def output_cache(out: Any) -> Any:
+        """The key/value cache an HF forward returned (`cache` in recent transformers, `past_key_values` before)."""
+        return out["cache"] if "cache" in out else out.get("past_key_values")
 
     def readout(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from residual-stream states: final norm, the model's own scaling, unembedding."""
@@ -352,3 +403,12 @@ class Model:
         probs = logits[0, enc.pred_pos].float().softmax(-1)
         values, indices = probs.topk(min(top_k, probs.shape[-1]))
         return [(self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, indices)]
+
+
+@cache
+def _forward_parameters(cls: type) -> frozenset[str]:
+    """The parameter names of a Hugging Face model class's forward (empty where they cannot be read)."""
+    try:
+        return frozenset(inspect.signature(cls.forward).parameters)
+    except (TypeError, ValueError):
+        return frozenset()

@@ -53,15 +53,15 @@ def test_planted_mechanism(planted):
 @pytest.fixture
 def suffix_engine(monkeypatch):
     """The suffix engine even where its extra block calls cost more than they save (tiny models)."""
-    monkeypatch.setattr("knowmri.methods._tracing._suffix_pays", lambda *args: True)
+    monkeypatch.setattr("knowmri.methods.tracing_engine.suffix_pays", lambda *args: True)
 
 
 def test_engine_choice_by_cost():
     """Tiny models re-run whole sequences (fixed costs dominate); real-sized ones only suffixes."""
-    from knowmri.methods._tracing import _suffix_pays
+    from knowmri.methods.tracing_engine import suffix_pays
 
     tiny = tiny_model("llama")
-    assert not _suffix_pays(tiny, 10, 1, 10, ["hidden", "mlp", "attn"], 10)
+    assert not suffix_pays(tiny, 10, 1, 10, ["hidden", "mlp", "attn"], 10)
     assert run(tiny, SHORT, samples=2, window=2).findings["engine"] == "block replay"
 
 
@@ -85,7 +85,7 @@ def test_equals_rome_loop(model_name, suffix_engine):
 
 def test_fallback_full_forwards_equal_rome_loop(monkeypatch):
     """When block replay is not reproducible, the engine falls back to full forwards: same grids."""
-    from knowmri.methods._tracing import BlockRunner
+    from knowmri.methods.block_replay import BlockRunner
 
     monkeypatch.setattr(BlockRunner, "check", lambda self, *args: setattr(self, "direct", False))
     model = km.testing.planted_model("gpt2").model
@@ -101,7 +101,7 @@ def test_fallback_full_forwards_equal_rome_loop(monkeypatch):
 def test_suffix_check_failure_falls_back_to_whole_sequences(monkeypatch, suffix_engine):
     """When replaying only the positions after the restored token does not reproduce the model, the
     engine re-runs whole sequences from the restored block: the same grids."""
-    from knowmri.methods._tracing import SuffixRunner
+    from knowmri.methods.tracing_engine import SuffixRunner
 
     model = km.testing.planted_model("llama").model
     fast = run(model, FACT, samples=2, window=2).findings
@@ -114,16 +114,16 @@ def test_suffix_check_failure_falls_back_to_whole_sequences(monkeypatch, suffix_
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family(family, suffix_engine, monkeypatch):
-    from knowmri.methods import _tracing
+    from knowmri.methods import tracing_engine
 
     built = []
 
-    class Spy(_tracing.SuffixRunner):
+    class Spy(tracing_engine.SuffixRunner):
         def __init__(self, *args, skip=True, **kwargs):
             built.append(skip)
             super().__init__(*args, skip=skip, **kwargs)
 
-    monkeypatch.setattr(_tracing, "SuffixRunner", Spy)
+    monkeypatch.setattr(tracing_engine, "SuffixRunner", Spy)
     model = tiny_model(family)
     method = get_method("causal_tracing")
     if model.kind == "seq2seq":
@@ -145,7 +145,7 @@ def test_every_family(family, suffix_engine, monkeypatch):
 def test_last_block_mlp_at_one_position(family):
     """The last block's MLP may run on the read-out position only: that position's output is unchanged."""
     from knowmri.hooks import Hooks
-    from knowmri.methods._tracing import mlp_at_one_position
+    from knowmri.methods.block_replay import mlp_at_one_position
 
     model = tiny_model(family)
     ids = torch.tensor([[3, 5, 7, 9, 11, 13]])
@@ -212,18 +212,18 @@ def test_smollm2_eiffel_early_and_late_sites(smollm2):
 def test_suffix_engine_equals_whole_sequences(family, monkeypatch):
     """On every causal family, the suffix staircase (shared window groups, the MLP window's first block
     skipped where the MLP output adds to the residual stream as is) gives the whole-sequence engine's grids."""
-    from knowmri.methods import _tracing
+    from knowmri.methods import tracing_engine
 
     model = tiny_model(family)
     if model.kind != "causal":
         pytest.skip("the suffix engine is for causal models")
     shortcut = []
-    real = _tracing._first_block_shortcut
-    monkeypatch.setattr(_tracing, "_first_block_shortcut", lambda *a: shortcut.append(real(*a)) or shortcut[-1])
+    real = tracing_engine._first_block_shortcut
+    monkeypatch.setattr(tracing_engine, "_first_block_shortcut", lambda *a: shortcut.append(real(*a)) or shortcut[-1])
     kinds = ["hidden", "mlp", "attn"]
-    monkeypatch.setattr(_tracing, "_suffix_pays", lambda *args: True)
+    monkeypatch.setattr(tracing_engine, "suffix_pays", lambda *args: True)
     fast = run(model, SHORT, samples=2, window=3, kinds=kinds).findings
-    monkeypatch.setattr(_tracing, "_suffix_pays", lambda *args: False)
+    monkeypatch.setattr(tracing_engine, "suffix_pays", lambda *args: False)
     slow = run(model, SHORT, samples=2, window=3, kinds=kinds).findings
     assert (fast["engine"], slow["engine"]) == ("suffix block replay", "block replay")
     assert shortcut == [True]  # every family adds the MLP output to the residual stream as is
@@ -233,11 +233,11 @@ def test_suffix_engine_equals_whole_sequences(family, monkeypatch):
 
 def test_without_first_block_shortcut(monkeypatch, suffix_engine):
     """Where the shortcut's check fails, the MLP window's first block is run: the same grids."""
-    from knowmri.methods import _tracing
+    from knowmri.methods import tracing_engine
 
     model = km.testing.planted_model("llama").model
     fast = run(model, FACT, samples=2, window=3).findings
-    monkeypatch.setattr(_tracing, "_first_block_shortcut", lambda *args: False)
+    monkeypatch.setattr(tracing_engine, "_first_block_shortcut", lambda *args: False)
     slow = run(model, FACT, samples=2, window=3).findings
     for kind in ("hidden", "mlp", "attn"):
         torch.testing.assert_close(torch.tensor(fast[kind]), torch.tensor(slow[kind]), atol=1e-6, rtol=1e-4)
@@ -246,11 +246,11 @@ def test_without_first_block_shortcut(monkeypatch, suffix_engine):
 @pytest.mark.parametrize("window", [1, 2, 3, 10])
 def test_staircase_cost_counts_the_engine(window, monkeypatch, suffix_engine):
     """`estimate`'s staircase count (`staircase_cost`) is the number of S-row groups the engine runs."""
-    from knowmri.methods import _tracing
+    from knowmri.methods import tracing_engine
 
     model = km.testing.planted_model("llama").model
     runs, reads = [], []
-    block, flush = _tracing.SuffixRunner.block, _tracing._Readouts.flush
+    block, flush = tracing_engine.SuffixRunner.block, tracing_engine._Readouts.flush
 
     def spy_block(self, layer, hidden):
         runs.append(hidden.shape[0] // 2)
@@ -265,14 +265,14 @@ def test_staircase_cost_counts_the_engine(window, monkeypatch, suffix_engine):
     cells = range(result.findings["subject_span"]["start"], T)
     want_calls = want_groups = 0
     for kind in ("hidden", "mlp", "attn"):
-        starts = [layer + 1 if kind == "hidden" else _tracing.window_layers(layer, window, L).start for layer in range(L)]
+        starts = [layer + 1 if kind == "hidden" else tracing_engine.window_layers(layer, window, L).start for layer in range(L)]
         for _ in cells:
-            calls, groups = _tracing.staircase_cost(kind, list(range(L)), starts, window, L, kind == "mlp")
+            calls, groups = tracing_engine.staircase_cost(kind, list(range(L)), starts, window, L, kind == "mlp")
             want_calls, want_groups = want_calls + calls, want_groups + groups
-    monkeypatch.setattr(_tracing.SuffixRunner, "block", spy_block)
-    monkeypatch.setattr(_tracing._Readouts, "flush", spy_flush)
-    monkeypatch.setattr(_tracing.SuffixRunner, "check", lambda self, *args: True)
-    monkeypatch.setattr(_tracing, "_first_block_shortcut", lambda *args: True)
+    monkeypatch.setattr(tracing_engine.SuffixRunner, "block", spy_block)
+    monkeypatch.setattr(tracing_engine._Readouts, "flush", spy_flush)
+    monkeypatch.setattr(tracing_engine.SuffixRunner, "check", lambda self, *args: True)
+    monkeypatch.setattr(tracing_engine, "_first_block_shortcut", lambda *args: True)
     run(model, FACT, samples=2, window=window, batch_size=10_000)
     assert sum(runs) == want_calls  # the checks run one row (0 groups of 2)
     assert sum(reads) == want_groups  # the staircases' final rows, read out together
@@ -281,15 +281,15 @@ def test_staircase_cost_counts_the_engine(window, monkeypatch, suffix_engine):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_one_layer_model(family, monkeypatch):
     """A one-block model: the MLP shortcut's check and the staircase read out after the only block."""
-    from knowmri.methods import _tracing
+    from knowmri.methods import tracing_engine
     from knowmri.testing import tiny
 
     monkeypatch.setattr(tiny, "N_LAYERS", 1)
     model = tiny.build_tiny(family)
     assert model.n_layers == 1
-    monkeypatch.setattr(_tracing, "_suffix_pays", lambda *args: True)
+    monkeypatch.setattr(tracing_engine, "suffix_pays", lambda *args: True)
     fast = run(model, SHORT, samples=2, window=1).findings
-    monkeypatch.setattr(_tracing, "_suffix_pays", lambda *args: False)
+    monkeypatch.setattr(tracing_engine, "suffix_pays", lambda *args: False)
     slow = run(model, SHORT, samples=2, window=1).findings
     assert (fast["engine"], slow["engine"]) == ("suffix block replay", "block replay")
     for kind in ("hidden", "mlp", "attn"):

@@ -129,7 +129,7 @@ def test_clean_pass_matches_hooked_forward(family):
 
 
 def test_weight_derived_values_follow_in_place_edits():
-    from knowmri.methods.common import weight_derived
+    from knowmri.methods.weight_cache import weight_derived
 
     weight = torch.nn.Parameter(torch.ones(3, 2))
     calls = []

@@ -14,7 +14,7 @@ import torch
 
 import knowmri as km
 from knowmri.methods.base import Estimate, list_methods
-from knowmri.methods.common import Dims, Pass, device_rates, pass_bytes, sample_shape, work_estimate
+from knowmri.methods.costs import Dims, Pass, device_rates, pass_bytes, sample_shape, work_estimate
 from knowmri.testing import build_tiny, tiny_model
 
 FACT = {"prompt": "The Eiffel Tower is located in the city of", "ground_truth": " Paris",
@@ -132,7 +132,7 @@ def test_sample_shape_counts_tokens():
 
 
 def test_rates_are_measured_lazily_and_make_sense():
-    code = ("import knowmri as km, knowmri.methods.common as c; km.methods(); "
+    code = ("import knowmri as km, knowmri.methods.costs as c; km.methods(); "
             "assert not c._RATES, 'rates measured at import'")
     subprocess.run([sys.executable, "-c", code], check=True)
     rates = device_rates()

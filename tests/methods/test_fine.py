@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from knowmri.hooks import Hooks, site
-from knowmri.methods import _neurons as nr
+from knowmri.methods import neuron_readouts as nr
 from knowmri.methods.base import RunContext, get_method
 from knowmri.sample import Sample
 from knowmri.testing import build_planted, build_tiny, planted_model, tiny_model

@@ -7,9 +7,9 @@ import torch
 
 import knowmri as km
 from knowmri.hooks import Hooks, site
-from knowmri.methods import _circuits
-from knowmri.methods._circuits import _metric, edge_attribution, forward_logits, node_names, prune
+from knowmri.methods import circuits_engine
 from knowmri.methods.base import RunContext, get_method
+from knowmri.methods.circuits_engine import answer_metric, edge_attribution, forward_logits, node_names, prune
 from knowmri.testing import FAMILIES, build_tiny, tiny_model
 
 PROMPT = "The Eiffel Tower is located in the city of"
@@ -82,7 +82,7 @@ def _grad_through(model, clean, answer, wrong, inject):
     delta = torch.zeros(clean.shape[1], model.d_model, dtype=model.dtype, requires_grad=True)
     handles = inject(delta)
     try:
-        value = _metric(forward_logits(model, clean), answer, wrong, "logit_diff")[0]
+        value = answer_metric(forward_logits(model, clean), answer, wrong, "logit_diff")[0]
         (grad,) = torch.autograd.grad(value, delta)
     finally:
         for handle in handles:
@@ -250,13 +250,13 @@ def test_split_head_gradients_equal_one_vjp_per_head(family, monkeypatch):
     corrupt = model.encode(PROMPT.replace("Eiffel Tower", "Big Ben")).input_ids
     args = (model, clean, corrupt, 5, 7)
     used = []
-    split = _circuits.split_head_vjp
-    monkeypatch.setattr(_circuits, "split_head_vjp", lambda *a: used.append(split(*a)) or used[-1])
+    split = circuits_engine.split_head_vjp
+    monkeypatch.setattr(circuits_engine, "split_head_vjp", lambda *a: used.append(split(*a)) or used[-1])
     fast = edge_attribution(*args, alphas=[0.5, 1.0])
     assert len(used) == model.n_layers and all(g is not None for g in used)
-    monkeypatch.setattr(_circuits, "split_head_vjp", lambda *a: split(*a, budget=1))  # one head per chunk
+    monkeypatch.setattr(circuits_engine, "split_head_vjp", lambda *a: split(*a, budget=1))  # one head per chunk
     chunked = edge_attribution(*args, alphas=[0.5, 1.0])
-    monkeypatch.setattr(_circuits, "split_head_vjp", lambda *a: None)  # the per-head VJP of the whole path
+    monkeypatch.setattr(circuits_engine, "split_head_vjp", lambda *a: None)  # the per-head VJP of the whole path
     slow = edge_attribution(*args, alphas=[0.5, 1.0])
     torch.testing.assert_close(fast.scores, slow.scores, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(chunked.scores, slow.scores, rtol=1e-9, atol=1e-12)

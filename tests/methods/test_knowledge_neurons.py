@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from knowmri.hooks import Hooks, site
-from knowmri.methods import _neurons as nr
+from knowmri.methods import kn_engine as kn
+from knowmri.methods import neuron_readouts as nr
 from knowmri.methods.base import RunContext, get_method
 from knowmri.sample import Sample
 from knowmri.testing import planted_model, tiny_model
+from knowmri.testing.kn_reference import ig_neurons_reference
 
 PROMPT = "The Eiffel Tower is located in the city of"
 PARAPHRASES = ["The Eiffel Tower is in the city of", "Where is the Eiffel Tower? It is in the city of",
@@ -71,12 +73,12 @@ def test_refinement_keeps_the_shared_neurons(planted) -> None:
 
 def test_refine_and_threshold_rules() -> None:
     a = torch.tensor([[1.0, 0.3, 0.1], [0.0, -2.0, 0.25]])
-    assert nr.coarse_neurons(a, 0.2).tolist() == [[True, True, False], [False, False, True]]
-    assert not nr.coarse_neurons(-a.abs(), 0.2).any()
+    assert kn.coarse_neurons(a, 0.2).tolist() == [[True, True, False], [False, False, True]]
+    assert not kn.coarse_neurons(-a.abs(), 0.2).any()
     masks = [torch.tensor([True, True, False]), torch.tensor([True, False, False]), torch.tensor([True, True, True])]
-    kept, counts = nr.refine(masks, 0.7)
+    kept, counts = kn.refine(masks, 0.7)
     assert counts.tolist() == [3, 2, 1] and kept.tolist() == [True, False, False]
-    kept, _ = nr.refine(masks, 0.5)
+    kept, _ = kn.refine(masks, 0.5)
     assert kept.tolist() == [True, True, False]
 
 
@@ -86,27 +88,27 @@ def test_batched_equals_per_layer_loop(family, mode) -> None:
     model = tiny_model(family)
     enc = model.encode(PROMPT, " Paris France")
     pairs = nr.answer_tokens(model, enc)
-    jobs, positions = nr.ig_jobs(model, enc, pairs, mode)
+    jobs, positions = kn.ig_jobs(model, enc, pairs, mode)
     if mode == "all":
         jobs = jobs[-4:]
         positions = sorted({q for q, _, _ in jobs})
     clean, _ = nr.clean_neurons(model, enc, positions)
-    reference = nr.ig_neurons_reference(model, enc, jobs, steps=3)
+    reference = ig_neurons_reference(model, enc, jobs, steps=3)
     assert reference.abs().max() > 0
     for batch in (0, 3, 7):  # all layers in one batch, one layer per batch, uneven chunks
-        batched = nr.ig_neurons(model, enc, jobs, clean, positions, steps=3, batch_size=batch)
+        batched = kn.ig_neurons(model, enc, jobs, clean, positions, steps=3, batch_size=batch)
         torch.testing.assert_close(batched, reference, rtol=1e-4, atol=1e-9)
 
 
 def test_linspace_riemann_matches_eleutherai_points(tiny) -> None:
-    assert nr.alphas(5, "linspace").tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
-    assert nr.alphas(4, "right").tolist() == [0.25, 0.5, 0.75, 1.0]
+    assert kn.alphas(5, "linspace").tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert kn.alphas(4, "right").tolist() == [0.25, 0.5, 0.75, 1.0]
     model = tiny("llama")
     enc = model.encode(PROMPT, " Paris")
-    jobs, positions = nr.ig_jobs(model, enc, nr.answer_tokens(model, enc), "answer")
+    jobs, positions = kn.ig_jobs(model, enc, nr.answer_tokens(model, enc), "answer")
     clean, _ = nr.clean_neurons(model, enc, positions)
-    torch.testing.assert_close(nr.ig_neurons(model, enc, jobs, clean, positions, steps=4, riemann="linspace"),
-                               nr.ig_neurons_reference(model, enc, jobs, steps=4, riemann="linspace"), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(kn.ig_neurons(model, enc, jobs, clean, positions, steps=4, riemann="linspace"),
+                               ig_neurons_reference(model, enc, jobs, steps=4, riemann="linspace"), rtol=1e-4, atol=1e-9)
 
 
 def test_multi_token_answer_is_teacher_forced_at_its_own_positions(tiny) -> None:
@@ -117,7 +119,7 @@ def test_multi_token_answer_is_teacher_forced_at_its_own_positions(tiny) -> None
     result = run(model, Sample(prompt=PROMPT, ground_truth=" Paris France"), steps=3, top_k=5)
     detail = result.findings["prompts"][0]
     assert detail["positions"] == [p0, p1] and [t.strip() for t in detail["answer_tokens"]] == ["Paris", "France"]
-    per_token = nr.ig_neurons_reference(model, enc, [(p0, p0, t0), (p1, p1, t1)], steps=3)
+    per_token = ig_neurons_reference(model, enc, [(p0, p0, t0), (p1, p1, t1)], steps=3)
     torch.testing.assert_close(torch.as_tensor(result.arrays["attributions"]), per_token.sum(0), rtol=1e-4, atol=1e-9)
 
 
@@ -186,7 +188,7 @@ def test_all_positions_on_masked_and_seq2seq(tiny, family) -> None:
 
 def _ig_setup(model, mode="answer"):
     enc = model.encode(PROMPT, " Paris France")
-    jobs, positions = nr.ig_jobs(model, enc, nr.answer_tokens(model, enc), mode)
+    jobs, positions = kn.ig_jobs(model, enc, nr.answer_tokens(model, enc), mode)
     if mode == "all":
         jobs = jobs[:1] + jobs[-2:]  # position 0 (no prefix) and the last ones
         positions = sorted({q for q, _, _ in jobs})
@@ -200,13 +202,13 @@ def test_rows_start_at_their_own_block_on_every_family(tiny_family_model) -> Non
     model = tiny_family_model
     enc, jobs, positions, clean = _ig_setup(model, "all")
     for q, p, _ in jobs:
-        direct = nr._Direct(model, enc, q, p)
+        direct = kn._Direct(model, enc, q, p)
         assert direct.runner is not None, "direct block calls were rejected by their check"
         if model.kind == "causal":
             assert direct.fed == (p - q + 1 if q > 0 else p + 1)  # only the positions after the prefix
-    reference = nr.ig_neurons_reference(model, enc, jobs, steps=3)
+    reference = ig_neurons_reference(model, enc, jobs, steps=3)
     for batch in (0, 3):
-        torch.testing.assert_close(nr.ig_neurons(model, enc, jobs, clean, positions, steps=3, batch_size=batch),
+        torch.testing.assert_close(kn.ig_neurons(model, enc, jobs, clean, positions, steps=3, batch_size=batch),
                                    reference, rtol=1e-4, atol=1e-9)
 
 
@@ -215,10 +217,10 @@ def test_whole_forward_fallback_equals_the_loop(family, monkeypatch) -> None:
     """Where the direct block calls fail their check, every row runs the whole model (`_Rows`)."""
     model = tiny_model(family)
     enc, jobs, positions, clean = _ig_setup(model)
-    reference = nr.ig_neurons_reference(model, enc, jobs, steps=3)
-    monkeypatch.setattr(nr._StartRunner, "check", lambda self, *args: setattr(self, "direct", False))
-    assert nr._Direct(model, enc, jobs[0][0], jobs[0][1]).runner is None
-    torch.testing.assert_close(nr.ig_neurons(model, enc, jobs, clean, positions, steps=3, batch_size=7), reference,
+    reference = ig_neurons_reference(model, enc, jobs, steps=3)
+    monkeypatch.setattr(kn._StartRunner, "check", lambda self, *args: setattr(self, "direct", False))
+    assert kn._Direct(model, enc, jobs[0][0], jobs[0][1]).runner is None
+    torch.testing.assert_close(kn.ig_neurons(model, enc, jobs, clean, positions, steps=3, batch_size=7), reference,
                                rtol=1e-4, atol=1e-9)
 
 
@@ -231,11 +233,11 @@ def test_rows_skip_the_blocks_before_their_layer(monkeypatch) -> None:
 
     def count() -> tuple[float, torch.Tensor]:
         with FlopCounterMode(display=False) as counter:
-            out = nr.ig_neurons(model, enc, jobs, clean, positions, steps=4)
+            out = kn.ig_neurons(model, enc, jobs, clean, positions, steps=4)
         return counter.get_total_flops(), out
 
     direct, a = count()
-    monkeypatch.setattr(nr._StartRunner, "check", lambda self, *args: setattr(self, "direct", False))
+    monkeypatch.setattr(kn._StartRunner, "check", lambda self, *args: setattr(self, "direct", False))
     whole, b = count()
     assert direct < whole
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)

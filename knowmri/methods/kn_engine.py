@@ -1,46 +1,28 @@
-"""Shared machinery of the neuron methods (knowledge_neurons, fine): clean neuron activations,
-batched integrated gradients over MLP neurons, the per-layer reference loop, value-vector
-read-outs, and the figures both methods draw. Defines no method (a helper module)."""
+"""The knowledge-neurons engine (Dai et al. 2022): integrated gradients over every MLP neuron, batched,
+and Dai et al.'s selection of knowledge neurons; `knowledge_neurons` runs it.
+
+`ig_jobs` lists the (scaled position, predicting position, answer token) jobs of a run and `alphas` its
+scaling points; `ig_neurons` computes the attributions of every layer's neurons for each job, with rows
+of several layers in one batch and the rows that scale layer l starting at block l from the clean
+residual stream (`block_replay`), or whole forwards where direct block calls do not reproduce the model;
+`row_chunks` says which layers share a batch (the method's estimate reads it too). `coarse_neurons` and
+`refine` are the paper's adaptive threshold and its refinement over prompts. The straightforward per-layer
+loop the engine equals is `knowmri.testing.kn_reference.ig_neurons_reference`.
+"""
 
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from knowmri.hooks import Hooks, site
-from knowmri.methods._tracing import BlockRunner, _hidden_of, record_calls
+from knowmri.methods.block_replay import BlockRunner, hidden_of, record_calls
 from knowmri.models.model import Encoded
 
 ROW_BUDGET_BYTES = 1 << 30  # activations kept for the backward pass, per batch of rows
-
-
-def answer_tokens(model: Any, enc: Encoded) -> list[tuple[int, int]]:
-    """(position, token id) of each teacher-forced answer token; the BOS token is never a target."""
-    bos = getattr(model.tokenizer, "bos_token_id", None)
-    pairs = [(p, t) for p, t in zip(enc.target_positions, enc.target_ids) if t != bos]
-    if not pairs:
-        raise ValueError("the answer has no token to attribute (it is empty or only a BOS token)")
-    return pairs
-
-
-@torch.no_grad()
-def clean_neurons(model: Any, enc: Encoded, positions: Sequence[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """One forward pass: every layer's neurons at `positions` ([n_pos, d_mlp] per layer, on that
-    layer's device) and the logits [T, vocab]."""
-    pos = list(positions)
-    with Hooks(model) as h:
-        caps = [h.read(site(layer, "mlp.neurons"), positions=pos) for layer in range(model.n_layers)]
-        logits = model.forward(**enc.inputs())
-    return [c.value[0] for c in caps], logits[0]
-
-
-def token_probs(logits: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> list[float]:
-    """P(token) at its predicting position, for each (position, token) pair, from logits [T, vocab]."""
-    return [float(logits[p].float().softmax(-1)[t]) for p, t in pairs]
 
 
 def ig_jobs(model: Any, enc: Encoded, pairs: Sequence[tuple[int, int]], mode: str,
@@ -60,8 +42,7 @@ def ig_jobs(model: Any, enc: Encoded, pairs: Sequence[tuple[int, int]], mode: st
                 raise ValueError("positions='subject' does not apply to a seq2seq model: its neurons are the decoder's")
             candidates = list(subject)
         elif mode == "all":
-            ids = enc.decoder_input_ids if model.kind == "seq2seq" else enc.input_ids
-            candidates = list(range(ids.shape[1]))
+            candidates = list(range(enc.read_ids.shape[1]))
         else:
             raise ValueError(f"unknown positions mode {mode!r}: use 'answer', 'subject' or 'all'")
         jobs = [(q, p, t) for p, t in pairs for q in candidates if model.kind == "masked" or q <= p]
@@ -108,7 +89,7 @@ class _Rows:
                 with torch.no_grad():
                     encoder = model.hf_model.get_encoder()
                     self.encoder_out = encoder(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
-        full = enc.decoder_input_ids.shape[1] if model.kind == "seq2seq" else enc.input_ids.shape[1]
+        full = enc.read_ids.shape[1]
         self.fed = predict - scaled + 1 if self.incremental else full
         self.local = 0 if self.incremental else scaled
         self.prefix = scaled if self.incremental else 0
@@ -117,20 +98,20 @@ class _Rows:
         return _prefix_cache(self.model, self.enc, self.scaled)
 
     def __call__(self, batch: int) -> torch.Tensor:
-        enc, hf = self.enc, self.model.hf_model
+        enc, model = self.enc, self.model
         if self.incremental:
             cache = None
             if self.cache is not None:
                 cache = copy.deepcopy(self.cache)
                 cache.batch_repeat_interleave(batch)
-            out = hf(input_ids=enc.input_ids[:, self.scaled: self.predict + 1].repeat(batch, 1),
-                     attention_mask=enc.attention_mask[:, : self.predict + 1].repeat(batch, 1), use_cache=True,
-                     **{_cache_kwarg(hf): cache})
+            out = model.run(input_ids=enc.input_ids[:, self.scaled: self.predict + 1].repeat(batch, 1),
+                            attention_mask=enc.attention_mask[:, : self.predict + 1].repeat(batch, 1), use_cache=True,
+                            cache=cache)
             return out.logits[:, -1]
         if self.encoder_out is not None:
-            out = hf(encoder_outputs=(self.encoder_out.expand(batch, -1, -1),),
-                     attention_mask=enc.attention_mask.repeat(batch, 1),
-                     decoder_input_ids=enc.decoder_input_ids.repeat(batch, 1), use_cache=False)
+            out = model.run(encoder_outputs=(self.encoder_out.expand(batch, -1, -1),),
+                            attention_mask=enc.attention_mask.repeat(batch, 1),
+                            decoder_input_ids=enc.decoder_input_ids.repeat(batch, 1))
             return out.logits[:, self.predict]
         return self.model.forward(**enc.inputs(batch))[:, self.predict]
 
@@ -138,14 +119,9 @@ class _Rows:
 def _prefix_cache(model: Any, enc: Encoded, length: int) -> Any:
     """The key/value cache of a clean forward over the first `length` positions."""
     with torch.no_grad():
-        out = model.hf_model(input_ids=enc.input_ids[:, :length], attention_mask=enc.attention_mask[:, :length],
-                             use_cache=True)
-    return out["cache"] if "cache" in out else out.get("past_key_values")
-
-
-def _cache_kwarg(hf_model: Any) -> str:
-    """The forward's name for a key/value cache: `cache` (transformers >= 5.2x) or `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+        out = model.run(input_ids=enc.input_ids[:, :length], attention_mask=enc.attention_mask[:, :length],
+                        use_cache=True)
+    return model.output_cache(out)
 
 
 def _expandable(cache: Any) -> bool:
@@ -186,7 +162,7 @@ def _layered(cache: Any) -> bool:
 
 
 class _StartRunner(BlockRunner):
-    """`_tracing.BlockRunner` for the IG rows: rows scaled at layer l start at block l, fed the clean
+    """`block_replay.BlockRunner` for the IG rows: rows scaled at layer l start at block l, fed the clean
     residual stream entering it, and rows that start at different blocks share one batch (a
     layer's rows join the batch at its own block). On a causal model the blocks run the fed
     tokens only, over a fresh copy of the clean prefix's key/value cache (`template`)."""
@@ -225,7 +201,7 @@ class _StartRunner(BlockRunner):
             for x in joins.get(layer, []):
                 hidden = x if hidden is None else torch.cat([hidden, x.to(hidden.device, hidden.dtype)])
             assert hidden is not None
-            args, kwargs, by_name = self._call(layer, hidden.shape[0])
+            args, kwargs, by_name = self.block_args(layer, hidden.shape[0])
             if cache is not None:
                 args = tuple(cache if _is_cache(a) else a for a in args)
                 kwargs = {k: cache if _is_cache(v) else v for k, v in kwargs.items()}
@@ -251,7 +227,6 @@ class _Direct:
     def __init__(self, model: Any, enc: Encoded, scaled: int, predict: int) -> None:
         self.model = model
         template = None
-        hf = model.hf_model
         if model.kind == "causal":
             if scaled > 0:
                 template = _prefix_cache(model, enc, scaled)
@@ -262,14 +237,12 @@ class _Direct:
             self.local, self.position, self.prefix = scaled - first, predict - first, first
 
             def feed(batch: int) -> torch.Tensor:
-                kwargs: dict[str, Any] = {"input_ids": ids.repeat(batch, 1), "attention_mask": mask.repeat(batch, 1)}
+                cache = None
                 if template is not None:
                     cache = copy.deepcopy(template)
                     cache.batch_repeat_interleave(batch)
-                    kwargs.update(use_cache=True, **{_cache_kwarg(hf): cache})
-                else:
-                    kwargs["use_cache"] = False
-                return hf(**kwargs).logits[:, self.position]
+                return model.run(input_ids=ids.repeat(batch, 1), attention_mask=mask.repeat(batch, 1),
+                                 cache=cache).logits[:, self.position]
         else:
             ids, mask = enc.input_ids, enc.attention_mask
             self.local, self.position, self.prefix = scaled, predict, 0
@@ -277,15 +250,14 @@ class _Direct:
             def feed(batch: int) -> torch.Tensor:
                 return model.forward(**enc.inputs(batch))[:, self.position]
 
-        self.fed = self.position + 1 if model.kind == "causal" else (
-            enc.decoder_input_ids.shape[1] if model.kind == "seq2seq" else enc.input_ids.shape[1])
+        self.fed = self.position + 1 if model.kind == "causal" else enc.read_ids.shape[1]
         with torch.no_grad():
             with record_calls(model) as one:
                 expected = feed(1)
             with record_calls(model) as many:
                 feed(2)
         calls_one = list(one)
-        self.clean = [_hidden_of(call) for call in calls_one]  # the clean residual stream entering each block
+        self.clean = [hidden_of(call) for call in calls_one]  # the clean residual stream entering each block
         runner = _StartRunner(model, calls_one, list(many), 2, ids, mask, template=template)
         with torch.no_grad():
             runner.check(self.clean[0], self.position, expected)
@@ -301,7 +273,7 @@ class _Direct:
 Job = tuple[int, int, int]  # (scaled position, predicting position, answer token id)
 
 
-def _chunks(model: Any, steps: int, fed: int, prefix: int, batch_size: int, starts: Sequence[int]) -> list[list[int]]:
+def row_chunks(model: Any, steps: int, fed: int, prefix: int, batch_size: int, starts: Sequence[int]) -> list[list[int]]:
     """Consecutive layers whose rows share a batch: `batch_size` // steps layers each, or (automatic)
     as many as keep the saved activations within the memory budget (rows of layer l run L - l blocks
     when they start at their own block, L when `starts` is all zeros)."""
@@ -336,7 +308,7 @@ def ig_neurons(model: Any, enc: Encoded, jobs: Sequence[Job], clean: Sequence[to
     on a causal model only positions q..p, over the clean prefix's key/value cache); where the
     model's blocks cannot be called directly, every row runs the whole model (`_Rows`).
     `clean[l]` holds layer l's clean neurons at `positions` ([len(positions), d_mlp], from
-    `clean_neurons`). Returns [n_jobs, n_layers, d_mlp] float32 on the CPU.
+    `neuron_readouts.clean_neurons`). Returns [n_jobs, n_layers, d_mlp] float32 on the CPU.
     """
     a = alphas(steps, riemann)
     n_layers = model.n_layers
@@ -348,11 +320,11 @@ def ig_neurons(model: Any, enc: Encoded, jobs: Sequence[Job], clean: Sequence[to
             direct = _Direct(model, enc, scaled, predict)
         if direct.runner is not None:
             run_rows, local = direct.rows, direct.local
-            chunks = _chunks(model, steps, direct.fed, direct.prefix, batch_size, range(n_layers))
+            chunks = row_chunks(model, steps, direct.fed, direct.prefix, batch_size, range(n_layers))
         else:
             runner = _Rows(model, enc, scaled, predict)
             run_rows, local = (lambda layers, n, runner=runner: runner(len(layers) * n)), runner.local
-            chunks = _chunks(model, steps, runner.fed, runner.prefix, batch_size, [0] * n_layers)
+            chunks = row_chunks(model, steps, runner.fed, runner.prefix, batch_size, [0] * n_layers)
         for chunk in chunks:
             leaves = []
             with torch.inference_mode(False), torch.enable_grad(), Hooks(model) as h:
@@ -373,121 +345,6 @@ def ig_neurons(model: Any, enc: Encoded, jobs: Sequence[Job], clean: Sequence[to
     return out
 
 
-def ig_neurons_reference(model: Any, enc: Encoded, jobs: Sequence[Job], *, steps: int, riemann: str = "right") -> torch.Tensor:
-    """The straightforward per-layer loop of Dai et al. / EleutherAI (for tests and benchmarks):
-    for each job and each layer, a clean forward to read that layer's activation, then `steps`
-    scaled copies of the full input in one batch and one backward. Same output as `ig_neurons`."""
-    a = alphas(steps, riemann)
-    out = torch.zeros(len(jobs), model.n_layers, model.d_mlp)
-    for j, (scaled, predict, token) in enumerate(jobs):
-        for layer in range(model.n_layers):
-            name = site(layer, "mlp.neurons")
-            with torch.no_grad(), Hooks(model) as h:
-                cap = h.read(name, positions=[scaled])
-                model.forward(**enc.inputs())
-            base = cap.value[0, 0]
-            scaled_acts = (a.to(base.device, base.dtype)[:, None] * base[None, :]).requires_grad_(True)
-            with torch.inference_mode(False), torch.enable_grad(), Hooks(model) as h:
-                h.replace(name, scaled_acts[:, None, :], positions=[scaled])
-                logits = model.forward(**enc.inputs(steps))
-                probs = logits[:, predict].float().softmax(-1)[:, token]
-                (grad,) = torch.autograd.grad(probs.sum(), scaled_acts)
-            out[j, layer] = (grad.float().sum(0) * base.float() / steps).cpu()
-    return out
-
-
-# ---------------------------------------------------------------------- value vectors
-def final_norm_gain(model: Any) -> torch.Tensor | None:
-    """The final norm's per-dimension gain [d_model] (LayerNorm/RMSNorm weight, Gemma's 1 + w),
-    measured as (norm(x) - norm(-x)) / 2x on a zero-mean, unit-RMS x; None without a final norm."""
-    norm = model.final_norm
-    if norm is None:
-        return None
-    d = model.d_model
-    x = torch.ones(d, device=model.device, dtype=model.dtype)
-    x[1::2] = -1.0
-    if d % 2:
-        x[-1] = 0.0
-    with torch.no_grad():
-        pos, neg = norm(x[None, None]).float()[0, 0], norm(-x[None, None]).float()[0, 0]
-    gain = torch.where(x != 0, (pos - neg) / (2 * x.float()), torch.ones_like(pos))
-    return gain
-
-
-def value_logits(model: Any, layer: int, token_ids: Sequence[int], gain: torch.Tensor | None = None) -> torch.Tensor:
-    """[d_mlp, n]: each neuron's value vector (times `gain`) dotted with each token's unembedding."""
-    values = model.mlp_value_vectors(layer).detach()
-    unembed = model.unembedding.detach()[torch.tensor(list(token_ids), device=model.unembedding.device)]
-    unembed = unembed.to(values.device, torch.float32)
-    if gain is not None:
-        unembed = unembed * gain.to(values.device)
-    return values.float() @ unembed.T
-
-
-def neuron_top_tokens(model: Any, neurons: Sequence[tuple[int, int]], k: int = 5,
-                      gain: torch.Tensor | None = None) -> list[list[str]]:
-    """The `k` vocabulary tokens each neuron's value vector promotes most (through the unembedding)."""
-    if not neurons:
-        return []
-    unembed = model.unembedding  # the parameter itself: its row norms are kept per weight (`weight_derived`)
-    rows = [model.mlp_value_vectors(layer)[unit].detach().float().to(unembed.device) for layer, unit in neurons]
-    vectors = torch.stack(rows)
-    if gain is not None:
-        vectors = vectors * gain.to(unembed.device)
-    with torch.no_grad():
-        ids = top_vocabulary(unembed, vectors, min(k, unembed.shape[0])).cpu()
-    tok = model.tokenizer
-    return [[tok.decode([int(t)]) for t in row] for row in ids]
-
-
-#: Rows of the float32 rescoring shortlist above which a row is scored against the whole vocabulary instead.
-SHORTLIST_MAX = 4096
-
-
-def top_vocabulary(unembed: torch.Tensor, vectors: torch.Tensor, k: int) -> torch.Tensor:
-    """[n, k] ids of the largest float32 products `vectors` [n, d] @ `unembed` [V, d].T, best first.
-
-    With a float32 unembedding that is the product itself. With a bfloat16/float16 one, a float32 copy
-    of the whole matrix (hundreds of MB on a large vocabulary, and most of the time) is avoided: the
-    product in the model's dtype gives a shortlist, which is rescored in float32. The shortlist is
-    every token whose low-precision score could still reach the k-th best: each product is within
-    4 u ||v|| ||e_j|| of the float32 one (u the dtype's unit roundoff; rounding v and the result cost
-    at most 2 u ||v|| ||e_j||, by Cauchy-Schwarz), so the top k of the rescored shortlist are those of
-    the float32 product. Where the shortlists' union grows past SHORTLIST_MAX tokens (or a product
-    overflows float16), the float32 product is taken in full, a block of the vocabulary at a time. Pass the
-    weight itself (not a `.detach()`ed view, a new tensor each time), so that its row norms are computed once."""
-    vectors = vectors.to(device=unembed.device, dtype=torch.float32)
-    if unembed.dtype not in (torch.bfloat16, torch.float16):
-        return (vectors @ unembed.to(torch.float32).T).topk(k, dim=-1).indices
-    from knowmri.methods.common import row_norms
-
-    approx = (vectors.to(unembed.dtype) @ unembed.T).float()  # [n, V]
-    norms = row_norms(unembed)
-    slack = 4 * torch.finfo(unembed.dtype).eps / 2 * vectors.norm(dim=-1, keepdim=True) * norms[None]  # [n, V]
-    reach = (approx - slack).topk(k, dim=-1).values[:, -1:]  # the k-th best lower bound of each row
-    shortlist = approx + slack >= reach  # [n, V]
-    union = shortlist.any(0).nonzero().squeeze(1)
-    if not torch.isfinite(approx).all() or len(union) > SHORTLIST_MAX:  # overflow or a wide shortlist: in full
-        return _chunked_top(unembed, vectors, k)
-    scores = vectors @ unembed[union].float().T  # [n, U]: every row against the shortlists' union, rescored
-    scores = scores.masked_fill(~shortlist[:, union], float("-inf"))
-    return union[scores.topk(k, dim=-1).indices]
-
-
-def _chunked_top(unembed: torch.Tensor, vectors: torch.Tensor, k: int, chunk: int = 8192) -> torch.Tensor:
-    """`top_vocabulary` of the float32 product, converting `chunk` vocabulary rows to float32 at a time."""
-    best_values = best_ids = None
-    for first in range(0, unembed.shape[0], chunk):
-        scores = vectors @ unembed[first: first + chunk].float().T
-        ids = torch.arange(first, first + scores.shape[1], device=scores.device).expand_as(scores)
-        if best_values is not None:
-            scores, ids = torch.cat([best_values, scores], 1), torch.cat([best_ids, ids], 1)
-        best_values, pick = scores.topk(min(k, scores.shape[1]), dim=-1)
-        best_ids = ids.gather(1, pick)
-    return best_ids
-
-
-# ---------------------------------------------------------------------- selection, findings and figures
 def coarse_neurons(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     """Dai et al.'s adaptive threshold: the neurons whose attribution exceeds `threshold` x the
     largest attribution of this prompt (none when no attribution is positive)."""
@@ -502,43 +359,3 @@ def refine(coarse: Sequence[torch.Tensor], p: float) -> tuple[torch.Tensor, torc
     the authors' code), and each neuron's count."""
     counts = torch.stack(list(coarse)).sum(0)
     return (counts >= p * len(coarse) - 1e-9) & (counts > 0), counts
-
-
-def ranked(scores: torch.Tensor, k: int) -> list[tuple[int, int, float]]:
-    """The `k` highest entries of a [n_layers, d_mlp] score grid as (layer, unit, score), best first."""
-    flat = scores.flatten()
-    values, idx = flat.topk(min(k, flat.numel()))
-    d = scores.shape[1]
-    return [(int(i) // d, int(i) % d, float(v)) for v, i in zip(values, idx)]
-
-
-def neuron_label(layer: int, unit: int, tokens: Sequence[str] | None = None) -> str:
-    head = f"L{layer}.U{unit}"
-    return f"{head} ({tokens[0].strip() or repr(tokens[0])})" if tokens else head
-
-
-def grid_figure(scores: torch.Tensor, *, title: str, colorbar: str, columns: int = 64) -> Any:
-    """A layer x neuron heatmap; neurons are binned (`columns` bins, each showing its strongest score)."""
-    from knowmri.report import figures
-
-    n_layers, d = scores.shape
-    width = max(1, -(-d // columns))
-    bins = -(-d // width)
-    padded = torch.zeros(n_layers, bins * width)
-    padded[:, :d] = scores.float()
-    grouped = padded.view(n_layers, bins, width)
-    z = grouped.gather(-1, grouped.abs().argmax(-1, keepdim=True)).squeeze(-1).tolist()
-    labels = [f"{s}-{min(d, s + width) - 1}" if width > 1 else str(s) for s in range(0, d, width)]
-    peak = float(scores.abs().max()) or 1.0
-    return figures.heatmap(z, x=labels, y=list(range(n_layers)), title=title, x_title="neurons (binned)",
-                           y_title="layer", colorscale="RdBu", zmin=-peak, zmax=peak, colorbar=colorbar)
-
-
-def top_bar_figure(neurons: list[dict[str, Any]], *, title: str, x_title: str) -> Any:
-    """Horizontal bars of the top neurons, labelled with the token each one writes most."""
-    from knowmri.report import figures
-
-    shown = neurons[:20][::-1]
-    labels = [neuron_label(n["layer"], n["unit"], n.get("top_tokens")) for n in shown]
-    return figures.bars(labels, [n["score"] for n in shown], title=title, x_title=x_title, y_title="neuron",
-                        horizontal=True)

@@ -1,4 +1,5 @@
-"""Edge attribution patching (Syed et al. 2023) and EAP-IG (Hanna et al. 2024) on HF models.
+"""The knowledge-circuits engine (`knowledge_circuits` runs it): edge attribution patching (Syed et al.
+2023) and EAP-IG (Hanna et al. 2024) on HF models, node-level patching and the corrupted subject.
 
 The graph: `input` (the residual entering block 0: embeddings, plus positions where the model
 has them), every attention head `a{l}.h{h}` (its output projected by its slice of the output
@@ -31,7 +32,6 @@ input embeddings (alpha = k/steps, k = 1..steps, as in Hanna et al.); plain EAP 
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,7 +87,8 @@ def node_names(n_layers: int, n_heads: int, parallel: bool) -> tuple[list[str], 
     return up, down, lu, ld, valid
 
 
-def _metric(logits: torch.Tensor, answer: int, wrong: int, kind: str) -> torch.Tensor:
+def answer_metric(logits: torch.Tensor, answer: int, wrong: int, kind: str) -> torch.Tensor:
+    """[batch]: the metric at the last position: logit difference of `answer` and `wrong`, log P or P of `answer`."""
     last = logits[:, -1].to(torch.promote_types(logits.dtype, torch.float32))
     if kind == "logit_diff":
         return last[:, answer] - last[:, wrong]
@@ -96,17 +97,8 @@ def _metric(logits: torch.Tensor, answer: int, wrong: int, kind: str) -> torch.T
 
 
 def forward_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
-    """Logits of the last position only, where the model supports it (saves the vocabulary projection)."""
-    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "use_cache": False}
-    if "logits_to_keep" in inspect.signature(model.hf_model.forward).parameters:
-        kwargs["logits_to_keep"] = 1
-    return model.hf_model(**kwargs).logits
-
-
-def _head_weights(model: Any, layer: int) -> torch.Tensor:
-    """[H, d_head, d_model]: each head's slice of the output projection."""
-    w = model.linear_weight(model.component(layer, "attn_o"))  # [d_model, H * d_head]
-    return w.T.reshape(model.n_heads, model.d_head, model.d_model)
+    """[batch, 1, vocab]: logits of the last position only (saves the vocabulary projection)."""
+    return model.run(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), keep=1).logits
 
 
 def _post_norm(model: Any, layer: int) -> bool:
@@ -136,14 +128,6 @@ def head_vjp(z: torch.Tensor, resid: torch.Tensor, grad_z: torch.Tensor) -> torc
     except RuntimeError:  # an op without a batching rule: one backward per head
         g = torch.stack([torch.autograd.grad(z, resid, per_head[h], retain_graph=True)[0] for h in range(n_heads)])
     return g
-
-
-def _qkv_modules(model: Any, layer: int) -> list[torch.nn.Module]:
-    """The modules computing a layer's queries, keys and values (one fused module or three)."""
-    from knowmri.methods._weights import _module, qkv_layout
-
-    keys = ("attn_q", "attn_k", "attn_v") if qkv_layout(model) == "separate" else ("attn_qkv",)
-    return [_module(model, layer, key) for key in keys]
 
 
 def _own_columns(g_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -216,7 +200,7 @@ def _record_projections(model: Any) -> tuple[list[list[Any]], list[Any]]:
     handles: list[Any] = []
     for layer in range(model.n_layers):
         try:
-            modules = _qkv_modules(model, layer)
+            modules = model.qkv_modules(layer)
         except (ValueError, KeyError, AttributeError):
             continue
         recorded[layer] = [None] * len(modules)
@@ -263,7 +247,7 @@ def edge_attribution(model: Any, clean_ids: torch.Tensor, corrupt_ids: torch.Ten
         projections, handles = _record_projections(model)
         try:
             with torch.enable_grad():
-                values = _metric(forward_logits(model, ids), answer, wrong, metric)
+                values = answer_metric(forward_logits(model, ids), answer, wrong, metric)
         finally:
             for handle in handles:
                 handle.remove()
@@ -288,7 +272,7 @@ def edge_attribution(model: Any, clean_ids: torch.Tensor, corrupt_ids: torch.Ten
     g_next = [common(g.sum(0)) for g in (*g_pre[1:], g_post)]  # the gradient leaving each block
     for layer in range(n_layers):
         z = heads[layer].value.detach()
-        w = _head_weights(model, layer).detach().to(device=z.device, dtype=z.dtype)
+        w = model.output_weights(layer).detach().to(device=z.device, dtype=z.dtype)  # [H, d_head, d_model]
         if layer in attn_outs:  # a norm after the output projection: split its output in proportion, per run
             outs = [torch.einsum("thk,hkd->htd", z[r], w) for r in (0, -1)]
             runs = [_normed_heads(o, a) for o, a in zip(outs, attn_outs[layer].value)]
@@ -333,7 +317,7 @@ def patched_metric(model: Any, clean_ids: torch.Tensor, keep: set[str], corrupte
                 h.replace(site(layer, "attn.heads"), corrupted[site(layer, "attn.heads")][None][:, :, off], units=off)
             if f"m{layer}" not in keep:
                 h.replace(site(layer, "mlp.out"), corrupted[site(layer, "mlp.out")][None])
-        return float(_metric(forward_logits(model, clean_ids.to(model.device)), answer, wrong, metric)[0])
+        return float(answer_metric(forward_logits(model, clean_ids.to(model.device)), answer, wrong, metric)[0])
 
 
 @torch.no_grad()

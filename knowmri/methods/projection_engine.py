@@ -1,0 +1,203 @@
+"""Embedding projection's engine (`embedding_projection` runs it): vectors read in the vocabulary in a few
+large products.
+
+`top_neurons` picks the MLP neurons that write most at a position (|activation| x ||value vector||, the
+norms from `value_norms`, once per weight), `head_output_norms` and `ov_outputs` what the heads write
+there and what their OV circuits write for each prompt token; `VocabularyReader` reads all of them
+through the unembedding (or the final norm and the unembedding) together with the prompt tokens'
+nearest neighbours among the input embeddings (`embedding_norms`), batching the products with
+`project_parts`; `pca_coords` maps the neighbours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from knowmri.methods.weight_cache import row_norms as weight_row_norms
+from knowmri.methods.weight_cache import weight_derived
+
+PROJECT_CHUNK_BYTES = 1 << 27  # float32 scores of one batch of projected rows
+
+
+def value_norms(model: Any, layer: int) -> torch.Tensor:
+    """[d_mlp] float32 norms of one layer's MLP value vectors (computed once per weight)."""
+    def norms(_: torch.Tensor) -> torch.Tensor:
+        v = model.mlp_value_vectors(layer)  # [d_mlp, d_model], often a transposed view of [d_model, d_mlp]
+        if v.stride(-1) == 1:
+            return torch.linalg.vector_norm(v, dim=-1, dtype=torch.float32)
+        return v.T.float().square().sum(0).sqrt()  # column sums: strided row norms are several times slower
+
+    return weight_derived(model.component(layer, "mlp_down").weight, "value_norms", norms)  # the stored parameter
+
+
+def embedding_norms(model: Any) -> torch.Tensor:
+    """[vocab] float32 norms of the input embeddings (computed once per weight)."""
+    return weight_row_norms(model.embed_module.weight)
+
+
+@dataclass
+class TopNeurons:
+    """The MLP neurons that write most at the position (|activation| x ||value vector||): (layer, unit, score,
+    activation) each, and their value vectors signed by their activation ([n, d_model], the unembedding's device)."""
+
+    picked: list[tuple[int, int, float, float]]
+    vectors: torch.Tensor
+
+
+def top_neurons(model: Any, neurons: torch.Tensor, n: int) -> TopNeurons:
+    """The `n` neurons of `neurons` ([L, d_mlp] activations at the position) that write most there."""
+    unembed = model.unembedding
+    if not n:
+        return TopNeurons([], torch.zeros(0, model.d_model, dtype=neurons.dtype, device=neurons.device))
+    acts = neurons.float().to(unembed.device)  # [L, d_mlp]
+    values = [model.mlp_value_vectors(layer) for layer in range(model.n_layers)]
+    norms = torch.stack([value_norms(model, layer).to(unembed.device) for layer in range(model.n_layers)])
+    score = acts.abs() * norms
+    top = score.flatten().topk(min(n, score.numel())).indices.tolist()
+    picked = [(i // score.shape[1], i % score.shape[1]) for i in top]
+    vectors = torch.stack([values[layer][unit].to(unembed.device) * acts[layer, unit].sign() for layer, unit in picked])
+    return TopNeurons([(layer, unit, float(score[layer, unit]), float(acts[layer, unit])) for layer, unit in picked],
+                      vectors)
+
+
+def head_output_norms(model: Any, heads: torch.Tensor) -> torch.Tensor:
+    """[L, H]: the norm of what each head writes at the position, z_h @ W_O[h], from `heads` [L, H, d_head]."""
+    norms_per_layer = []
+    for layer in range(model.n_layers):
+        w_o = model.output_weights(layer)
+        z = heads[layer].to(device=w_o.device, dtype=w_o.dtype)
+        norms_per_layer.append((z[:, None, :] @ w_o).squeeze(1).float().norm(dim=-1).cpu())
+    return torch.stack(norms_per_layer)
+
+
+def ov_outputs(model: Any, chosen: list[tuple[int, int]], token_ids: list[int]) -> list[torch.Tensor]:
+    """Per chosen head, what its OV circuit writes for each token ([n, d_model], the unembedding's device): the
+    token's embedding, as the residual stream receives it, through W_V W_O."""
+    unembed = model.unembedding
+    embedded = model.embed_module(torch.tensor([token_ids], device=model.device))[0]
+    ovs = []
+    for layer, head in chosen:
+        w_v, w_o = model.ov_circuit(layer, head)
+        ovs.append((embedded.to(device=w_v.device, dtype=w_v.dtype) @ w_v @ w_o).to(unembed.device))
+    return ovs
+
+
+@dataclass
+class VocabularyRead:
+    """What `VocabularyReader.read` found: every layer's logits [L, vocab], the top token ids of the neurons' and
+    the OV outputs' rows, and the prompt tokens' nearest neighbours (cosine similarities and ids)."""
+
+    logits: torch.Tensor
+    neuron_ids: torch.Tensor
+    ov_ids: torch.Tensor
+    neighbour_sims: torch.Tensor
+    neighbour_ids: torch.Tensor
+
+
+class VocabularyReader:
+    """Reads vectors in the vocabulary through the unembedding (directly, the paper, or through the final norm,
+    the logit lens), and the prompt tokens' nearest neighbours in the input embedding space; all in a few
+    large products (`project_parts`). Vectors stay in the model's dtype (no float32 copy of a large vocabulary)."""
+
+    def __init__(self, model: Any, token_ids: list[int], *, final_norm: bool, top_k: int, n_neighbours: int) -> None:
+        self.model, self.final_norm = model, final_norm
+        self.unembed = model.unembedding  # [V, d]
+        self.emb = model.embed_module.weight
+        self.k = min(top_k, model.vocab_size)
+        self.row_norms = embedding_norms(model).clamp_min(1e-12)
+        self.query_ids = torch.tensor(token_ids, device=self.emb.device)
+        self.n_neighbours = min(n_neighbours, model.vocab_size - 1)
+
+    def project(self, vectors: torch.Tensor) -> torch.Tensor:
+        vectors = vectors.to(device=self.unembed.device, dtype=self.unembed.dtype)
+        if self.final_norm:
+            return self.model.readout(vectors).float()
+        return (vectors @ self.unembed.T).float()
+
+    def inner(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Dot products with every input embedding."""
+        return (vectors @ self.emb.T).float()
+
+    def cast(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(device=self.unembed.device, dtype=self.unembed.dtype)
+
+    @staticmethod
+    def whole(logits: torch.Tensor, first: int) -> tuple[torch.Tensor]:
+        return (logits,)
+
+    def top_ids(self, logits: torch.Tensor, first: int) -> tuple[torch.Tensor]:
+        return (logits.topk(self.k, dim=-1).indices,)
+
+    def neighbours(self, dots: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosine similarities and ids of the nearest neighbours of query tokens first.. (themselves left out)."""
+        q = self.query_ids[first: first + dots.shape[0]]
+        sims = dots / (self.row_norms[q, None] * self.row_norms[None, :])
+        sims[torch.arange(len(q), device=sims.device), q] = -2.0
+        return sims.topk(self.n_neighbours, dim=-1)
+
+    def read(self, resid: torch.Tensor, neurons: torch.Tensor, ovs: list[torch.Tensor]) -> VocabularyRead:
+        """Residual states [L, d], neuron vectors [n, d] and OV outputs in the vocabulary; the neighbours."""
+        project = self.project  # one bound method: `project_parts` batches the parts that share a function
+        # With tied embeddings (and no final norm) the neighbours' dot products are the same product.
+        neighbour_fn = project if self.emb is self.unembed and not self.final_norm else self.inner
+        (logits,), (neuron_ids,), (ov_ids,), (nb_vals, nb_ids) = project_parts([
+            (project, self.cast(resid), self.whole),
+            (project, self.cast(neurons), self.top_ids),
+            (project, self.cast(torch.cat(ovs)) if ovs else self.cast(resid[:0]), self.top_ids),
+            (neighbour_fn, self.emb[self.query_ids], self.neighbours),
+        ], width=self.model.vocab_size)
+        return VocabularyRead(logits, neuron_ids, ov_ids, nb_vals, nb_ids)
+
+
+def project_parts(parts: list[tuple[Any, torch.Tensor, Any]], width: int) -> list[tuple[torch.Tensor, ...]]:
+    """For each (fn, rows [n, d], reduce): `reduce(fn(rows)[i:j], i)` over its rows, concatenated.
+
+    Consecutive parts with the same `fn` are projected together, in batches of rows whose [rows,
+    width] float32 output stays under PROJECT_CHUNK_BYTES: a few large products instead of many
+    small ones (a [10, d] x [d, vocab] product is several times slower per row than a [300, d] one).
+    """
+    max_rows = max(1, PROJECT_CHUNK_BYTES // (4 * width))
+    results: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in parts]
+    i = 0
+    while i < len(parts):
+        fn = parts[i][0]
+        j = i
+        while j < len(parts) and parts[j][0] is fn:
+            j += 1
+        pieces = [(p, s, parts[p][1][s:s + max_rows]) for p in range(i, j)
+                  for s in range(0, parts[p][1].shape[0], max_rows)]
+        batch: list[tuple[int, int, torch.Tensor]] = []
+        for piece in [*pieces, None]:
+            if batch and (piece is None or sum(len(t) for _, _, t in batch) + len(piece[2]) > max_rows):
+                out = fn(torch.cat([t for _, _, t in batch]))
+                offset = 0
+                for p, first, t in batch:
+                    results[p].append(parts[p][2](out[offset:offset + len(t)], first))
+                    offset += len(t)
+                batch = []
+            if piece is not None:
+                batch.append(piece)
+        i = j
+    final = []
+    for p, (_, rows, reduce) in enumerate(parts):
+        if not results[p]:
+            results[p].append(reduce(torch.zeros(0, width, device=rows.device), 0))
+        final.append(tuple(torch.cat(items) for items in zip(*results[p])))
+    return final
+
+
+def pca_coords(centred: torch.Tensor, dims: int) -> np.ndarray:
+    """[n, <= dims] principal coordinates of centred points (U S of their SVD), from the eigenvectors of the
+    [n, n] Gram matrix: with a few dozen points in a wide embedding space that is a tenth of an SVD's cost.
+    Each axis is signed so that its largest coordinate is positive (an SVD's signs are arbitrary too).
+    In torch, not numpy: numpy's OpenBLAS threads keep spinning after a call, and on a small machine they
+    take the cores from the next forward pass (tens of milliseconds on 2 cores)."""
+    values, vectors = torch.linalg.eigh(centred @ centred.T)  # ascending
+    top = values.argsort(descending=True)[:dims]
+    coords = vectors[:, top] * values[top].clamp_min(0.0).sqrt()
+    flip = coords.gather(0, coords.abs().argmax(0, keepdim=True)).sign()
+    return (coords * torch.where(flip == 0, 1.0, flip)).cpu().numpy()
