@@ -48,7 +48,7 @@ def token_categories(model: Any, sample: Any, n_prompt: int) -> dict[int, str]:
 
 
 def build_consensus(report: Any, model: Any = None, sample: Any = None, verify: bool = True, seed: int = 0) -> dict[str, Any]:
-    """What the methods agree and disagree on (SPEC §5 `consensus`), with tables and a verdict."""
+    """What the methods agree and disagree on (docs/REPORT.md#consensus), with tables and a verdict."""
     ok = {n: r for n, r in report.results.items() if r.status == "ok"}
     out: dict[str, Any] = {"methods": sorted(ok), "tables": []}
     verdict: list[str] = []

@@ -1,4 +1,4 @@
-/* knowmri web UI: plain JavaScript, no build step. Talks to the JSON API under /api (SPEC §8). */
+/* knowmri web UI: plain JavaScript, no build step. Talks to the JSON API under /api (docs/SERVER.md). */
 "use strict";
 
 // ------------------------------------------------------------------ helpers
