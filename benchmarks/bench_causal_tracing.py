@@ -1,9 +1,10 @@
 """Benchmark: knowmri's causal tracing vs the straightforward ROME loop, on the same grid.
 
 The baseline is a faithful reimplementation of ROME's `trace_with_patch` loop (Meng et al.
-2022, `experiments/causal_trace.py`) over knowmri's hooks: one forward per (token, layer) cell,
-with a clean row 0 and `samples` noised rows, the clean state copied into the noised rows at
-that cell, full logits, P(answer) averaged over the noised rows. Both use the same noise.
+2022, `experiments/causal_trace.py`) over knowmri's hooks, `knowmri.testing.rome_reference`:
+one forward per (token, layer) cell, with a clean row 0 and `samples` noised rows, the clean
+state copied into the noised rows at that cell, full logits, P(answer) averaged over the noised
+rows. Both use the same noise.
 The two are alternated in one process; medians and the speed-up are reported, and the grids
 are checked to be equal. "knowmri grid" times the engine that computes the grid (what the loop
 computes); "whole method" adds preparation, summary, tables and Plotly figures. Writes benchmarks/results/causal_tracing.json.
@@ -29,61 +30,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from knowmri.hooks import Hooks, site  # noqa: E402
 from knowmri.methods.base import RunContext, get_method  # noqa: E402
-from knowmri.methods.common import prepare  # noqa: E402
-from knowmri.methods.tracing_engine import KIND_SITES, embedding_std, subject_noise, trace, window_layers  # noqa: E402
-from knowmri.sample import Sample, Span  # noqa: E402
+from knowmri.methods.tracing_engine import trace  # noqa: E402
+from knowmri.sample import Sample  # noqa: E402
+from knowmri.testing.rome_reference import rome_inputs, rome_trace  # noqa: E402
 
 EIFFEL = Sample(prompt="The Eiffel Tower is located in the city of", ground_truth=" Paris", triple_subject="Eiffel Tower")
-
-
-@torch.inference_mode()
-def rome_trace(model: Any, input_ids: torch.Tensor, position: int, answer: int, subject: Span, noise: torch.Tensor,
-               kinds: list[str], window: int) -> tuple[float, dict[str, torch.Tensor]]:
-    """ROME's per-(token, layer) loop: the corrupted P(answer) and the grids [tokens, layers] per kind."""
-    samples, n_layers, n_tokens = noise.shape[0], model.n_layers, input_ids.shape[1]
-    inp = input_ids.repeat(samples + 1, 1)
-    mask = torch.ones_like(inp)
-
-    def trace_with_patch(states: list[tuple[int, str]]) -> float:
-        with Hooks(model) as h:
-            def add_noise(x: torch.Tensor) -> torch.Tensor:
-                x = x.clone()
-                x[1:, subject.start:subject.stop] += noise.to(x)
-                return x
-
-            h.edit("embed", add_noise)
-            for t, name in states:
-                def patch(x: torch.Tensor, t: int = t) -> torch.Tensor:
-                    x = x.clone()
-                    x[1:, t] = x[0, t]
-                    return x
-
-                h.edit(name, patch)
-            logits = model.forward(input_ids=inp, attention_mask=mask)
-        return float(logits[1:, position].float().softmax(-1).mean(0)[answer])
-
-    low = trace_with_patch([])
-    grids = {}
-    for kind in kinds:
-        grid = torch.zeros(n_tokens, n_layers)
-        for t in range(n_tokens):
-            for layer in range(n_layers):
-                layers = [layer] if kind == "hidden" else list(window_layers(layer, window, n_layers))
-                grid[t, layer] = trace_with_patch([(t, site(j, KIND_SITES[kind])) for j in layers])
-        grids[kind] = grid
-    return low, grids
-
-
-def rome_inputs(model: Any, sample: Sample, samples: int, noise: float, seed: int) -> dict[str, Any]:
-    """The inputs knowmri's causal_tracing uses for `sample` (same tokens, answer, subject and noise)."""
-    prep = prepare(model, sample, need_subject=True)
-    enc = prep.enc
-    n_tok = enc.prompt_len if model.kind == "causal" else enc.input_ids.shape[1]
-    scaled = subject_noise(model, samples, len(prep.subject), noise * embedding_std(model), seed)
-    return {"input_ids": enc.input_ids[:, :n_tok], "position": enc.pred_pos, "answer": enc.target_ids[0],
-            "subject": prep.subject, "noise": scaled}
 
 
 def bench(name: str, model: Any, kinds: list[str], samples: int, window: int, repeats: int,

@@ -1,6 +1,6 @@
 """Benchmark: the whole `km.diagnose` of every method on the Eiffel fact, on SmolLM2 (goal: < 60 s on CPU).
 
-Runs `knowmri.diagnose` with every eligible method at its default parameters (the SPEC's: causal
+Runs `knowmri.diagnose` with every eligible method at its default parameters (docs/API.md's: causal
 tracing with 10 noise samples, KN and IG with 20 steps, ...), as a user would, with a fresh $KNOWMRI_HOME (so SPINE trains instead of loading its cached weights: the cold,
 first-run case) and `torch.set_num_threads(2)`, `--repeats` times (3; the machine is shared and
 noisy, so the median of the cold runs is reported, with their spread and the matmul rate the machine

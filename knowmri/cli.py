@@ -1,4 +1,4 @@
-"""The `knowmri` command line (SPEC §7): models, datasets, methods, match, diagnose, localize, enhance, serve."""
+"""The `knowmri` command line (docs/CLI.md): models, datasets, methods, match, diagnose, localize, enhance, serve."""
 
 from __future__ import annotations
 

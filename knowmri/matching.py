@@ -36,7 +36,7 @@ def _keys_of(target: Any) -> tuple[set[str], Sample | None]:
 
 
 def match(target: Any, model: Any = None, *, estimate: bool = False) -> list[Match]:
-    """Every registered method with `eligible` and, when not, the reasons (SPEC §4).
+    """Every registered method with `eligible` and, when not, the reasons (docs/API.md#methods-and-matching).
 
     `target` is a Sample (or a mapping or prompt string) or a Dataset (its `support_keys`, the keys
     every record provides, decide). With a model, capabilities and method-specific checks count too.

@@ -6,7 +6,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-#: The template keys (SPEC §3) and the Python type each holds.
+#: The template keys (docs/API.md#samples-and-keys) and the Python type each holds.
 KEYS: dict[str, type] = {
     "prompt": str,
     "prompts": list,
@@ -25,7 +25,7 @@ KEYS: dict[str, type] = {
 
 
 class Sample(Mapping[str, Any]):
-    """One input to diagnose: template keys (SPEC §3) to values.
+    """One input to diagnose: template keys (docs/API.md#samples-and-keys) to values.
 
     Unknown keys are kept (the key set is extendable); known keys are type-checked.
     `keys()` lists only keys with non-empty values, which is what matching relies on.

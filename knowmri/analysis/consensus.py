@@ -20,7 +20,7 @@ from knowmri.analysis.verification import verification_table, verification_verdi
 
 
 def build_consensus(report: Any, model: Any = None, sample: Any = None, verify: bool = True, seed: int = 0) -> dict[str, Any]:
-    """What the methods of `report` agree and disagree on (SPEC §5 `consensus`), with tables and a verdict.
+    """What the methods of `report` agree and disagree on (docs/REPORT.md#consensus), with tables and a verdict.
 
     With a model and the sample, each localisation is also checked causally (unless not `verify`).
     Never raises: a failure becomes `{"error": ...}`, since the consensus must never sink the report.

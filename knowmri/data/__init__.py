@@ -1,4 +1,4 @@
-"""Datasets and inputs for knowmri (SPEC §3).
+"""Datasets and inputs for knowmri (docs/API.md#datasets).
 
 - `load_dataset(spec, *, path=None, split=None, limit=None, mapping=None)` -> `Dataset`:
   a built-in name (offline authored sample; `path=` for the full public file in its native

@@ -17,7 +17,7 @@ from knowmri.sample import KEYS, Sample
 class Dataset(Sequence[Sample]):
     """A sequence of Samples with a name, a description, a source and the keys all records share.
 
-    `support_keys` lists the template keys every record provides (in SPEC §3 order), which is
+    `support_keys` lists the template keys every record provides (in docs/API.md order), which is
     what method matching checks. Indexing gives a Sample (negative indices count from the end),
     slicing gives a smaller Dataset.
     """
@@ -100,7 +100,7 @@ class Dataset(Sequence[Sample]):
 
 
 def common_keys(samples: Sequence[Sample]) -> list[str]:
-    """The keys present (non-empty) in every sample, known keys in SPEC order first."""
+    """The keys present (non-empty) in every sample, known keys first in docs/API.md order."""
     if not samples:
         return []
     shared = set(samples[0].keys())

@@ -1,7 +1,7 @@
 """Parsers for the native formats of the knowledge datasets (facts, edits, commonsense, bias).
 
 Each parser takes the user's path (and an optional split) and returns rows
-`(source, index, fields)`: `fields` maps template keys (SPEC §3) to values, and
+`(source, index, fields)`: `fields` maps template keys (docs/API.md#samples-and-keys) to values, and
 `(source, index)` locates the record for error messages. Record-level converters
 (`*_record`) are shared with the hub loader, which feeds them Hugging Face rows.
 """

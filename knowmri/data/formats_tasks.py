@@ -3,7 +3,7 @@
 Same contract as `formats`: a parser returns rows `(source, index, fields)`, and the
 record-level converters are shared with the hub loader.
 
-Key mapping (SPEC §3): math -> prompt (question), reasoning (worked solution), ground_truth
+Key mapping (template keys in docs/API.md): math -> prompt (question), reasoning (worked solution), ground_truth
 (" " + final answer); classification -> prompt (text wrapped in `*_PROMPT`), label (class
 name) and ground_truth (" " + label) so that causal methods can run on it; translation ->
 prompt (`TRANSLATE_PROMPT`), ground_truth (" " + translation), source_lang, target_lang;

@@ -1,4 +1,4 @@
-"""Dataset-level work: capability localisation and enhancement (SPEC §6), data-parallel (SPEC §9).
+"""Dataset-level work: capability localisation and enhancement, data-parallel (docs/localize.md, docs/API.md).
 
     import knowmri as km
     loc = km.localize(km.load_dataset("gsm8k"), model, top_k=50)

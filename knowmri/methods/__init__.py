@@ -1,6 +1,6 @@
 """Methods: one module per method, registered with `@register_method`.
 
-`knowmri.methods()` (SPEC §4) lists them. Since this package shares that name, the module is
+`knowmri.methods()` (docs/API.md#methods-and-matching) lists them. Since this package shares that name, the module is
 made callable: calling it lists the registered methods' descriptions.
 """
 

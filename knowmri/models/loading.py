@@ -56,7 +56,7 @@ def native_bf16_cpu() -> bool:
 
 def load_model(spec: Any, tokenizer: Any = None, *, device: str | None = None, dtype: str | torch.dtype | None = None,
                device_map: str | dict | None = None, trust_remote_code: bool = False, allow_pickle: bool = False) -> Model:
-    """Load and wrap a model (SPEC §2): a preset name, hub id, local folder, `.gguf` file or model object.
+    """Load and wrap a model (docs/API.md#models): a preset name, hub id, local folder, `.gguf` file or model object.
 
     Weights load from safetensors only, and no remote code runs, unless the user asks
     (`allow_pickle=True`, `trust_remote_code=True`).

@@ -59,7 +59,7 @@ class Model(HeadWeights):
     """A wrapped HF model: its component map, its tokenizer, and read-out helpers (per-head attention
     weights from `HeadWeights`).
 
-    Attributes (SPEC §2): name, architecture, n_layers, d_model, d_mlp, n_heads, vocab_size,
+    Attributes (docs/API.md#model): name, architecture, n_layers, d_model, d_mlp, n_heads, vocab_size,
     kind (causal | masked | seq2seq), capabilities, hf_model, tokenizer.
     """
 

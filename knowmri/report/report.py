@@ -44,7 +44,7 @@ def knowmri_version() -> str:
 
 @dataclass
 class Report:
-    """Results of several methods on one sample (or a dataset), and what they agree on (SPEC §5)."""
+    """Results of several methods on one sample (or a dataset), and what they agree on (docs/REPORT.md)."""
 
     model: dict[str, Any]
     sample: dict[str, Any]

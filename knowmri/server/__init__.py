@@ -1,1 +1,1 @@
-"""The web UI and its HTTP API (`knowmri serve`, SPEC §8); see `knowmri.server.app`."""
+"""The web UI and its HTTP API (`knowmri serve`, docs/SERVER.md); see `knowmri.server.app`."""

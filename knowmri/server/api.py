@@ -1,4 +1,4 @@
-"""The JSON API under the page (SPEC §8): models, datasets, methods, matching, parsing and runs.
+"""The JSON API under the page (docs/SERVER.md): models, datasets, methods, matching, parsing and runs.
 
 Every input is checked before it reaches the library: bodies by pydantic (`schemas`), model specs
 by the catalog, method names by the registry, hyper-parameters by each method's `Params`, dataset

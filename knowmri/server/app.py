@@ -1,4 +1,4 @@
-"""`knowmri serve`: the web UI (SPEC §8) — the page, its JSON API, the run store and the model worker.
+"""`knowmri serve`: the web UI (docs/SERVER.md) — the page, its JSON API, the run store and the model worker.
 
     from knowmri.server.app import create_app      # an ASGI app (for tests, or any ASGI server)
     from knowmri.server.app import serve           # what `knowmri serve` runs (uvicorn)

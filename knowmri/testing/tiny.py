@@ -19,7 +19,7 @@ import torch
 
 from knowmri.models.model import Model
 
-#: The families every test suite must cover (SPEC §2).
+#: The families every test suite must cover (docs/SITES.md).
 FAMILIES: tuple[str, ...] = (
     "gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma", "gemma2", "opt", "bloom",
     "phi", "falcon", "bert", "t5",

@@ -2,15 +2,13 @@
 per-(token, layer) loop, every family runs, bad input is refused, and SmolLM2's Eiffel Tower
 fact shows the classic early and late sites."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 import knowmri as km
 from knowmri.methods.base import RunContext, get_method
 from knowmri.testing import FAMILIES, tiny_model
+from knowmri.testing.rome_reference import rome_inputs, rome_trace
 
 FACT = km.Sample(prompt="The Eiffel Tower is located in the city of", ground_truth=" Paris",
                  triple_subject="Eiffel Tower")
@@ -20,14 +18,6 @@ SHORT = km.Sample(prompt="The Eiffel Tower is in", ground_truth=" Paris", triple
 def run(model, sample, **params):
     method = get_method("causal_tracing")
     return method.run(model, sample, method.Params.from_dict(params), RunContext())
-
-
-def _bench():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_causal_tracing.py"
-    spec = importlib.util.spec_from_file_location("bench_causal_tracing", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_planted_mechanism(planted):
@@ -72,11 +62,10 @@ def test_equals_rome_loop(model_name, suffix_engine):
         model, sample = km.testing.planted_model(model_name.split("-")[1]).model, FACT
     else:
         model, sample = tiny_model(model_name), SHORT
-    bench = _bench()
     kinds = ["hidden", "mlp", "attn"]
     result = run(model, sample, samples=2, window=2, kinds=kinds, batch_size=5)
-    inputs = bench.rome_inputs(model, sample, samples=2, noise=3.0, seed=1)
-    low, grids = bench.rome_trace(model, **inputs, kinds=kinds, window=2)
+    inputs = rome_inputs(model, sample, samples=2, noise=3.0, seed=1)
+    low, grids = rome_trace(model, **inputs, kinds=kinds, window=2)
     assert result.findings["engine"] == ("suffix block replay" if model.kind == "causal" else "block replay")
     assert result.findings["low_score"] == pytest.approx(low, abs=1e-6)
     for kind in kinds:
@@ -89,10 +78,9 @@ def test_fallback_full_forwards_equal_rome_loop(monkeypatch):
 
     monkeypatch.setattr(BlockRunner, "check", lambda self, *args: setattr(self, "direct", False))
     model = km.testing.planted_model("gpt2").model
-    bench = _bench()
     result = run(model, FACT, samples=2, window=2)
-    low, grids = bench.rome_trace(model, **bench.rome_inputs(model, FACT, samples=2, noise=3.0, seed=1),
-                                  kinds=["hidden", "mlp", "attn"], window=2)
+    low, grids = rome_trace(model, **rome_inputs(model, FACT, samples=2, noise=3.0, seed=1),
+                            kinds=["hidden", "mlp", "attn"], window=2)
     assert result.findings["engine"] == "full forwards"
     for kind in grids:
         torch.testing.assert_close(torch.tensor(result.findings[kind]), grids[kind], atol=1e-6, rtol=1e-4)

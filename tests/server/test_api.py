@@ -1,4 +1,4 @@
-"""The HTTP API (SPEC §8): every endpoint, validation (4xx with a message, never a 500), 404s, tokens."""
+"""The HTTP API (docs/SERVER.md): every endpoint, validation (4xx with a message, never a 500), 404s, tokens."""
 
 from __future__ import annotations
 

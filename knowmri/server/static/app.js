@@ -1,4 +1,4 @@
-/* knowmri web UI: native ES modules, no build step. Talks to the JSON API under /api (SPEC §8).
+/* knowmri web UI: native ES modules, no build step. Talks to the JSON API under /api (docs/SERVER.md).
  *
  * app.js        the entry: the router, the Runs list, start-up
  * diagnose.js   model, input, matching methods, starting a run
