@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from knowmri.hooks import Hooks, site
-from knowmri.methods.tracing_engine import KIND_SITES, embedding_std, subject_noise, window_layers
 from knowmri.methods.common import prepare
+from knowmri.methods.tracing_engine import KIND_SITES, embedding_std, subject_noise, window_layers
 from knowmri.sample import Sample, Span
 
 
