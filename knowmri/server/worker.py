@@ -4,11 +4,12 @@ Only this thread runs methods, so no two methods ever hook the same model at onc
 progress is kept in memory (read by the SSE stream and GET /api/runs/{id}) and written to the
 store at most about once a second, and always at the end.
 
-Cancelling (and stopping the server) goes through the methods' progress callback: every call
-checks whether the run should stop and, if so, raises `RunCancelled`, which unwinds the method
-(its hooks and context managers clean up as for any exception) up to this worker. Like
-KeyboardInterrupt it is not an `Exception`, so no "one failing method never sinks a report"
-handler turns it into a method error and carries on with the next method.
+Cancelling (and stopping the server) is checked at every progress report of a method and, for
+the long stretches some methods spend between reports (thousands of patched forward passes, a
+generation), before every transformer block the worker thread runs. A cancelled run raises
+`RunCancelled` there, which unwinds the method (its hooks and context managers clean up as for
+any exception) up to this worker. Like KeyboardInterrupt it is not an `Exception`, so no "one
+failing method never sinks a report" handler turns it into a method error and goes on.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import queue
 import threading
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from knowmri.server.limits import RunLimits
@@ -211,8 +214,9 @@ class Worker:
             self._publish(run_id, progress, force=force)
 
         try:
-            report = diagnose(sample, model, methods=methods, params=run["params"] or None, progress=step,
-                              consensus=False)
+            with self._cancellable(model, run_id):
+                report = diagnose(sample, model, methods=methods, params=run["params"] or None, progress=step,
+                                  consensus=False)
         except ValueError as err:  # the input does not suit this model (too long, odd answer): the user's error
             self._fail(run_id, str(err))
             return
@@ -227,6 +231,23 @@ class Worker:
         progress.update(stage="done", fraction=1.0, message="done")
         self.store.finish(run_id, data, progress)
         self.live.set(run_id, "done", progress)
+
+    @contextmanager
+    def _cancellable(self, model: Any, run_id: str) -> Iterator[None]:
+        """Check for a cancel before each transformer block this thread runs (a no-op call otherwise), so a
+        run stops within one block's time even deep inside a method's loop."""
+        worker = threading.get_ident()
+
+        def check(module: Any, args: Any) -> None:
+            if threading.get_ident() == worker:  # a request thread's forward pass is not this run's
+                self.check(run_id)
+
+        handles = [layer.register_forward_pre_hook(check) for layer in getattr(model, "layers", ())]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _publish(self, run_id: str, progress: dict[str, Any], *, force: bool) -> None:
         self.live.set(run_id, "running", progress)

@@ -27,27 +27,30 @@ SLOW = "slow_probe"
 
 @dataclass
 class SlowParams(Params):
-    pass
+    report: bool = False  # report progress after every forward pass (else only once, at the start)
 
 
 class SlowProbe(Method):
-    """A test method that hooks the model and runs forward passes, reporting progress, for up to a minute."""
+    """A test method that hooks the model and runs forward passes for up to a minute."""
 
     name = SLOW
     title = "Slow probe (test)"
     path = ("Internal", "Test")
+    Params = SlowParams
 
     def estimate(self, model: Any, sample: Any, params: Params | None = None) -> Estimate:
         return Estimate(seconds=0.5, memory_bytes=1000)
 
     def run(self, model: Any, sample: Any, params: Params, ctx: Any) -> Any:
         enc = model.encode(sample["prompt"])
+        ctx.progress(0.5, "probing")
         with Hooks(model) as hooks, torch.no_grad():
             hooks.read("blocks.0.resid_post")
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 model.hf_model(**enc.inputs())
-                ctx.progress(0.5, "probing")
+                if params.report:
+                    ctx.progress(0.5, "probing")
                 time.sleep(0.01)
         return self.new_result(params)
 
@@ -134,8 +137,9 @@ def test_a_finished_run_cannot_be_cancelled(client: TestClient) -> None:
     assert client.get(f"/api/runs/{run_id}").json()["status"] == "done"
 
 
-def test_cancel_a_running_run_frees_the_worker(client: TestClient, tiny_gpt2: Any, slow_method: None) -> None:
-    slow = client.post("/api/runs", json=run_body(methods=[SLOW])).json()["id"]
+@pytest.mark.parametrize("report", [True, False], ids=["at-a-progress-report", "inside-a-forward-pass"])
+def test_cancel_a_running_run_frees_the_worker(client: TestClient, tiny_gpt2: Any, slow_method: None, report: bool) -> None:
+    slow = client.post("/api/runs", json=run_body(methods=[SLOW], params={SLOW: {"report": report}})).json()["id"]
     after = client.post("/api/runs", json=run_body()).json()["id"]  # queued behind it
     running = wait_for(client, slow, ("running",))
     while running["progress"].get("method") != SLOW:  # inside the method's loop
@@ -146,7 +150,7 @@ def test_cancel_a_running_run_frees_the_worker(client: TestClient, tiny_gpt2: An
     with client.stream("GET", f"/api/runs/{slow}/events") as stream:
         events = [line.split(":", 1)[1].strip() for line in stream.iter_lines() if line.startswith("event:")]
     assert events[-1] == "cancelled"
-    assert wait_done(client, after)["status"] == "done"  # the worker moved on
+    assert wait_done(client, after, timeout=30)["status"] == "done"  # the worker moved on (not after a minute)
     run = client.get(f"/api/runs/{slow}").json()
     assert run["status"] == "cancelled" and run["error"] == "cancelled by the user" and "report" not in run
     assert no_hooks(tiny_gpt2)  # the method unwound: its hooks are gone
