@@ -94,9 +94,9 @@ def load_model(spec: Any, tokenizer: Any = None, *, device: str | None = None, d
             raise ValueError(f"unknown preset {text!r}; did you mean {close}?")
         cached_only = not hub_reachable()
         if cached_only and not _hub_cached(text):
-            presets = ", ".join(PRESETS)
-            raise ValueError(f"{text!r} is not a preset ({presets}) or a local folder, and the Hugging Face hub "
-                             f"({_hub_host()[0]}) cannot be reached to fetch it (offline or HF_HUB_OFFLINE set)")
+            raise ValueError(f"cannot load {text!r}: the Hugging Face hub ({_hub_host()[0]}) cannot be reached (offline, "
+                             "or HF_HUB_OFFLINE set) and the model is not in the local cache; give a preset "
+                             f"({', '.join(PRESETS)}), a local folder or a .gguf file")
     hf, tok = _from_pretrained(str(path) if local else text, torch_dtype, device_map, trust_remote_code,
                                local or cached_only, allow_pickle)
     model = Model(hf, tokenizer or tok, name=path.name if local else text)

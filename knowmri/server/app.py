@@ -220,9 +220,10 @@ def is_loopback(host: str) -> bool:
 def _describe_limits(limits: Any) -> str:
     from knowmri.costs import format_bytes, format_seconds
 
-    time_cap = f"{format_seconds(limits.max_seconds)} (--max-run-seconds)" if limits.max_seconds else "no time cap"
-    memory_cap = f"{format_bytes(limits.max_memory_bytes)} (--max-run-memory)" if limits.max_memory_bytes else "no memory cap"
-    return f"runs estimated above {time_cap} or {memory_cap} are refused"
+    caps = [f"{format_seconds(limits.max_seconds)} (--max-run-seconds)" if limits.max_seconds else "",
+            f"{format_bytes(limits.max_memory_bytes)} of memory (--max-run-memory)" if limits.max_memory_bytes else ""]
+    caps = [c for c in caps if c]
+    return f"runs estimated above {' or '.join(caps)} are refused" if caps else "runs are not capped"
 
 
 def _default_device() -> str | None:

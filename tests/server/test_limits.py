@@ -71,8 +71,11 @@ def wait_for(client: TestClient, run_id: str, statuses: tuple[str, ...], timeout
         time.sleep(0.02)
 
 
-def no_hooks(model: Any) -> bool:
-    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.hf_model.modules())
+def hooks(model: Any) -> set[tuple[str, int]]:
+    """The model's forward hooks but those transformers installs for good (output capturing, on first use)."""
+    return {(name, key) for name, m in model.hf_model.named_modules()
+            for key, fn in (*m._forward_hooks.items(), *m._forward_pre_hooks.items())
+            if not getattr(fn, "__module__", "").startswith("transformers")}
 
 
 # ---------------------------------------------------------------------------- caps
@@ -139,6 +142,7 @@ def test_a_finished_run_cannot_be_cancelled(client: TestClient) -> None:
 
 @pytest.mark.parametrize("report", [True, False], ids=["at-a-progress-report", "inside-a-forward-pass"])
 def test_cancel_a_running_run_frees_the_worker(client: TestClient, tiny_gpt2: Any, slow_method: None, report: bool) -> None:
+    before = hooks(tiny_gpt2)
     slow = client.post("/api/runs", json=run_body(methods=[SLOW], params={SLOW: {"report": report}})).json()["id"]
     after = client.post("/api/runs", json=run_body()).json()["id"]  # queued behind it
     running = wait_for(client, slow, ("running",))
@@ -153,11 +157,12 @@ def test_cancel_a_running_run_frees_the_worker(client: TestClient, tiny_gpt2: An
     assert wait_done(client, after, timeout=30)["status"] == "done"  # the worker moved on (not after a minute)
     run = client.get(f"/api/runs/{slow}").json()
     assert run["status"] == "cancelled" and run["error"] == "cancelled by the user" and "report" not in run
-    assert no_hooks(tiny_gpt2)  # the method unwound: its hooks are gone
+    assert hooks(tiny_gpt2) == before  # the method unwound: its hooks (and the worker's) are gone
 
 
 def test_stopping_the_server_interrupts_the_current_run_and_closes_the_store(home: Path, tiny_gpt2: Any,
                                                                              slow_method: None) -> None:
+    before = hooks(tiny_gpt2)
     with TestClient(create_app(home=home, models={MODEL: tiny_gpt2})) as c:
         run_id = c.post("/api/runs", json=run_body(methods=[SLOW])).json()["id"]
         assert wait_for(c, run_id, ("running",))["status"] == "running"
@@ -165,7 +170,7 @@ def test_stopping_the_server_interrupts_the_current_run_and_closes_the_store(hom
     assert time.monotonic() - started < 30  # not the method's whole minute
     wal = home / "runs.sqlite-wal"
     assert not wal.exists() or wal.stat().st_size == 0  # checkpointed into the main file
-    assert no_hooks(tiny_gpt2)
+    assert hooks(tiny_gpt2) == before
     with closing(sqlite3.connect(f"file:{home / 'runs.sqlite'}?mode=ro", uri=True)) as db:
         status, error = db.execute("SELECT status, error FROM runs WHERE id = ?", (run_id,)).fetchone()
     assert status == "error" and "interrupted" in error  # marked by the worker as it stopped
@@ -206,3 +211,19 @@ def test_the_issue_reproduction_is_refused(idle: TestClient) -> None:
 
 def test_a_misspelt_preset_gets_a_suggestion(idle: TestClient) -> None:
     assert_error(idle.post("/api/runs", json=run_body(model="smollm2-13m")), 400, "did you mean smollm2-135m")
+
+
+def test_serve_passes_the_caps_on(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import uvicorn
+
+    from knowmri.cli import main
+
+    served: list[Any] = []
+    monkeypatch.setenv("KNOWMRI_HOME", str(tmp_path))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
+    assert main(["serve", "--port", "8123", "--max-run-seconds", "10", "--max-run-memory", "2"]) == 0
+    state = served[0].state.knowmri
+    state.worker.stop()
+    state.store.close()
+    assert state.limits == RunLimits(10.0, 2 << 30) and state.worker.limits == state.limits
+    assert "runs estimated above 10 s (--max-run-seconds) or 2.0 GiB of memory" in capsys.readouterr().out
