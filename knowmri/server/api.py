@@ -335,8 +335,8 @@ def delete_run(request: Request, run_id: str) -> dict[str, Any]:
 
 @router.post("/runs/{run_id}/cancel")
 def cancel_run(request: Request, run_id: str) -> dict[str, Any]:
-    """Cancel a queued or running run; it is `cancelled` at once, and the worker stops computing it
-    at the method's next progress step. Cancelling a cancelled run again is fine; a finished one, 409."""
+    """Cancel a queued or running run; it is `cancelled` at once, and the worker stops computing it at
+    the method's next progress report or transformer block. Cancelling again is fine; a finished run, 409."""
     state = state_of(request)
     run = state.run_state(run_id, report=False)
     if run["status"] in TERMINAL and run["status"] != "cancelled":
@@ -353,7 +353,7 @@ def cancel_run(request: Request, run_id: str) -> dict[str, Any]:
 
 @router.get("/runs/{run_id}/events")
 async def run_events(request: Request, run_id: str) -> Any:
-    """Server-sent events: `progress` while the run changes, then one `done` or `error`, then the end."""
+    """Server-sent events: `progress` while the run changes, then one `done`, `error` or `cancelled`, then the end."""
     from sse_starlette.sse import EventSourceResponse
 
     state = state_of(request)

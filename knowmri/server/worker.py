@@ -46,7 +46,7 @@ def _finite(obj: Any) -> Any:
 
 
 class RunCancelled(BaseException):
-    """Raised inside a run (from its progress callback) to stop it: cancelled, or the server stopping."""
+    """Raised inside a run (at a progress report or before a block) to stop it: cancelled, or the server stopping."""
 
 
 class LiveState:
@@ -98,7 +98,7 @@ class Worker:
                 self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop the thread: the current run is interrupted at its next progress step (and marked so);
+        """Stop the thread: the current run is interrupted at its next check (and marked so);
         queued runs stay queued in the store (the next start marks them interrupted)."""
         with self._lock:
             thread = self._thread
@@ -109,7 +109,7 @@ class Worker:
             thread.join(timeout)
 
     def cancel(self, run_id: str) -> None:
-        """Stop `run_id` at its next progress step if it is running (or skip it when it comes up)."""
+        """Stop `run_id` at its next check if it is running (or skip it when it comes up)."""
         with self._lock:
             self._cancelled.add(run_id)
 
