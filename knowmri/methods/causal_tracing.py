@@ -55,8 +55,8 @@ class CausalTracingParams(Params):
         if not self.kinds or any(k not in KINDS for k in self.kinds):
             raise ValueError(f"kinds must be a non-empty subset of {', '.join(KINDS)}, got {self.kinds!r}")
         self.kinds = [k for k in KINDS if k in self.kinds]
-        if not 1 <= self.batch_size <= 4096:
-            raise ValueError("batch_size must be between 1 and 4096")
+        if not 1 <= self.batch_size <= 65536:
+            raise ValueError("batch_size must be between 1 and 65536")
 
 
 @register_method
