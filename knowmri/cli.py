@@ -6,12 +6,16 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import traceback
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 DTYPES = ["float32", "float16", "bfloat16", "auto"]
 DTYPE_HELP = "float32 (default, exact), bfloat16, float16, or auto (bfloat16 where the device computes it natively)"
+LONG_RUN_SECONDS = 30.0  # runs estimated longer than this say so before they start
 
 
 def _print_json(obj: Any) -> None:
@@ -40,25 +44,57 @@ def _params(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _check_params(methods: list[str] | None, params: dict[str, dict[str, Any]]) -> None:
+    """Every `--param` names a chosen (or, without --methods, a known) method and a valid value."""
+    from knowmri.methods.base import get_method
+
+    for name in [*(methods or []), *params]:
+        get_method(name)  # an unknown method fails first
+    for name, values in params.items():
+        if methods is not None and name not in methods:
+            raise ValueError(f"--param {name}.{next(iter(values))}: {name} is not among the chosen --methods")
+        try:
+            get_method(name).Params.from_dict(values)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"--param for {name}: {err}") from None
+
+
+def _check_out(out: str) -> None:
+    """Fail now, not after the computation, when the report folder cannot be written."""
+    path = Path(out).expanduser()
+    folder = path
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"--out {out}: {folder} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(f"--out {out}: cannot write in {folder} ({err.strerror or err})") from None
+
+
 def _sample_from_args(args: argparse.Namespace) -> Any:
     import knowmri as km
 
     given = [args.dataset is not None, args.prompt is not None, args.text is not None]
     if sum(given) != 1:
         raise ValueError("give exactly one input: --dataset NAME [--index I], --prompt TEXT, or --text 'free text'")
-    if args.dataset:
+    if args.prompt is None and (args.subject is not None or args.target is not None):
+        raise ValueError("--subject and --target go with --prompt (a dataset record or --text brings its own)")
+    if args.dataset is not None:
         ds = km.load_dataset(args.dataset, path=getattr(args, "path", None))
         if not len(ds):
             raise ValueError(f"the dataset {args.dataset!r} is empty")
         if not -len(ds) <= args.index < len(ds):
             raise ValueError(f"--index {args.index} is out of range: {args.dataset} has {len(ds)} records")
         return ds[args.index]
-    if args.text:
+    if args.text is not None:
         return km.from_text(args.text)
     fields: dict[str, Any] = {"prompt": args.prompt}
-    if args.subject:
+    if args.subject is not None:
         fields["triple_subject"] = args.subject
-    if args.target:
+    if args.target is not None:
         fields["ground_truth"] = args.target
     return km.Sample(fields)
 
@@ -120,21 +156,30 @@ def cmd_match(args: argparse.Namespace) -> int:
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
     import knowmri as km
-    from knowmri.methods.base import get_method
 
-    dataset_level = args.dataset is not None and args.samples is not None and not args.index_given
-    sample = km.load_dataset(args.dataset, path=args.path) if dataset_level else _sample_from_args(args)
+    # every parameter and input is checked before the model loads (which can take minutes)
     params = _params(args.param or [])
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    for name in [*(methods or []), *params]:
-        get_method(name)  # fail on an unknown method before loading the model
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else None
+    if methods is not None and not methods:
+        raise ValueError("--methods is empty: name at least one method, or leave it out to run every eligible one")
+    _check_params(methods, params)
     if args.samples is not None and args.samples < 1:
         raise ValueError("--samples must be at least 1")
+    dataset_level = args.dataset is not None and args.samples is not None and not args.index_given
+    if dataset_level and any(v is not None for v in (args.prompt, args.text, args.subject, args.target)):
+        raise ValueError("--dataset takes no --prompt, --text, --subject or --target")
+    sample = km.load_dataset(args.dataset, path=args.path) if dataset_level else _sample_from_args(args)
+    if dataset_level and not len(sample):
+        raise ValueError(f"the dataset {args.dataset!r} is empty")
+    if args.out is not None:
+        _check_out(args.out)
     model = km.load_model(args.model, device=args.device, dtype=args.dtype)
+    first = sample[0] if dataset_level else sample
     if methods and not dataset_level:
         blocked = [m for m in km.match(sample, model) if m.name in methods and not m.eligible]
         if blocked:
             raise ValueError("; ".join(f"{m.name} cannot run: {', '.join(m.reasons)}" for m in blocked))
+    _say_estimate(model, first, methods, params, min(args.samples, len(sample)) if dataset_level else 1)
     report = km.diagnose(sample, model, methods=methods, params=params, samples=args.samples,
                          progress=not args.json and sys.stderr.isatty() or args.progress)
     if args.out:
@@ -147,6 +192,21 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
             print(f"\nreport written to {os.path.join(args.out, 'index.html')}")
     failed = [n for n, r in report.results.items() if r.status == "error"]
     return 1 if failed and len(failed) == len(report.results) else 0
+
+
+def _say_estimate(model: Any, sample: Any, methods: list[str] | None, params: dict[str, dict[str, Any]],
+                  samples: int) -> None:
+    """Print the run's estimated time on stderr before a long run (so a mistaken one is stopped early)."""
+    import knowmri as km
+    from knowmri.run_cost import estimate_run, format_bytes, format_seconds
+
+    names = methods if methods is not None else [m.name for m in km.match(sample, model) if m.eligible]
+    cost = estimate_run(model, sample, names, params).scaled(samples)
+    if cost.seconds >= LONG_RUN_SECONDS:
+        per = f" ({samples} samples)" if samples > 1 else ""
+        print(f"knowmri: this run is estimated to take {format_seconds(cost.seconds)}{per} and up to "
+              f"{format_bytes(cost.memory_bytes)} of memory; slowest: {cost.slowest()} (Ctrl+C stops it)",
+              file=sys.stderr, flush=True)
 
 
 def cmd_localize(args: argparse.Namespace) -> int:
@@ -164,7 +224,11 @@ def cmd_enhance(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from knowmri.server.app import serve
 
-    return serve(host=args.host, port=args.port, token=args.token) or 0
+    if args.max_run_seconds < 0 or args.max_run_memory is not None and args.max_run_memory < 0:
+        raise ValueError("--max-run-seconds and --max-run-memory must not be negative (0 turns a cap off)")
+    memory = None if args.max_run_memory is None else int(args.max_run_memory * (1 << 30))
+    return serve(host=args.host, port=args.port, token=args.token, max_run_seconds=args.max_run_seconds,
+                 max_run_memory=memory) or 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,8 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=8000)
     sp.add_argument("--token", default=os.environ.get("KNOWMRI_TOKEN"), help="required when binding a non-loopback address")
+    sp.add_argument("--max-run-seconds", type=float, default=3600.0, metavar="S",
+                    help="refuse runs estimated to take longer (default 3600; 0 = no cap)")
+    sp.add_argument("--max-run-memory", type=float, default=None, metavar="GIB",
+                    help="refuse runs estimated to need more memory, in GiB (default 3/4 of the RAM, or of the "
+                         "GPU's memory on cuda; 0 = no cap)")
     sp.set_defaults(func=cmd_serve)
     return p
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    print(f"knowmri: warning: {message}", file=file or sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -253,7 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raw = list(argv) if argv is not None else sys.argv[1:]
         args.index_given = "--index" in raw
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("knowmri: interrupted", file=sys.stderr)
         return 130

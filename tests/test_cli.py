@@ -100,3 +100,74 @@ def test_dataset_level_diagnose(model_dir, tmp_path, capsys):
 def test_debug_flag_shows_traceback():
     out = run("--debug", "diagnose", "--prompt", "Hello", "--subject", "Paris")
     assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--methods", "logit_lens,attention_weights", "--param", "logit_lens.top_k=abc"], "must be of type int"),
+        (["--methods", "logit_lens", "--param", "integrated_gradients.steps=3"], "not among the chosen"),
+        (["--methods", "logit_lens", "--param", "logit_lens.top_k=0"], "between 1 and 50"),
+        (["--methods", "spine", "--param", "spine.lr=NaN"], "finite"),
+        (["--methods", "spine", "--param", "spine.epochs=1000000"], "at most 10000"),
+        (["--param", "nope.x=1"], "unknown method"),
+        (["--methods", ""], "--methods is empty"),
+        (["--target", ""], "ground_truth is empty"),
+        (["--subject", ""], "triple_subject is empty"),
+    ],
+    ids=["bad-type", "unselected-method", "out-of-range", "nan", "epochs", "unknown-method", "no-methods",
+         "empty-target", "empty-subject"],
+)
+def test_parameters_and_inputs_are_checked_before_the_model_loads(args, message, capsys):
+    # the model does not exist: an error about it would mean the check came too late
+    code = main(["diagnose", "--model", "/no/such/folder", "--prompt", "The Eiffel Tower is in", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("knowmri: error") and message in err[0], err
+
+
+def test_an_unwritable_out_fails_before_the_computation(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code = main(["diagnose", "--model", "/no/such/folder", "--prompt", "Hello", "--out", str(blocker / "report")])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a file, not a folder" in err and "no such model" not in err
+    code = main(["diagnose", "--model", "/no/such/folder", "--prompt", "Hello", "--out", str(blocker)])
+    assert code == 2 and "is a file" in capsys.readouterr().err
+
+
+def test_inputs_that_do_not_go_together(capsys):
+    assert main(["diagnose", "--model", "/no/such/folder", "--text", "Paris is in France", "--target", " France"]) == 2
+    assert "go with --prompt" in capsys.readouterr().err
+    assert main(["diagnose", "--model", "/no/such/folder", "--dataset", "known_1000", "--samples", "2",
+                 "--target", " Paris"]) == 2
+    assert "takes no" in capsys.readouterr().err
+
+
+def test_a_misspelt_preset_fails_at_once_with_a_suggestion(capsys):
+    assert main(["diagnose", "--model", "smollm2-13m", "--prompt", "Hello", "--methods", "logit_lens"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["knowmri: error: unknown preset 'smollm2-13m'; did you mean smollm2-135m?"]
+
+
+def test_a_long_run_prints_its_estimate_first(model_dir, capsys, monkeypatch):
+    import knowmri.cli as cli
+
+    monkeypatch.setattr(cli, "LONG_RUN_SECONDS", 0.0)
+    assert main(["diagnose", "--model", str(model_dir), "--prompt", "The Eiffel Tower is in", "--methods", "logit_lens"]) == 0
+    err = capsys.readouterr().err
+    assert "knowmri: this run is estimated to take" in err and "logit_lens" in err and "Ctrl+C" in err
+    monkeypatch.setattr(cli, "LONG_RUN_SECONDS", 1e9)
+    assert main(["diagnose", "--model", str(model_dir), "--prompt", "The Eiffel Tower is in", "--methods", "logit_lens"]) == 0
+    assert "estimated" not in capsys.readouterr().err
+
+
+def test_an_answer_that_is_not_whole_tokens_is_warned_about(model_dir, capsys):
+    assert main(["diagnose", "--model", str(model_dir), "--prompt", "The Eiffel Tower is in", "--target", " 🗼",
+                 "--methods", "logit_lens"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("knowmri: warning:")]
+    assert warnings and "tokens scored" in warnings[0] and "🗼" in warnings[0]
+
+
+def test_serve_refuses_negative_caps(capsys):
+    assert main(["serve", "--max-run-seconds", "-1"]) == 2
+    assert "must not be negative" in capsys.readouterr().err

@@ -127,3 +127,15 @@ def test_params_from_dict_coerces_and_rejects():
         cls.from_dict({"top_k": "many"})
     with pytest.raises(ValueError, match="between"):
         cls.from_dict({"top_k": 0})
+
+
+def test_non_finite_floats_are_refused_for_every_method():
+    for cls in list_methods():
+        for field in cls.Params.schema():
+            for bad in (float("nan"), float("inf"), float("-inf"), "nan", "-Infinity"):
+                if isinstance(bad, str) and field["type"] != "float":
+                    continue  # a text parameter may well read "nan"
+                with pytest.raises(ValueError, match="finite"):
+                    cls.Params.from_dict({field["name"]: bad})
+    with pytest.raises(ValueError, match="finite"):
+        get_method("causal_tracing").Params.from_dict({"kinds": ["hidden", float("nan")]})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import os
 import pkgutil
 import threading
@@ -30,7 +31,8 @@ class Params:
             raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for {cls.__name__}; known: {', '.join(known) or 'none'}")
         params = cls()
         for name, value in values.items():
-            setattr(params, name, _coerce(name, value, getattr(params, name)))
+            _finite(name, value)
+            setattr(params, name, _finite(name, _coerce(name, value, getattr(params, name))))
         params.validate()
         return params
 
@@ -49,6 +51,14 @@ class Params:
             out.append({"name": f.name, "type": type(default).__name__, "default": default,
                         "help": f.metadata.get("help", ""), "choices": f.metadata.get("choices")})
         return out
+
+
+def _finite(name: str, value: Any) -> Any:
+    """`value`, unless it is (or holds) NaN or an infinity: no hyper-parameter means them, and JSON cannot hold them."""
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"parameter {name!r} must be a finite number, got {item!r}")
+    return value
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:

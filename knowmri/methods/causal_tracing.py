@@ -53,13 +53,13 @@ class CausalTracingParams(Params):
             raise ValueError("noise must be in (0, 100] (a multiple of the embedding std)")
         if not 1 <= self.samples <= 1000:
             raise ValueError("samples must be between 1 and 1000")
-        if self.window < 1:
-            raise ValueError("window must be at least 1 layer")
+        if not 1 <= self.window <= 1000:
+            raise ValueError("window must be between 1 and 1000 layers")
         if not self.kinds or any(k not in KINDS for k in self.kinds):
             raise ValueError(f"kinds must be a non-empty subset of {', '.join(KINDS)}, got {self.kinds!r}")
         self.kinds = [k for k in KINDS if k in self.kinds]
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
+        if not 1 <= self.batch_size <= 65536:
+            raise ValueError("batch_size must be between 1 and 65536")
 
 
 @register_method

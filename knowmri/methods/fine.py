@@ -35,8 +35,8 @@ class FineParams(Params):
             raise ValueError("top_k must be between 1 and 1000")
         if not 1 <= self.top_tokens <= 50:
             raise ValueError("top_tokens must be between 1 and 50")
-        if self.max_answer_tokens < 1:
-            raise ValueError("max_answer_tokens must be at least 1")
+        if not 1 <= self.max_answer_tokens <= 64:
+            raise ValueError("max_answer_tokens must be between 1 and 64")
 
 
 @register_method

@@ -42,14 +42,14 @@ class KnowledgeCircuitsParams(Params):
             raise ValueError("method must be 'eap-ig' or 'eap'")
         if not 1 <= self.ig_steps <= 100:
             raise ValueError("ig_steps must be between 1 and 100")
-        if self.top_n < 1:
-            raise ValueError("top_n must be at least 1")
+        if not 1 <= self.top_n <= 2000:
+            raise ValueError("top_n must be between 1 and 2000")
         if self.threshold < 0:
             raise ValueError("threshold must be non-negative")
         if self.metric not in ("logit_diff", "logprob", "prob"):
             raise ValueError("metric must be 'logit_diff', 'logprob' or 'prob'")
-        if self.noise <= 0:
-            raise ValueError("noise must be positive")
+        if not 0.0 < self.noise <= 100.0:
+            raise ValueError("noise must be in (0, 100] (a multiple of the embedding std)")
 
 
 @register_method

@@ -56,8 +56,8 @@ class KnowledgeNeuronsParams(Params):
             raise ValueError("p must be in (0, 1]")
         if not 1 <= self.top_k <= 1000:
             raise ValueError("top_k must be between 1 and 1000")
-        if self.max_answer_tokens < 1:
-            raise ValueError("max_answer_tokens must be at least 1")
+        if not 1 <= self.max_answer_tokens <= 64:
+            raise ValueError("max_answer_tokens must be between 1 and 64")
         if self.riemann not in ("right", "linspace"):
             raise ValueError("riemann must be 'right' or 'linspace'")
         if self.positions not in ("answer", "subject", "all"):

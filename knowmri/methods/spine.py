@@ -50,6 +50,8 @@ class SpineParams(Params):
     def validate(self) -> None:
         if self.vocab_limit < 0 or self.hidden_dim < 0 or self.epochs < 0:
             raise ValueError("vocab_limit, hidden_dim and epochs must not be negative")
+        if self.hidden_dim > 10_000 or self.epochs > 10_000:
+            raise ValueError("hidden_dim and epochs must be at most 10000")
         if not 0 < self.rho < 1:
             raise ValueError("rho must be between 0 and 1")
         if self.noise < 0 or self.lr <= 0 or self.batch_size < 1:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
+import os
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 
@@ -83,9 +87,59 @@ def load_model(spec: Any, tokenizer: Any = None, *, device: str | None = None, d
     local = path.is_dir()
     if not local and (text.startswith((".", "/", "~")) or text.count("/") > 1):
         raise ValueError(f"no such model folder: {path}")
-    hf, tok = _from_pretrained(str(path) if local else text, torch_dtype, device_map, trust_remote_code, local, allow_pickle)
+    cached_only = False
+    if not local:
+        close = close_preset(text) if "/" not in text else None
+        if close:
+            raise ValueError(f"unknown preset {text!r}; did you mean {close}?")
+        cached_only = not hub_reachable()
+        if cached_only and not _hub_cached(text):
+            raise ValueError(f"cannot load {text!r}: the Hugging Face hub ({_hub_host()[0]}) cannot be reached (offline, "
+                             "or HF_HUB_OFFLINE set) and the model is not in the local cache; give a preset "
+                             f"({', '.join(PRESETS)}), a local folder or a .gguf file")
+    hf, tok = _from_pretrained(str(path) if local else text, torch_dtype, device_map, trust_remote_code,
+                               local or cached_only, allow_pickle)
     model = Model(hf, tokenizer or tok, name=path.name if local else text)
     return model if device_map else _place(model, device, None)
+
+
+def close_preset(name: str) -> str | None:
+    """The preset a mistyped name most likely means ('smollm2-13m' -> 'smollm2-135m'), or None."""
+    lowered = {p.lower(): p for p in PRESETS}
+    close = difflib.get_close_matches(name.strip().lower(), lowered, n=1, cutoff=0.7)
+    return lowered[close[0]] if close else None
+
+
+def _hub_host() -> tuple[str, int]:
+    """Where a hub request first goes: the HTTPS proxy when one is set, else the hub's host."""
+    proxy = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy") if os.environ.get(k)), None)
+    url = urlparse(proxy if proxy and "://" in proxy else f"http://{proxy}" if proxy
+                   else os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub can be reached: False under HF_HUB_OFFLINE, else one quick TCP connect.
+
+    Checked once before a hub load, so an offline machine fails at once instead of through the hub
+    client's retries (a minute of "Retrying" lines)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        with socket.create_connection(_hub_host(), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """Whether a hub model's config is in the local Hugging Face cache (loadable offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an invalid repo id, or no cache at all
+        return False
 
 
 def _place(model: Model, device: str | None, dtype: torch.dtype | None) -> Model:

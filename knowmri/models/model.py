@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -96,6 +97,25 @@ class Model(HeadWeights):
         hf_model.eval()
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        if self.kind == "seq2seq":
+            self._fill_decoder_start()
+
+    def _fill_decoder_start(self) -> None:
+        """Give a seq2seq config without `decoder_start_token_id` (transformers 5 builds T5 that way from a
+        config) the generation config's, or else the pad token (T5's own start token)."""
+        config, generation = self.config, getattr(self.hf_model, "generation_config", None)
+        start = getattr(config, "decoder_start_token_id", None)
+        if start is None and generation is not None:
+            start = getattr(generation, "decoder_start_token_id", None)
+        if start is None:
+            start = getattr(config, "pad_token_id", None)
+        if start is None:
+            start = self.tokenizer.pad_token_id
+        if start is None:
+            raise ValueError(f"{self.architecture} has no decoder_start_token_id and no pad token to start the decoder with")
+        config.decoder_start_token_id = int(start)
+        if generation is not None and getattr(generation, "decoder_start_token_id", None) is None:
+            generation.decoder_start_token_id = int(start)
 
     # ----------------------------------------------------------------- components
     @property
@@ -214,6 +234,7 @@ class Model(HeadWeights):
         if answer is not None:
             answer = self.normalize_answer(prompt, answer)
             answer_ids = self._answer_ids(prompt, prompt_ids, answer)
+            self._warn_partial_tokens(answer, answer_ids)
         if self.kind == "causal":
             ids = prompt_ids + answer_ids[:-1]
             positions = [len(prompt_ids) - 1 + i for i in range(len(answer_ids))]
@@ -236,6 +257,16 @@ class Model(HeadWeights):
         if limit is not None and enc.input_ids.shape[1] > limit:
             raise ValueError(f"the input is {enc.input_ids.shape[1]} tokens, longer than the model's context of {limit}")
         return enc
+
+    def _warn_partial_tokens(self, answer: str, answer_ids: list[int]) -> None:
+        """Warn (once per answer) when the answer's tokens are pieces of characters (an emoji's bytes), whose
+        scores say little about the answer; the warning names the tokens that are scored."""
+        if "\ufffd" in answer or not any("\ufffd" in self.tokenizer.decode([i]) for i in answer_ids):
+            return
+        names = self.tokenizer.convert_ids_to_tokens(answer_ids)
+        scored = ", ".join(f"{i} {n!r}" for i, n in zip(answer_ids, names))
+        warnings.warn(f"the answer {answer!r} is not made of whole tokens of {self.name}: its characters are split "
+                      f"into byte pieces; the tokens scored are {scored}", UserWarning, stacklevel=2)
 
     def _with_special_tokens(self, ids: list[int]) -> list[int]:
         """`ids` wrapped in the tokenizer's special tokens (BERT: [CLS] ... [SEP]).

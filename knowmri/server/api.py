@@ -3,6 +3,7 @@
 Every input is checked before it reaches the library: bodies by pydantic (`schemas`), model specs
 by the catalog, method names by the registry, hyper-parameters by each method's `Params`, dataset
 names and indices against the built-ins. Bad input is a 4xx with a message; unknown ids a 404.
+A run whose estimated time or memory is over the server's caps is refused (400) before it is queued.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from knowmri.server.errors import ApiError, bad_request, not_found
-from knowmri.server.modelspec import ModelCache, ModelCatalog
+from knowmri.server.limits import RunLimits
+from knowmri.server.modelspec import ModelCache, ModelCatalog, ModelRef
 from knowmri.server.schemas import MAX_TEXT, InputBody, MatchBody, ParseBody, RunBody
 from knowmri.server.store import RunStore
 from knowmri.server.worker import LiveState, Worker
 
 RUN_ID = re.compile(r"^[0-9a-f]{16}$")
 MAX_QUEUED = 100
-TERMINAL = ("done", "error")
+TERMINAL = ("done", "error", "cancelled")
 
 
 @dataclass
@@ -40,6 +42,7 @@ class ServerState:
     live: LiveState
     worker: Worker | None
     token: str | None = None
+    limits: RunLimits = field(default_factory=RunLimits)
     _datasets: dict[str, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -68,6 +71,13 @@ class ServerState:
         except Exception as err:  # any loading failure of a user-given spec: say why, never a 500
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise bad_request(f"could not load the model {spec!r}: {message}") from None
+
+    def model_at_hand(self, ref: ModelRef) -> Any | None:
+        """The model for a ref when it comes without a download or a folder of unknown weights: a registered
+        model, a preset (from its package; loaded once into the cache) or one already loaded; else None."""
+        if ref.kind in ("registered", "preset"):
+            return self.load_model(ref.key)
+        return self.models.peek(ref)
 
     def run_state(self, run_id: str, *, report: bool = True) -> dict[str, Any]:
         """A run as the API shows it, with live progress when the worker has fresher news."""
@@ -169,7 +179,7 @@ def health(request: Request) -> dict[str, Any]:
     return {"status": "ok", "version": __version__, "runs": state.store.count(),
             "worker": {"enabled": worker is not None, "current": worker.current if worker else None,
                        "queued": worker.pending() if worker else 0},
-            "models_loaded": state.models.loaded(), "auth": bool(state.token)}
+            "models_loaded": state.models.loaded(), "auth": bool(state.token), "limits": state.limits.to_dict()}
 
 
 @router.get("/models")
@@ -258,7 +268,7 @@ def create_run(request: Request, body: RunBody) -> dict[str, Any]:
     from knowmri.methods.base import get_method
 
     state = state_of(request)
-    state.catalog.resolve(body.model)
+    ref = state.catalog.resolve(body.model)
     sample, extra = _sample_of(state, body)
     if body.methods is not None:
         for name in body.methods:
@@ -269,6 +279,7 @@ def create_run(request: Request, body: RunBody) -> dict[str, Any]:
     params = _check_params(body.methods, body.params)
     if state.worker is not None and state.worker.pending() >= MAX_QUEUED:
         raise ApiError(429, f"{MAX_QUEUED} runs are already waiting; try again when some have finished")
+    _check_limits(state, ref, sample, body.methods, params)
     given = {k: v for k, v in (("text", body.text), ("sample", body.sample), ("dataset", body.dataset)) if v is not None}
     if "index" in extra:
         given["index"] = extra["index"]
@@ -279,9 +290,27 @@ def create_run(request: Request, body: RunBody) -> dict[str, Any]:
     return {"id": run_id, "status": "queued", **({"missing": extra["missing"]} if "missing" in extra else {})}
 
 
+def _check_limits(state: ServerState, ref: ModelRef, sample: Any, methods: list[str] | None,
+                  params: dict[str, dict[str, Any]]) -> None:
+    """Refuse a run whose estimate is over the server's caps (when its model is at hand; the worker
+    checks the others once it has loaded them)."""
+    import knowmri as km
+
+    if state.limits.max_seconds is None and state.limits.max_memory_bytes is None:
+        return
+    model = state.model_at_hand(ref)
+    if model is None:
+        return
+    if methods is None:
+        methods = [m.name for m in km.match(sample, model) if m.eligible]
+    refusal = state.limits.check(model, sample, methods, params)
+    if refusal:
+        raise bad_request(refusal)
+
+
 @router.get("/runs")
 def list_runs(request: Request, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=10_000_000),
-              status: str | None = Query(None, pattern="^(queued|running|done|error)$")) -> dict[str, Any]:
+              status: str | None = Query(None, pattern="^(queued|running|done|error|cancelled)$")) -> dict[str, Any]:
     state = state_of(request)
     runs = state.store.list(limit=limit, offset=offset, status=status)
     for run in runs:
@@ -304,9 +333,27 @@ def delete_run(request: Request, run_id: str) -> dict[str, Any]:
     return {"id": run_id, "deleted": True}
 
 
+@router.post("/runs/{run_id}/cancel")
+def cancel_run(request: Request, run_id: str) -> dict[str, Any]:
+    """Cancel a queued or running run; it is `cancelled` at once, and the worker stops computing it at
+    the method's next progress report or transformer block. Cancelling again is fine; a finished run, 409."""
+    state = state_of(request)
+    run = state.run_state(run_id, report=False)
+    if run["status"] in TERMINAL and run["status"] != "cancelled":
+        raise ApiError(409, f"run {run_id} is {run['status']} already; only queued or running runs can be cancelled")
+    progress = {**(run.get("progress") or {}), "stage": "cancelled", "message": "cancelled"}
+    if state.store.cancel(run_id, progress) and state.worker is not None:  # the store first: it decides
+        state.worker.cancel(run_id)
+        state.live.set(run_id, "cancelled", progress)
+    run = state.run_state(run_id, report=False)
+    if run["status"] != "cancelled":  # it finished between the two reads
+        raise ApiError(409, f"run {run_id} is {run['status']} already; only queued or running runs can be cancelled")
+    return run
+
+
 @router.get("/runs/{run_id}/events")
 async def run_events(request: Request, run_id: str) -> Any:
-    """Server-sent events: `progress` while the run changes, then one `done` or `error`, then the end."""
+    """Server-sent events: `progress` while the run changes, then one `done`, `error` or `cancelled`, then the end."""
     from sse_starlette.sse import EventSourceResponse
 
     state = state_of(request)

@@ -30,6 +30,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from knowmri.server.api import ServerState, json_error, router
 from knowmri.server.errors import ApiError
+from knowmri.server.limits import DEFAULT_MAX_SECONDS, default_limits
 from knowmri.server.modelspec import ModelCache, ModelCatalog
 from knowmri.server.store import RunStore
 from knowmri.server.worker import LiveState, Worker
@@ -43,7 +44,8 @@ LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 
 def create_app(home: str | Path | None = None, token: str | None = None, worker: bool = True,
                model_roots: list[str | Path] | None = None, models: dict[str, Any] | None = None, *,
-               allowed_hosts: list[str] | None = None, cache_size: int = 2, device: str | None = None) -> FastAPI:
+               allowed_hosts: list[str] | None = None, cache_size: int = 2, device: str | None = None,
+               max_run_seconds: float | None = DEFAULT_MAX_SECONDS, max_run_memory: int | None = None) -> FastAPI:
     """The ASGI app.
 
     `home` holds `runs.sqlite` and the default model root (`$KNOWMRI_HOME`, default ~/.knowmri).
@@ -51,12 +53,16 @@ def create_app(home: str | Path | None = None, token: str | None = None, worker:
     them (API tests). `model_roots` are the folders local models may be loaded from (besides
     `home/models`). `models` registers in-process models by name (an embedding and test hook).
     `allowed_hosts` rejects other Host headers (DNS-rebinding guard for a loopback server).
+    `max_run_seconds` and `max_run_memory` (bytes; default 3/4 of the RAM, or of the GPU's memory
+    with device cuda) cap one run's estimate; 0 or None turns a cap off (None keeps the memory default).
+    On shutdown the worker stops the current run and the run store is checkpointed and closed.
     """
     from knowmri.methods.base import load_builtin_methods
     from knowmri.models.loading import load_model
     from knowmri.models.presets import home as default_home
 
     load_builtin_methods()  # once, before requests arrive from several threads
+    limits = default_limits(device, max_run_seconds, max_run_memory)
     root = Path(home).expanduser() if home is not None else default_home()
     store = RunStore(root / "runs.sqlite")
     interrupted = store.recover()
@@ -66,14 +72,16 @@ def create_app(home: str | Path | None = None, token: str | None = None, worker:
     catalog = ModelCatalog(registered, [*(Path(r) for r in model_roots or []), root / "models"])
     cache_ = ModelCache(catalog, size=cache_size, device=device)
     live = LiveState()
-    runner = Worker(store, cache_, live) if worker else None
-    state = ServerState(store=store, catalog=catalog, models=cache_, live=live, worker=runner, token=token or None)
+    runner = Worker(store, cache_, live, limits) if worker else None
+    state = ServerState(store=store, catalog=catalog, models=cache_, live=live, worker=runner, token=token or None,
+                        limits=limits)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
         yield
         if runner is not None:
             runner.stop()
+        store.close()
 
     public_docs = not token  # with a token, no unauthenticated schema pages either
     app = FastAPI(title="knowmri", version=_version(), lifespan=lifespan, docs_url="/api/docs" if public_docs else None,
@@ -213,14 +221,25 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _describe_limits(limits: Any) -> str:
+    from knowmri.run_cost import format_bytes, format_seconds
+
+    caps = [f"{format_seconds(limits.max_seconds)} (--max-run-seconds)" if limits.max_seconds else "",
+            f"{format_bytes(limits.max_memory_bytes)} of memory (--max-run-memory)" if limits.max_memory_bytes else ""]
+    caps = [c for c in caps if c]
+    return f"runs estimated above {' or '.join(caps)} are refused" if caps else "runs are not capped"
+
+
 def _default_device() -> str | None:
     import torch
 
     return "cuda" if torch.cuda.is_available() else None
 
 
-def serve(host: str = "127.0.0.1", port: int = 8000, token: str | None = None) -> int:
-    """Run the UI with uvicorn until interrupted. A non-loopback address needs a token.
+def serve(host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
+          max_run_seconds: float | None = DEFAULT_MAX_SECONDS, max_run_memory: int | None = None) -> int:
+    """Run the UI with uvicorn until interrupted (Ctrl+C or SIGTERM: the store is closed cleanly).
+    A non-loopback address needs a token. `max_run_seconds`/`max_run_memory` cap one run (see `create_app`).
 
     Environment: `KNOWMRI_HOME` (run store, default model root), `KNOWMRI_MODEL_ROOTS` (more folders
     local models may be loaded from, `os.pathsep`-separated), `KNOWMRI_DEVICE` (cpu or cuda; default
@@ -237,9 +256,11 @@ def serve(host: str = "127.0.0.1", port: int = 8000, token: str | None = None) -
         raise ValueError(f"port {port} is out of range")
     roots = [r for r in os.environ.get("KNOWMRI_MODEL_ROOTS", "").split(os.pathsep) if r.strip()]
     app = create_app(token=token, model_roots=roots, allowed_hosts=LOOPBACK_HOSTS if loopback else None,
-                     device=os.environ.get("KNOWMRI_DEVICE") or _default_device())
+                     device=os.environ.get("KNOWMRI_DEVICE") or _default_device(),
+                     max_run_seconds=max_run_seconds, max_run_memory=max_run_memory)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{'[' + shown + ']' if ':' in shown else shown}:{port}/" + (f"?token={token}" if token else "")
     print(f"knowmri: serving the UI at {url}  (Ctrl+C to stop)", flush=True)
+    print(f"knowmri: {_describe_limits(app.state.knowmri.limits)}", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0

@@ -9,6 +9,7 @@ never trusted.
 
 from __future__ import annotations
 
+import difflib
 import re
 import threading
 from collections import OrderedDict
@@ -58,8 +59,11 @@ class ModelCatalog:
             return ModelRef("hub", spec)
         if spec.startswith(("/", "~")):
             return ModelRef("local", str(self._local(spec)))
-        known = ", ".join(sorted([*self.registered, *PRESETS]))
-        raise bad_request(f"unknown model {spec!r}: use a preset or registered name ({known}), "
+        names = sorted([*self.registered, *PRESETS])
+        close = difflib.get_close_matches(spec, names, n=1, cutoff=0.7)
+        if close:
+            raise bad_request(f"unknown model {spec!r}: did you mean {close[0]}?")
+        raise bad_request(f"unknown model {spec!r}: use a preset or registered name ({', '.join(names)}), "
                           "a Hugging Face id such as org/name, or the absolute path of a folder under an allowed root")
 
     def _local(self, spec: str) -> Path:
@@ -120,6 +124,13 @@ class ModelCache:
             model = self._load(ref)
             self._models[ref] = model
             return model
+
+    def peek(self, ref: ModelRef) -> Any | None:
+        """The model for a ref if it is at hand (registered or already loaded), without loading it."""
+        if ref.kind == "registered":
+            return self.catalog.registered[ref.key]
+        with self._lock:
+            return self._models.get(ref)
 
     def _load(self, ref: ModelRef) -> Any:
         from knowmri.models.loading import load_model

@@ -3,6 +3,13 @@
 Only this thread runs methods, so no two methods ever hook the same model at once. Live
 progress is kept in memory (read by the SSE stream and GET /api/runs/{id}) and written to the
 store at most about once a second, and always at the end.
+
+Cancelling (and stopping the server) is checked at every progress report of a method and, for
+the long stretches some methods spend between reports (thousands of patched forward passes, a
+generation), before every transformer block the worker thread runs. A cancelled run raises
+`RunCancelled` there, which unwinds the method (its hooks and context managers clean up as for
+any exception) up to this worker. Like KeyboardInterrupt it is not an `Exception`, so no "one
+failing method never sinks a report" handler turns it into a method error and goes on.
 """
 
 from __future__ import annotations
@@ -14,10 +21,13 @@ import queue
 import threading
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+from knowmri.server.limits import RunLimits
 from knowmri.server.modelspec import ModelCache
-from knowmri.server.store import RunStore
+from knowmri.server.store import INTERRUPTED, RunStore
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +45,14 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+class RunCancelled(BaseException):
+    """Raised inside a run (at a progress report or before a block) to stop it: cancelled, or the server stopping."""
+
+
 class LiveState:
-    """The latest status and progress of active runs, with a version counter per run."""
+    """The latest status and progress of active runs, with a version counter per run.
+
+    A cancelled run's state is final: the worker, which may still be unwinding it, cannot bring it back."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -44,6 +60,8 @@ class LiveState:
 
     def set(self, run_id: str, status: str, progress: dict[str, Any]) -> None:
         with self._lock:
+            if self._runs.get(run_id, {}).get("status") == "cancelled":
+                return
             version = self._runs.get(run_id, {}).get("version", 0) + 1
             self._runs[run_id] = {"status": status, "progress": copy.deepcopy(progress), "version": version}
 
@@ -60,29 +78,45 @@ class LiveState:
 class Worker:
     """Runs queued runs in one background thread; `submit` enqueues a run id."""
 
-    def __init__(self, store: RunStore, models: ModelCache, live: LiveState) -> None:
+    def __init__(self, store: RunStore, models: ModelCache, live: LiveState, limits: RunLimits | None = None) -> None:
         self.store = store
         self.models = models
         self.live = live
+        self.limits = limits or RunLimits(None, None)
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._cancelled: set[str] = set()
+        self._stopping = False
         self.current: str | None = None
 
     def start(self) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
+                self._stopping = False
                 self._thread = threading.Thread(target=self._loop, name="knowmri-model-worker", daemon=True)
                 self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Ask the thread to finish after the current run (queued runs stay queued in the store)."""
+        """Stop the thread: the current run is interrupted at its next check (and marked so);
+        queued runs stay queued in the store (the next start marks them interrupted)."""
         with self._lock:
             thread = self._thread
             self._thread = None
+            self._stopping = True
         if thread is not None and thread.is_alive():
             self._queue.put(None)
             thread.join(timeout)
+
+    def cancel(self, run_id: str) -> None:
+        """Stop `run_id` at its next check if it is running (or skip it when it comes up)."""
+        with self._lock:
+            self._cancelled.add(run_id)
+
+    def check(self, run_id: str) -> None:
+        """Raise RunCancelled if `run_id` was cancelled or the worker is stopping."""
+        if self._stopping or run_id in self._cancelled:
+            raise RunCancelled(run_id)
 
     def submit(self, run_id: str) -> None:
         self.live.set(run_id, "queued", {"fraction": 0.0, "stage": "queued", "message": "waiting for the model worker"})
@@ -94,17 +128,35 @@ class Worker:
     def _loop(self) -> None:
         while True:
             run_id = self._queue.get()
-            if run_id is None:
+            if run_id is None or self._stopping:  # runs still queued stay so in the store
                 return
             self.current = run_id
             try:
                 self._run(run_id)
+            except RunCancelled:
+                self._stopped(run_id)
             except Exception as err:  # the worker must survive anything a run does
                 log.error("run %s failed:\n%s", run_id, traceback.format_exc())
-                self._fail(run_id, f"internal error: {type(err).__name__}: {err}")
+                try:
+                    self._fail(run_id, f"internal error: {type(err).__name__}: {err}")
+                except Exception:  # the store itself failed (closed at shutdown): nothing left to record
+                    log.error("could not record the failure of run %s:\n%s", run_id, traceback.format_exc())
             finally:
                 self.current = None
+                with self._lock:
+                    self._cancelled.discard(run_id)
                 self.live.drop(run_id)
+
+    def _stopped(self, run_id: str) -> None:
+        """A run that RunCancelled ended: cancelled by the user (the API already marked it), or by a shutdown."""
+        if run_id in self._cancelled:
+            log.info("run %s was cancelled", run_id)
+            return
+        log.warning("run %s was interrupted by the server stopping", run_id)
+        try:
+            self.store.fail(run_id, INTERRUPTED, {"fraction": 1.0, "stage": "error", "message": INTERRUPTED})
+        except Exception:  # the store is closing too; the next start marks the run interrupted
+            log.debug("could not mark run %s interrupted", run_id, exc_info=True)
 
     def _fail(self, run_id: str, message: str) -> None:
         progress = {"fraction": 1.0, "stage": "error", "message": message}
@@ -118,9 +170,10 @@ class Worker:
         from knowmri.sample import Sample
 
         run = self.store.get(run_id, report=False)
-        if run is None or run["status"] != "queued":
+        if run is None or run["status"] != "queued" or run_id in self._cancelled:
             return
-        self.store.start(run_id)
+        if not self.store.start(run_id):  # cancelled between the two calls
+            return
         progress: dict[str, Any] = {"fraction": 0.0, "stage": "loading", "message": f"loading {run['model']}",
                                     "methods": {}}
         self._publish(run_id, progress, force=True)
@@ -137,11 +190,21 @@ class Worker:
         if not methods:
             self._fail(run_id, "no method applies to this input and model")
             return
+        self.check(run_id)
+        try:  # checked when the run was created if the model was at hand then; hub and local models only now
+            refusal = self.limits.check(model, sample, methods, run["params"])
+        except ValueError as err:  # the input does not suit this model: the run itself says so below
+            log.debug("no estimate for run %s: %s", run_id, err)
+            refusal = None
+        if refusal:
+            self._fail(run_id, refusal)
+            return
         total = len(methods)
         progress.update(stage="running", total=total, methods={m: "queued" for m in methods})
         last_save = [time.monotonic()]
 
         def step(name: str, fraction: float, message: str) -> None:
+            self.check(run_id)
             index = methods.index(name) if name in methods else 0
             progress["methods"][name] = "done" if fraction >= 1.0 else "running"
             progress.update(method=name, index=index, method_fraction=round(fraction, 4), message=message,
@@ -152,13 +215,15 @@ class Worker:
             self._publish(run_id, progress, force=force)
 
         try:
-            report = diagnose(sample, model, methods=methods, params=run["params"] or None, progress=step,
-                              consensus=False)
+            with self._cancellable(model, run_id):
+                report = diagnose(sample, model, methods=methods, params=run["params"] or None, progress=step,
+                                  consensus=False)
         except ValueError as err:  # the input does not suit this model (too long, odd answer): the user's error
             self._fail(run_id, str(err))
             return
         for name, result in report.results.items():
             progress["methods"][name] = result.status
+        self.check(run_id)
         progress.update(stage="consensus", fraction=0.96, message="comparing the methods' findings")
         self._publish(run_id, progress, force=False)
         report.consensus = build_consensus(report, model=model, sample=sample)
@@ -167,6 +232,23 @@ class Worker:
         progress.update(stage="done", fraction=1.0, message="done")
         self.store.finish(run_id, data, progress)
         self.live.set(run_id, "done", progress)
+
+    @contextmanager
+    def _cancellable(self, model: Any, run_id: str) -> Iterator[None]:
+        """Check for a cancel before each transformer block this thread runs (a no-op call otherwise), so a
+        run stops within one block's time even deep inside a method's loop."""
+        worker = threading.get_ident()
+
+        def check(module: Any, args: Any) -> None:
+            if threading.get_ident() == worker:  # a request thread's forward pass is not this run's
+                self.check(run_id)
+
+        handles = [layer.register_forward_pre_hook(check) for layer in getattr(model, "layers", ())]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _publish(self, run_id: str, progress: dict[str, Any], *, force: bool) -> None:
         self.live.set(run_id, "running", progress)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 import threading
 from pathlib import Path
 
-from knowmri.server.store import INTERRUPTED, RunStore
+import pytest
+
+from knowmri.server.store import CANCELLED, INTERRUPTED, RunStore
 
 
 def make(store: RunStore, prompt: str = "The Eiffel Tower is in") -> str:
@@ -72,3 +76,60 @@ def test_concurrent_writers_and_readers(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert not errors and store.count() == 120 == len(set(ids))
+
+
+def test_cancel_is_final(tmp_path: Path) -> None:
+    store = RunStore(tmp_path / "runs.sqlite")
+    queued, running, done = make(store), make(store), make(store)
+    store.start(running)
+    store.finish(done, {"results": {}}, {"fraction": 1.0})
+    assert store.cancel(queued, {"stage": "cancelled"}) and store.cancel(running, {"stage": "cancelled"})
+    assert not store.cancel(done, {"stage": "cancelled"}) and not store.cancel(queued, {"stage": "cancelled"})
+    assert not store.start(queued)  # a worker that comes to it late leaves it alone
+    store.set_progress(running, {"fraction": 0.9})
+    store.finish(running, {"results": {}}, {"fraction": 1.0})
+    store.fail(queued, "late failure")
+    for run_id in (queued, running):
+        run = store.get(run_id)
+        assert run["status"] == "cancelled" and run["error"] == CANCELLED and run["report"] is None
+        assert run["progress"] == {"stage": "cancelled"}
+    assert store.get(done)["status"] == "done" and store.count("cancelled") == 2
+    assert store.recover() == []
+
+
+def test_close_checkpoints_the_wal_into_the_main_file(tmp_path: Path) -> None:
+    path = tmp_path / "runs.sqlite"
+    store = RunStore(path)
+    ids = [make(store, "x" * 500) for _ in range(20)]
+    assert Path(f"{path}-wal").stat().st_size > 0
+    store.close()
+    store.close()  # twice is fine
+    wal = Path(f"{path}-wal")
+    assert not wal.exists() or wal.stat().st_size == 0
+    assert path.stat().st_size > 4096
+    with pytest.raises(RuntimeError, match="closed"):
+        store.get(ids[0])
+    assert sorted(r["id"] for r in RunStore(path).list(limit=100)) == sorted(ids)
+
+
+def test_an_empty_store_file_is_kept_aside_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "runs.sqlite"
+    path.write_bytes(b"")
+    Path(f"{path}-wal").write_bytes(b"frames of a lost store")
+    with caplog.at_level(logging.WARNING, logger="knowmri.server.store"):
+        store = RunStore(path)
+    assert "empty (0 bytes)" in caplog.text and str(path) in caplog.text
+    kept = sorted(p.name for p in tmp_path.iterdir() if ".empty-" in p.name)
+    assert len(kept) == 2 and kept[1].endswith("-wal")
+    assert (tmp_path / kept[1]).read_bytes() == b"frames of a lost store"
+    make(store)
+    assert store.count() == 1
+
+
+def test_a_file_that_is_not_a_database_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "runs.sqlite"
+    path.write_bytes(b"not a database at all" * 200)
+    with pytest.raises(sqlite3.DatabaseError, match="file is not a database") as err:
+        RunStore(path)
+    assert str(path) in str(err.value)
+    assert path.read_bytes().startswith(b"not a database")  # left as it was
