@@ -119,8 +119,8 @@ class EmbeddingProjection(Method):
 
     def estimate(self, model: Any, sample: Sample, params: Params | None = None) -> Estimate:
         """The clean pass (with heads); the value-vector and embedding norms (once per process); the
-        vectors read in the vocabulary (every layer's residual, the top neurons, the chosen heads' OV
-        circuit per prompt token, the prompt tokens' embeddings) projected in chunks of
+        vectors read in the vocabulary (every layer's residual, twice with a final norm, the top neurons, the
+        chosen heads' OV circuit per prompt token, the prompt tokens' embeddings) projected in chunks of
         PROJECT_CHUNK_BYTES, whose float32 scores and the rank grid [layers, top_k, vocab] are the peak."""
         from knowmri.methods.costs import (
             Dims,
@@ -139,7 +139,8 @@ class EmbeddingProjection(Method):
         dims = Dims.of(model)
         unique = shape.prompt  # distinct prompt tokens (at most)
         heads = len(p.heads) if p.heads else min(p.top_heads, dims.layers * dims.heads)
-        rows = dims.layers + p.top_neurons + heads * unique + unique
+        both = 2 if model.final_norm is not None else 1  # the residual stream is read with and without the norm
+        rows = both * dims.layers + p.top_neurons + heads * unique + unique
         chunk = min(rows, max(1, PROJECT_CHUNK_BYTES // (4 * dims.vocab)))
         full, rest = divmod(rows, chunk)
         passes = [*prepare_passes(model, shape), *clean_pass_passes(model, shape, shape.answer + 1),

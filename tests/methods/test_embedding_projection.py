@@ -1,6 +1,7 @@
 """Embedding projection: the four projections against direct computations, and the planted head and neuron."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,8 +169,9 @@ def test_smollm2(smollm2):
     assert f["target_rank"][-1] == 1 and f["first_top1_layer"] >= smollm2.n_layers // 2
     assert len(f["heads"]) == 2 and len(f["neurons"]) == 5
     assert " Tower" in f["neighbours"]
-    raw = run(smollm2, FACT, top_neurons=0, top_heads=0, n_neighbours=1).findings  # the paper's projection
-    assert raw["target_rank"][-1] < 100
+    raw = run(smollm2, FACT, final_norm=False, top_neurons=0, top_heads=0, n_neighbours=1).findings  # the paper's
+    assert raw["target_rank"][-1] < 100 and raw["target_rank"] == f["target_rank_direct"]
+    assert not raw["agrees_with_output"] and raw["warnings"]
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -200,3 +202,20 @@ def test_pca_coords_equal_the_svd_up_to_sign(n, d, dims):
     for axis in range(want.shape[1]):
         sign = np.sign(want[:, axis] @ got[:, axis]) or 1.0
         assert np.allclose(got[:, axis], sign * want[:, axis], atol=1e-8)
+
+
+KNOWN_1000 = Path("/work/shared/data/known_1000/known_1000.json")
+
+
+@pytest.mark.smollm2
+def test_smollm2_last_layer_agrees_with_the_output_on_known_facts(smollm2):
+    """Real known_1000 facts SmolLM2 answers: through the final norm (the default) the last layer ranks the answer
+    first, as the model does; the raw projection, shown beside it, ranks it in the thousands."""
+    if not KNOWN_1000.is_file():
+        pytest.skip(f"needs {KNOWN_1000}")
+    by_prompt = {s["prompt"]: s for s in km.load_dataset("known_1000", path=str(KNOWN_1000))}
+    for prompt in ["Catalonia belongs to the continent of", "Vichy France's capital,"]:
+        f = run(smollm2, by_prompt[prompt], top_neurons=2, top_heads=1, n_neighbours=2).findings
+        assert f["final_norm"] and f["agrees_with_output"] and f["warnings"] == [] and f["holds"]
+        assert f["target_rank"][-1] == 1 and f["first_top1_layer"] is not None
+        assert f["target_rank_direct"][-1] > 100
