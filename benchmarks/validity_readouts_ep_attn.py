@@ -87,6 +87,7 @@ def main() -> None:
             "ep_first_top1_layer": ep["first_top1_layer"], "ep_holds": ep["holds"], "ep_warnings": ep["warnings"],
             "ep_seconds": round(ep_s, 3),
             "aw_sinks": aw["sinks"], "aw_basis": aw["head_score_basis"],
+            "aw_position0_sink_heads": aw["sink_heads"][0], "aw_other_sink_heads_max": max(aw["sink_heads"][1:]),
             "aw_headline": [top["layer"], top["head"], round(top["score"], 4), round(top["share"], 4)],
             "aw_headline_counts_a_sink": float(top["score"]) > clean_mass(aw, per_head, subject) + 1e-5,
             "aw_headline_is_sink_head": bool(aw["sinks"]) and int(per_head[top["layer"], top["head"]].argmax())
@@ -106,6 +107,9 @@ def main() -> None:
         "ep_direct_median_rank_last_layer": statistics.median(r["ep_rank_direct_last"] for r in rows),
         "ep_holds": sum(r["ep_holds"] for r in rows),
         "aw_position0_sink": sum(0 in r["aw_sinks"] for r in rows),
+        "aw_position0_sink_heads_range": [min(r["aw_position0_sink_heads"] for r in rows),
+                                          max(r["aw_position0_sink_heads"] for r in rows)],
+        "aw_other_positions_sink_heads_max": max(r["aw_other_sink_heads_max"] for r in rows),
         "aw_subject_at_position0": sum(r["prompt"].startswith(r["subject"] or "\0") for r in rows),
         "aw_headline_counts_a_sink": sum(r["aw_headline_counts_a_sink"] for r in rows),
         "aw_headline_head_argmax_is_sink": sum(r["aw_headline_is_sink_head"] for r in rows),
