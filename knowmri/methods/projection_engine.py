@@ -4,9 +4,10 @@ large products.
 `top_neurons` picks the MLP neurons that write most at a position (|activation| x ||value vector||, the
 norms from `value_norms`, once per weight), `head_output_norms` and `ov_outputs` what the heads write
 there and what their OV circuits write for each prompt token; `VocabularyReader` reads all of them
-through the unembedding (or the final norm and the unembedding) together with the prompt tokens'
-nearest neighbours among the input embeddings (`embedding_norms`), batching the products with
-`project_parts`; `pca_coords` maps the neighbours.
+through the final norm and the unembedding (as the model reads its last layer) or the unembedding alone,
+reads the residual stream the other way too (shown beside it), and finds the prompt tokens' nearest
+neighbours among the input embeddings (`embedding_norms`), batching the products with `project_parts`;
+`pca_coords` maps the neighbours.
 """
 
 from __future__ import annotations
@@ -88,10 +89,13 @@ def ov_outputs(model: Any, chosen: list[tuple[int, int]], token_ids: list[int]) 
 
 @dataclass
 class VocabularyRead:
-    """What `VocabularyReader.read` found: every layer's logits [L, vocab], the top token ids of the neurons' and
-    the OV outputs' rows, and the prompt tokens' nearest neighbours (cosine similarities and ids)."""
+    """What `VocabularyReader.read` found: every layer's logits [L, vocab], the same read the other way
+    (`other_logits`, through the final norm when `logits` is not and vice versa; None when the model has no
+    final norm), the top token ids of the neurons' and the OV outputs' rows, and the prompt tokens' nearest
+    neighbours (cosine similarities and ids)."""
 
     logits: torch.Tensor
+    other_logits: torch.Tensor | None
     neuron_ids: torch.Tensor
     ov_ids: torch.Tensor
     neighbour_sims: torch.Tensor
@@ -99,12 +103,16 @@ class VocabularyRead:
 
 
 class VocabularyReader:
-    """Reads vectors in the vocabulary through the unembedding (directly, the paper, or through the final norm,
-    the logit lens), and the prompt tokens' nearest neighbours in the input embedding space; all in a few
-    large products (`project_parts`). Vectors stay in the model's dtype (no float32 copy of a large vocabulary)."""
+    """Reads vectors in the vocabulary through the final norm and the unembedding (`final_norm`, the logit lens:
+    how the model reads its last layer) or through the unembedding alone (the raw projection), the residual
+    stream both ways where the model has a final norm, and the prompt tokens' nearest neighbours in the input
+    embedding space; all in a few large products (`project_parts`). Vectors stay in the model's dtype (no
+    float32 copy of a large vocabulary)."""
 
     def __init__(self, model: Any, token_ids: list[int], *, final_norm: bool, top_k: int, n_neighbours: int) -> None:
-        self.model, self.final_norm = model, final_norm
+        self.model = model
+        self.both = model.final_norm is not None  # without a final norm the two readings are one
+        self.final_norm = final_norm and self.both
         self.unembed = model.unembedding  # [V, d]
         self.emb = model.embed_module.weight
         self.k = min(top_k, model.vocab_size)
@@ -112,11 +120,13 @@ class VocabularyReader:
         self.query_ids = torch.tensor(token_ids, device=self.emb.device)
         self.n_neighbours = min(n_neighbours, model.vocab_size - 1)
 
-    def project(self, vectors: torch.Tensor) -> torch.Tensor:
-        vectors = vectors.to(device=self.unembed.device, dtype=self.unembed.dtype)
-        if self.final_norm:
-            return self.model.readout(vectors).float()
-        return (vectors @ self.unembed.T).float()
+    def normed(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Logits through the final norm (and the model's own read-out scaling), as the model reads its output."""
+        return self.model.readout(vectors.to(device=self.unembed.device, dtype=self.unembed.dtype)).float()
+
+    def direct(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Logits by the unembedding alone (no final norm)."""
+        return (vectors.to(device=self.unembed.device, dtype=self.unembed.dtype) @ self.unembed.T).float()
 
     def inner(self, vectors: torch.Tensor) -> torch.Tensor:
         """Dot products with every input embedding."""
@@ -141,16 +151,22 @@ class VocabularyReader:
 
     def read(self, resid: torch.Tensor, neurons: torch.Tensor, ovs: list[torch.Tensor]) -> VocabularyRead:
         """Residual states [L, d], neuron vectors [n, d] and OV outputs in the vocabulary; the neighbours."""
-        project = self.project  # one bound method: `project_parts` batches the parts that share a function
-        # With tied embeddings (and no final norm) the neighbours' dot products are the same product.
-        neighbour_fn = project if self.emb is self.unembed and not self.final_norm else self.inner
-        (logits,), (neuron_ids,), (ov_ids,), (nb_vals, nb_ids) = project_parts([
-            (project, self.cast(resid), self.whole),
-            (project, self.cast(neurons), self.top_ids),
-            (project, self.cast(torch.cat(ovs)) if ovs else self.cast(resid[:0]), self.top_ids),
-            (neighbour_fn, self.emb[self.query_ids], self.neighbours),
-        ], width=self.model.vocab_size)
-        return VocabularyRead(logits, neuron_ids, ov_ids, nb_vals, nb_ids)
+        # One bound method per function: `project_parts` batches consecutive parts that share one. With tied
+        # embeddings the raw projection and the neighbours' dot products are the same product.
+        direct, normed = self.direct, self.normed
+        project, other = (normed, direct) if self.final_norm else (direct, normed)
+        neighbour_fn = direct if self.emb is self.unembed else self.inner
+        parts = {
+            "resid": (project, self.cast(resid), self.whole),
+            "neurons": (project, self.cast(neurons), self.top_ids),
+            "ovs": (project, self.cast(torch.cat(ovs)) if ovs else self.cast(resid[:0]), self.top_ids),
+            "other": (other, self.cast(resid if self.both else resid[:0]), self.whole),
+            "neighbours": (neighbour_fn, self.emb[self.query_ids], self.neighbours),
+        }
+        order = sorted(parts, key=lambda name: parts[name][0] is not project)  # parts sharing a function together
+        out = dict(zip(order, project_parts([parts[name] for name in order], width=self.model.vocab_size)))
+        return VocabularyRead(out["resid"][0], out["other"][0] if self.both else None, out["neurons"][0],
+                              out["ovs"][0], *out["neighbours"])
 
 
 def project_parts(parts: list[tuple[Any, torch.Tensor, Any]], width: int) -> list[tuple[torch.Tensor, ...]]:

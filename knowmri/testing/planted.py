@@ -293,3 +293,47 @@ def planted_model(style: str, seed: int = 0, variant: str = "enrich") -> Planted
 @cache
 def _cached_planted(style: str, variant: str, seed: int) -> Planted:
     return build_planted(style, seed, variant=variant)
+
+
+SINK_PROMPT = "Eiffel Tower is located in the city of"
+SINK_OTHER_PROMPT = "Brandenburg Gate is located in the city of"
+
+
+@torch.no_grad()
+def build_planted_sink(seed: int = 0, noise: float = 0.01) -> Planted:
+    """The GPT-2-style "enrich" planted model with an attention sink on position 0, prompted with the subject
+    first ("Eiffel Tower is located in the city of", no BOS token), as SmolLM2 prompts are.
+
+    Position 0's learned position embedding gets a "sink" direction (zero-mean, orthogonal to the planted
+    features), and every head but the planted one queries with a constant (its query bias) and keys on that
+    direction, so from every query it puts ~all its attention on position 0, which is the subject's first token;
+    their OV circuits stay noise, so the sink writes nothing and the fact is still carried by the planted
+    neuron and head alone. Attention mass "on the subject" counted with the sink makes every such head look like
+    a subject reader; only the planted head reads the subject's last token."""
+    base = build_planted("gpt2", seed, noise)
+    hf, tok = base.model.hf_model, base.model.tokenizer
+    _, junk = _directions(torch.Generator().manual_seed(seed))  # the generator's first draw, as in build_planted
+    sink = junk[:, -1]
+    hf.transformer.wpe.weight[0] += 6.0 * sink
+    for layer, block in enumerate(hf.transformer.h):
+        for head in range(N_HEADS):
+            if (layer, head) == base.head:
+                continue
+            col = head * D_HEAD + D_HEAD - 1  # a query/key dimension the planted head does not use
+            block.attn.c_attn.bias[col] = 10.0  # constant query
+            block.attn.c_attn.weight[:, D_MODEL + col] = sink  # key: the sink direction
+    hf.config._name_or_path = "planted-gpt2-sink"
+    model = Model(hf, tok, name="planted-gpt2-sink")
+    span = model.token_span(SINK_PROMPT, "Eiffel Tower")
+    if span.start != 0:
+        raise ValueError("the sink variant's subject must start the prompt")
+    sample = Sample(prompt=SINK_PROMPT, ground_truth=" Paris", triple_subject="Eiffel Tower",
+                    triple_relation="is located in the city of", triple_object="Paris", target_new=" Rome")
+    other = Sample(prompt=SINK_OTHER_PROMPT, ground_truth=" Berlin", triple_subject="Brandenburg Gate",
+                   triple_relation="is located in the city of", triple_object="Berlin", target_new=" Rome")
+    return Planted(
+        model=model, sample=sample, other_sample=other, neuron=base.neuron, neuron_position=span.stop - 1,
+        head=base.head, subject_span=span, answer_id=base.answer_id,
+        answer_layer=_answer_layer(model, SINK_PROMPT, base.answer_id), other_answer_id=base.other_answer_id,
+        other_neuron=base.other_neuron, last_position=model.encode(SINK_PROMPT).last, variant="enrich",
+    )
