@@ -258,8 +258,10 @@ class KnowledgeCircuits(Method):
         faith = f["faithfulness"]
         if faith is None:
             text += f"The circuit of the top {result.params['top_n']} edges"
-        elif faith["sized_by"] == "faithfulness":
+        elif faith["sized_by"] == "faithfulness" and faith["recovered"] >= faith["target"]:
             text += f"The smallest circuit that recovers {faith['target']:.0%} of it on its own"
+        elif faith["sized_by"] == "faithfulness":
+            text += f"No circuit recovers {faith['target']:.0%} of it; the most faithful one"
         else:
             text += f"The circuit of the top {faith['chosen_size']} edges"
         text += (f" ({f['method'].upper()}) keeps {len(edges)} edges between {len(heads)} attention heads and "
