@@ -1,5 +1,6 @@
 """The knowledge-circuits engine (`knowledge_circuits` runs it): edge attribution patching (Syed et al.
-2023) and EAP-IG (Hanna et al. 2024) on HF models, node-level patching and the corrupted subject.
+2023) and EAP-IG (Hanna et al. 2024) on HF models. The corrupted input is chosen in
+`circuits_corruption`, the circuit's size and faithfulness in `circuits_search`.
 
 The graph: `input` (the residual entering block 0: embeddings, plus positions where the model
 has them), every attention head `a{l}.h{h}` (its output projected by its slice of the output
@@ -38,19 +39,6 @@ from typing import Any
 import torch
 
 from knowmri.hooks import Hooks, site
-
-#: Well-known subjects of several kinds, to swap for the sample's subject (same token length).
-SUBJECTS: tuple[str, ...] = (
-    "Brandenburg Gate", "Colosseum", "Big Ben", "Statue of Liberty", "Great Wall", "Taj Mahal", "Golden Gate Bridge",
-    "Sydney Opera House", "Leaning Tower of Pisa", "Kremlin", "Acropolis", "Sagrada Familia", "Empire State Building",
-    "Barack Obama", "Albert Einstein", "William Shakespeare", "Isaac Newton", "Marie Curie", "Lionel Messi",
-    "Michael Jordan", "Serena Williams", "Mozart", "Picasso", "Napoleon", "Cleopatra", "Leonardo da Vinci",
-    "Charles Darwin", "Frida Kahlo", "Nelson Mandela", "Queen Elizabeth", "Apple", "Microsoft", "Google", "Amazon",
-    "Toyota", "Nokia", "Samsung", "Volkswagen", "Nintendo", "iPhone", "Windows", "Android", "Python", "Paris",
-    "Berlin", "Rome", "London", "Tokyo", "Madrid", "Moscow", "Beijing", "Cairo", "Athens", "Lisbon", "Vienna",
-    "France", "Germany", "Italy", "Japan", "Spain", "Russia", "China", "Canada", "Australia", "Egypt", "Greece",
-    "the Nile", "the Amazon River", "Mount Everest", "the Sahara", "Lake Victoria", "the Danube",
-)
 
 
 @dataclass
@@ -304,44 +292,3 @@ def prune(edges: list[tuple[str, str, float]]) -> list[tuple[str, str, float]]:
                 to_logits.add(src)
                 changed = True
     return [e for e in edges if e[0] in from_input and e[1] in to_logits]
-
-
-@torch.no_grad()
-def patched_metric(model: Any, clean_ids: torch.Tensor, keep: set[str], corrupted: dict[str, torch.Tensor], answer: int,
-                   wrong: int, metric: str) -> float:
-    """The metric when every head and MLP outside `keep` outputs its corrupted activation (node-level patching)."""
-    with Hooks(model) as h:
-        for layer in range(model.n_layers):
-            off = [i for i in range(model.n_heads) if f"a{layer}.h{i}" not in keep]
-            if off:
-                h.replace(site(layer, "attn.heads"), corrupted[site(layer, "attn.heads")][None][:, :, off], units=off)
-            if f"m{layer}" not in keep:
-                h.replace(site(layer, "mlp.out"), corrupted[site(layer, "mlp.out")][None])
-        return float(answer_metric(forward_logits(model, clean_ids.to(model.device)), answer, wrong, metric)[0])
-
-
-@torch.no_grad()
-def choose_subject(model: Any, prompt: str, subject: str, clean_ids: list[int], answer: int,
-                   candidates: tuple[str, ...] = SUBJECTS, limit: int = 24) -> tuple[str, list[int], int, int] | None:
-    """Of the first `limit` candidate subjects with the same token count (and no unknown tokens),
-    the one that most lowers P(answer), scored in one batch.
-
-    Returns (subject, corrupted prompt ids, the corrupted run's top token, candidates scored) or None.
-    """
-    start = prompt.rindex(subject)
-    unk = model.tokenizer.unk_token_id
-    options: list[tuple[str, list[int]]] = []
-    for cand in candidates:
-        if cand.lower() == subject.lower():
-            continue
-        ids = model.encode(prompt[:start] + cand + prompt[start + len(subject):]).input_ids[0].tolist()
-        if len(ids) == len(clean_ids) and (unk is None or unk not in ids) and ids != clean_ids:
-            options.append((cand, ids))
-        if len(options) == limit:
-            break
-    if not options:
-        return None
-    logits = forward_logits(model, torch.tensor([ids for _, ids in options], device=model.device))[:, -1].float()
-    best = int(logits.softmax(-1)[:, answer].argmin())
-    top2 = logits[best].topk(2).indices.tolist()
-    return options[best][0], options[best][1], top2[1] if top2[0] == answer else top2[0], len(options)

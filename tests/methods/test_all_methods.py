@@ -15,7 +15,7 @@ FACT = {"prompt": "The Eiffel Tower is located in the city of", "ground_truth": 
         "target_new": " Rome", "prompts": ["The Eiffel Tower is located in the city of", "The Eiffel Tower is in the city of"]}
 
 #: Small settings so the matrix stays fast; names that a method does not have are ignored.
-QUICK = {"samples": 2, "window": 2, "steps": 2, "ig_steps": 2, "max_new_tokens": 4, "epochs": 2, "top_n": 10,
+QUICK = {"samples": 2, "window": 2, "steps": 2, "ig_steps": 2, "max_new_tokens": 4, "epochs": 2,
          "vocab_limit": 200, "hidden_dim": 32, "internal_batch_size": 4}
 
 
