@@ -220,11 +220,12 @@ def names_entity(decoded: str, reference: str, source_token: str, target_prompt:
 
 
 def is_echo(decoded: str, reference: str, source_token: str, target_prompt: str = "") -> bool:
-    """Whether the decode's first line only repeats the source token's text: it contains the token's word
-    but no word of `reference` beyond it (`names_entity` is False)."""
+    """Whether the decode's first line only repeats the source token's text: a word there starts with the
+    token's text but no word of `reference` beyond it is named (`names_entity` is False)."""
     own = source_token.strip().lower()
     line = first_line(decoded).lower()
-    return bool(own) and own in line and not names_entity(decoded, reference, source_token, target_prompt)
+    starts_a_word = own and re.search(rf"(?<!\w){re.escape(own)}", line) is not None
+    return bool(starts_a_word) and not names_entity(decoded, reference, source_token, target_prompt)
 
 
 @register_method
