@@ -2,13 +2,18 @@
 into a separate target prompt and letting the model continue.
 
 The source prompt runs once and every layer's residual stream at the source position is kept. The target
-prompt (default the paper's identity prompt "cat -> cat; 1135 -> 1135; hello -> hello; ?") then runs once as a
-batch of n_layers rows: row l has the source's layer-l state written over the target position's layer-l
-output (or over a fixed target layer). The target tokens before the patched position cannot see the patch,
-so they run once and their KV cache is shared by all rows; the patched pass fills the cache and greedy
-decoding goes on from it, all rows at once. Since the patch touches only a prompt position, this equals
-re-running the patched prompt at every step (`decode_per_layer`, the straightforward loop, kept as the
-reference for tests and benchmarks).
+prompt (default the paper's few-shot entity-description prompt, "Syria: Country in the Middle East ...
+x", with each example's description starting with its name so that a resolved entity can be checked by
+name) then runs once as a batch of n_layers rows: row l has the source's layer-l state written over the
+placeholder's layer-l output (or over a fixed target layer). The target tokens before the patched position
+cannot see the patch, so they run once and their KV cache is shared by all rows; the patched pass fills the
+cache and greedy decoding goes on from it, all rows at once. Since the patch touches only a prompt
+position, this equals re-running the patched prompt at every step (`decode_per_layer`, the straightforward
+loop, kept as the reference for tests and benchmarks).
+
+A decode counts as naming the subject only when its first line names a word of the subject that the source
+token's own text does not contain (`names_entity`): the source state of " Islands" decoding to "Islands" is
+an echo of the token (`is_echo`), not evidence that "Marshall Islands" was resolved.
 """
 
 from __future__ import annotations
@@ -27,13 +32,20 @@ from knowmri.report import figures
 from knowmri.sample import Sample
 
 IDENTITY_PROMPT = "cat -> cat; 1135 -> 1135; hello -> hello; ?"
+ENTITY_PROMPT = (
+    "Syria: Syria is a country in the Middle East\n"
+    "Leonardo DiCaprio: Leonardo DiCaprio is an American actor\n"
+    "Samsung: Samsung is a South Korean multinational corporation\n"
+    "x"
+)
 
 
 @dataclass
 class PatchscopesParams(Params):
     target_prompt: str = field(
-        default=IDENTITY_PROMPT,
-        metadata={"help": "prompt the representation is patched into (default: the paper's identity prompt)"},
+        default=ENTITY_PROMPT,
+        metadata={"help": "prompt the representation is patched into (default: the paper's few-shot entity "
+                  "description prompt, patched at its last placeholder 'x')"},
     )
     source_position: int = field(
         default=-1,
@@ -48,7 +60,7 @@ class PatchscopesParams(Params):
     target_layer: str = field(
         default="same", metadata={"help": "layer patched in the target: 'same' as the source layer, or a number"}
     )
-    max_new_tokens: int = field(default=8, metadata={"help": "greedy tokens decoded from each patched target"})
+    max_new_tokens: int = field(default=10, metadata={"help": "greedy tokens decoded from each patched target"})
 
     def validate(self) -> None:
         if not 1 <= self.max_new_tokens <= 64:
@@ -178,6 +190,44 @@ def mentions(text: str, reference: str) -> bool:
     return any(w and re.search(rf"(?<!\w){re.escape(w)}", low) for w in words)
 
 
+def words(text: str) -> list[str]:
+    """The lower-cased words of `text` with 3+ characters (shorter ones are too common to name anything)."""
+    return [w for w in re.findall(r"\w+", text.lower()) if len(w) >= 3]
+
+
+def first_line(text: str) -> str:
+    """The decode's first non-empty line: the description; later lines are the model inventing more examples."""
+    return next((line for line in text.split("\n") if line.strip()), "")
+
+
+def entity_words(reference: str, source_token: str, target_prompt: str = "") -> list[str]:
+    """The words of `reference` a decode must name to show more than the source token: words that the source
+    token's text does not contain (" Islands" contains "islands") and that the target prompt does not offer."""
+    own = source_token.strip().lower()
+    offered = set(words(target_prompt))
+    return [w for w in dict.fromkeys(words(reference)) if w not in own and w not in offered]
+
+
+def _names_word(text: str, word: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(word)}(?:'?s)?(?!\w)", text.lower()) is not None
+
+
+def names_entity(decoded: str, reference: str, source_token: str, target_prompt: str = "") -> bool:
+    """Whether the decode's first line names `reference` beyond the source token's own text: it contains a
+    whole word of `reference` (plural or possessive allowed) from `entity_words`."""
+    line = first_line(decoded)
+    return any(_names_word(line, w) for w in entity_words(reference, source_token, target_prompt))
+
+
+def is_echo(decoded: str, reference: str, source_token: str, target_prompt: str = "") -> bool:
+    """Whether the decode's first line only repeats the source token's text: a word there starts with the
+    token's text but no word of `reference` beyond it is named (`names_entity` is False)."""
+    own = source_token.strip().lower()
+    line = first_line(decoded).lower()
+    starts_a_word = own and re.search(rf"(?<!\w){re.escape(own)}", line) is not None
+    return bool(starts_a_word) and not names_entity(decoded, reference, source_token, target_prompt)
+
+
 @register_method
 class Patchscopes(Method):
     name = "patchscopes"
@@ -239,28 +289,40 @@ class Patchscopes(Method):
 
         subject = sample.get("triple_subject")
         expected = subject or prep.answer.strip()
-        candidates = expected_tokens(model, expected)
-        expected_prob = probs[:, :, candidates].amax(-1)  # [L, steps]
-        scores = expected_prob.amax(-1).tolist()
+        source_token = prep.tokens[src]
         step_probs = probs.gather(-1, tokens[..., None]).squeeze(-1).tolist()
         decoded = [tok.decode(row.tolist(), skip_special_tokens=True) for row in tokens]
         decoded_tokens = [[tok.decode([int(t)]) for t in row] for row in tokens]
-        recovered = [mentions(text, expected) for text in decoded]
-        answer_recovered = [mentions(text, prep.answer) for text in decoded]
-        hits = [layer for layer, ok in enumerate(recovered) if ok]
+        named_words = entity_words(expected, source_token, used_prompt)
+        named = [names_entity(text, expected, source_token, used_prompt) for text in decoded]
+        echoes = [is_echo(text, expected, source_token, used_prompt) for text in decoded]
+        answer_recovered = [mentions(first_line(text), prep.answer) for text in decoded]
+        spelled = [w for w in re.findall(r"\w+", expected) if w.lower() in named_words]
+        candidates = expected_tokens(model, " ".join(spelled)) if spelled else []
+        scores = probs[:, :, candidates].amax(-1).amax(-1).tolist() if candidates else [0.0] * n_layers
+        hits = [layer for layer, ok in enumerate(named) if ok]
+        echo_layers = [layer for layer, ok in enumerate(echoes) if ok]
+        warnings = []
+        if not named_words:
+            warnings.append(f"every word of {expected!r} is in the source token {source_token!r} (or the target prompt): "
+                            "a decode naming it cannot be told from an echo of the token, so none is counted")
 
         result = self.new_result(params)
-        source_token = prep.tokens[src]
         result.findings = {
             "decoded": decoded,
             "decoded_tokens": decoded_tokens,
             "step_probs": step_probs,
-            "layer_scores": [{"layer": i, "score": s} for i, s in enumerate(scores)],
             "expected": expected,
             "expected_kind": "subject" if subject else prep.answer_source,
-            "subject_recovered": recovered,
+            "entity_words": named_words,
+            "entity_word_prob": [{"layer": i, "score": s} for i, s in enumerate(scores)],
+            "subject_recovered": named,
+            "echo": echoes,
+            "echo_layers": echo_layers,
             "answer_recovered": answer_recovered,
             "recovered_layers": hits,
+            "decode_rate": [{"layer": i, "rate": float(ok)} for i, ok in enumerate(named)],
+            "holds": bool(hits),
             "source_position": src,
             "source_token": source_token,
             "target_prompt": used_prompt,
@@ -268,23 +330,34 @@ class Patchscopes(Method):
             "target_layer": params.target_layer,
             "answer": prep.answer,
         }
+        if hits:  # the layers it decodes at; none when nothing was decoded, so no consensus layer
+            result.findings["layer_scores"] = [{"layer": i, "score": float(ok)} for i, ok in enumerate(named)]
+        if warnings:
+            result.findings["warnings"] = warnings
         what = f"the subject {subject!r}" if subject else f"the answer {prep.answer.strip()!r}"
         where = f"token {src} ({source_token!r})"
+        beyond = f"beyond the source token's own text (one of {', '.join(map(repr, named_words))})" if named_words else ""
         if hits:
             span = f"layer {hits[0]}" if len(hits) == 1 else f"layers {hits[0]} to {hits[-1]}"
             gaps = "" if len(hits) == hits[-1] - hits[0] + 1 else f" ({len(hits)} of those layers)"
-            best = max(range(n_layers), key=lambda i: scores[i])
             result.summary = (
-                f"Patched into the target prompt, the hidden state of {where} decodes to text naming {what} "
-                f"from {span}{gaps}; the identity is decodable there. One of its words is most likely in "
-                f"layer {best} (p={scores[best]:.3f}). Layer 0 decodes to {decoded[0]!r}, the last layer to "
-                f"{decoded[-1]!r}."
+                f"Patched into the target prompt, the hidden state of {where} decodes to a description naming "
+                f"{what} {beyond} at {span}{gaps}; the identity is decodable there. Layer {hits[0]} decodes to "
+                f"{first_line(decoded[hits[0]])!r}."
             )
         else:
             result.summary = (
-                f"No layer's hidden state of {where} decodes to text naming {what} through the target "
-                f"prompt {used_prompt!r}; layer 0 decodes to {decoded[0]!r} and the last layer to {decoded[-1]!r}."
+                f"No layer's hidden state of {where} decodes to a description naming {what}"
+                f"{' ' + beyond if beyond else ''} through the target prompt; nothing is decoded. Layer 0 decodes "
+                f"to {first_line(decoded[0])!r} and the last layer to {first_line(decoded[-1])!r}."
             )
+        if echo_layers:
+            result.summary += (
+                f" At {len(echo_layers)} layer{'s' if len(echo_layers) > 1 else ''} the decode only repeats the source "
+                f"token's text {source_token.strip()!r} (an echo, not counted)."
+            )
+        for w in warnings:
+            result.summary += f" Warning: {w}."
         if used_prompt != params.target_prompt:
             result.summary += (
                 f" (Words the tokenizer does not know were dropped from the target prompt: {used_prompt!r}.)"
@@ -305,18 +378,18 @@ class Patchscopes(Method):
             ),
         )
         result.add_figure(
-            "Expected token by layer",
+            "Entity word by layer",
             figures.lines(
                 list(range(n_layers)),
-                {f"max P({expected!r})": scores},
-                title=f"Highest probability of a word of {expected!r} while decoding",
+                {"max P(entity word)": scores},
+                title=f"Highest probability of a word of {expected!r} beyond the source token while decoding",
                 x_title="layer",
                 y_title="probability",
             ),
         )
         result.add_table(
             "Patchscopes decoding",
-            ["layer", "decoded", f"names {expected!r}", "score"],
-            [[i, decoded[i], recovered[i], round(scores[i], 5)] for i in range(n_layers)],
+            ["layer", "decoded", f"names {expected!r}", "echo", "max P(entity word)"],
+            [[i, decoded[i], named[i], echoes[i], round(scores[i], 5)] for i in range(n_layers)],
         )
         return result

@@ -58,7 +58,8 @@ def _check(name: str, half: dict[str, Any], full: dict[str, Any], planted: Plant
     elif name == "knowledge_circuits":
         assert {(e["src"], e["dst"]) for e in half["edges"][:3]} == {(e["src"], e["dst"]) for e in full["edges"][:3]}
     elif name == "patchscopes":
-        _close(_scores(half["layer_scores"]), _scores(full["layer_scores"]), 0.05)
+        _close(_scores(half["entity_word_prob"]), _scores(full["entity_word_prob"]), 0.05)
+        assert half["holds"] == full["holds"]
     elif name == "embedding_projection":
         assert half["first_top1_layer"] == full["first_top1_layer"]
         assert _top(half["neurons"], "layer", "unit") == _top(full["neurons"], "layer", "unit")

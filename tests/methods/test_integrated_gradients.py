@@ -1,5 +1,8 @@
-"""Integrated gradients: the planted subject ranks first, equality with Captum, completeness,
-every model kind, and the Eiffel Tower fact on SmolLM2."""
+"""Integrated gradients: the planted subject ranks first, equality with Captum, completeness (steps double
+until it holds), every model kind, the Eiffel Tower fact and real known_1000 facts on SmolLM2."""
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,9 +122,53 @@ def test_other_kinds(family):
 
 def test_bad_params():
     method = get_method("integrated_gradients")
-    for bad in ({"steps": 0}, {"baseline": "mean"}, {"method": "simpson"}, {"objective": "logit"}):
+    for bad in ({"steps": 0}, {"baseline": "mean"}, {"method": "simpson"}, {"objective": "logit"}, {"max_steps": 0},
+                {"tolerance": 0}):
         with pytest.raises(ValueError):
             method.Params.from_dict(bad)
+
+
+def test_steps_double_until_complete_and_reuse_points():
+    model = tiny_model("gpt2")
+    enc = model.encode(FACT["prompt"], " Paris")
+    out = integrated_gradients(model, enc, steps=2, method="riemann_right", max_steps=256, tolerance=0.01)
+    steps = [n for n, _ in out["history"]]
+    assert steps[0] == 2 and all(b == 2 * a for a, b in zip(steps, steps[1:])) and out["steps"] == steps[-1]
+    assert out["history"][-1][1] <= 0.01 < out["history"][0][1]
+    assert out["points"] == out["steps"]  # the right rule's points at n are among those at 2n: none recomputed
+    fixed = integrated_gradients(model, enc, steps=out["steps"], method="riemann_right")
+    torch.testing.assert_close(out["attributions"], fixed["attributions"], rtol=1e-4, atol=1e-7)
+    gl = integrated_gradients(model, enc, steps=2, method="gausslegendre", max_steps=8, tolerance=1e-9)
+    assert [n for n, _ in gl["history"]] == [2, 4, 8] and gl["points"] == 2 + 4 + 8  # Gauss-Legendre nodes do not nest
+
+
+def test_stopped_short_is_a_warning():
+    model = tiny_model("gpt2")
+    sample = km.Sample(prompt=FACT["prompt"], ground_truth=" Paris", triple_subject="Eiffel Tower")
+    result = run(model, sample, steps=2, max_steps=4, tolerance=1e-6)
+    f = result.findings
+    assert f["steps"] == 4 and [h["steps"] for h in f["steps_history"]] == [2, 4]
+    assert "stopped short" in f["warnings"][0] and "stopped short" in result.summary
+    # The subject's share is read against its share of the tokens.
+    assert f["subject_token_share"] == pytest.approx(len(range(*f["subject_span"])) / len(f["token_scores"]))
+    assert f["subject_dominance"] == pytest.approx(f["subject_share"] / f["subject_token_share"])
+    assert "its share of tokens" in result.summary
+
+
+KNOWN_1000 = Path("/work/shared/data/known_1000/known_1000.json")
+
+
+@pytest.mark.smollm2
+def test_smollm2_real_facts_are_complete(smollm2):
+    if not KNOWN_1000.is_file():
+        pytest.skip("the real known_1000 file is not in /work/shared/data")
+    records = {r["subject"]: r for r in json.loads(KNOWN_1000.read_text())}
+    for subject in ("Marshall Islands", "Rhine"):  # 7% and 15% short at 20 steps of the right rule
+        r = records[subject]
+        f = run(smollm2, km.Sample(prompt=r["prompt"], ground_truth=" " + r["attribute"], triple_subject=subject)).findings
+        assert f["completeness_gap_relative"] <= 0.05 and "warnings" not in f
+        assert f["steps"] == 40 and f["gradient_points"] == 40
+        assert 0 < f["subject_token_share"] < 1 and f["subject_dominance"] > 0
 
 
 @pytest.mark.smollm2
