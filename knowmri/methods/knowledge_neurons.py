@@ -195,14 +195,22 @@ class KnowledgeNeurons(Method):
                         for lay, u, s in nr.ranked(total, 5)],
             })
         mean = torch.stack([t for t, _ in totals]).mean(0)
-        kept, counts = kn.refine([c for _, c in totals], params.p)
-        order = mean[kept].argsort(descending=True)
-        idx = kept.nonzero()[order]
-        refined = [(int(lay), int(u)) for lay, u in idx]
         top = nr.ranked(mean, params.top_k)
         controls = nc.control_prompts(model, sample, params.controls, first.answer) if params.controls else []
-        candidates = list(dict.fromkeys(refined + [(lay, u) for lay, u, _ in top]))[: params.screen]
-        screened = nc.screen_cached(model, fact, controls, candidates, ctx.cache) if controls and candidates else {}
+        screened: dict[tuple[int, int], dict[str, Any]] = {}
+
+        def screen(keys: list[tuple[int, int]]) -> None:
+            if controls and keys:
+                screened.update(nc.screen_cached(model, fact, controls, keys, ctx.cache))
+
+        screen(nr.top_keys(mean, params.screen))
+        for _ in range(2):  # the threshold is relative to the strongest neuron that is not generic; then its top 5 screened
+            generic = [key for key, e in screened.items() if e["generic"]]
+            refined, counts, kept = self._refine([t for t, _ in totals], mean, [] if params.keep_generic else generic, params)
+            fresh = [key for key in refined[:5] if key not in screened]
+            if not fresh:
+                break
+            screen(fresh)
         generic = [key for key, e in screened.items() if e["generic"]]
         located = [key for key in refined if params.keep_generic or key not in generic]
         gain = nr.final_norm_gain(model) if params.use_final_norm else None
@@ -258,6 +266,22 @@ class KnowledgeNeurons(Method):
                          [[d["prompt"], "yes" if d["paraphrase"] else "", ", ".join(f"{p:.3f}" for p in d["probabilities"]),
                            round(d["max_attribution"], 6), d["n_coarse"]] for d in details])
         return result
+
+    @staticmethod
+    def _refine(totals: list[torch.Tensor], mean: torch.Tensor, generic: list[tuple[int, int]],
+                params: KnowledgeNeuronsParams) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
+        """Dai et al.'s threshold per prompt and refinement over the prompts, with the `generic` neurons left
+        out first (so the threshold is relative to the strongest of the others): the refined set by mean
+        attribution, each neuron's prompt count and the refined mask."""
+        masked = []
+        for total in totals:
+            total = total.clone()
+            for layer, unit in generic:
+                total[layer, unit] = 0.0
+            masked.append(kn.coarse_neurons(total, params.threshold))
+        kept, counts = kn.refine(masked, params.p)
+        idx = kept.nonzero()[mean[kept].argsort(descending=True)]
+        return [(int(lay), int(u)) for lay, u in idx], counts, kept
 
     @staticmethod
     def _paraphrases(model: Any, sample: Sample, fact: nc.Prompt, params: KnowledgeNeuronsParams) -> list[str]:

@@ -192,3 +192,8 @@ def generic_table(generic: list[dict[str, Any]]) -> tuple[str, list[str], list[l
             ["neuron", "score", "ablated: P(answer) change", "unrelated facts' change", "top tokens"],
             [[f"L{n['layer']}.U{n['unit']}", round(n["score"], 6), f"{n['effect']:+.1%}", f"{n['control_effect']:+.1%}",
               " | ".join(n.get("top_tokens", []))] for n in generic])
+
+
+def top_keys(scores: torch.Tensor, k: int) -> list[tuple[int, int]]:
+    """The (layer, unit) of the `k` highest entries of a [n_layers, d_mlp] grid, best first."""
+    return [(lay, u) for lay, u, _ in ranked(scores, k)] if k else []
