@@ -198,42 +198,68 @@ def random_units(model: Any, neurons: Sequence[tuple[int, int]], gen: torch.Gene
 
 def specificity(model: Any, fact: Prompt, controls: Sequence[Prompt], neurons: Sequence[tuple[int, int]],
                 draws: int = 5, seed: int = 0) -> dict[str, Any]:
-    """A located set ablated and amplified (x2) on the fact and on unrelated facts, against `draws`
-    random sets of units of the same layers and count (on the fact), in a few batched forwards.
+    """`specificities` of one located set."""
+    return specificities(model, fact, controls, {"set": list(neurons)}, draws, seed)["set"]
 
-    `own` / `control` / `random` are relative changes of P(answer) when ablated (`random` a mean with its
-    `random_std`), `amplified` / `control_amplified` when doubled; `specificity` is the fact's drop less
-    the larger of the controls' drops (unrelated facts, random units); `holds` says the fact's drop beats
-    both clearly: at least 10%, over twice the unrelated facts' and over twice the random units' (and
-    their mean plus two spreads)."""
-    gen = torch.Generator().manual_seed(seed)
+
+def specificities(model: Any, fact: Prompt, controls: Sequence[Prompt], sets: Mapping[str, Sequence[tuple[int, int]]],
+                  draws: int = 5, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Each located set ablated and amplified (x2) on the fact and on unrelated facts, against `draws`
+    random sets of units of the same layers and count (on the fact), all in a few batched forwards.
+
+    Per set: `own` / `control` / `random` are relative changes of P(answer) when ablated (`random` the
+    mean of the draws, `random_std` their spread; each set's draws from its own generator seeded with
+    `seed`), `own_amplified` / `control_amplified` when doubled; `specificity` is the fact's drop less the
+    larger of the controls' drops (unrelated facts, random units); `holds` says the fact's drop beats both
+    clearly: at least 10%, over twice the unrelated facts' and the random units' (and over the random
+    mean plus two spreads). Without control facts `holds` is False (specificity unchecked)."""
     prompts = [fact, *controls]
     n = len(prompts)
     rows: list[Row] = [(i, {}) for i in range(n)]
-    rows += [(i, neuron_edit(neurons, 0.0)) for i in range(n)]
-    rows += [(i, neuron_edit(neurons, 2.0)) for i in range(n)]
-    rows += [(0, neuron_edit(random_units(model, neurons, gen), 0.0)) for _ in range(draws)]
+    starts = {}
+    for name, neurons in sets.items():
+        gen = torch.Generator().manual_seed(seed)
+        starts[name] = len(rows)
+        rows += [(i, neuron_edit(neurons, 0.0)) for i in range(n)]
+        rows += [(i, neuron_edit(neurons, 2.0)) for i in range(n)]
+        rows += [(0, neuron_edit(random_units(model, neurons, gen), 0.0)) for _ in range(draws)]
     probs = answer_probs(model, prompts, rows)
-    base, ablated, amplified, rand = probs[:n], probs[n:2 * n], probs[2 * n:3 * n], probs[3 * n:]
+    base = probs[:n]
+    return {name: _judged(base, probs[i:i + n], probs[i + n:i + 2 * n], probs[i + 2 * n:i + 2 * n + draws])
+            for name, i in starts.items()}
+
+
+def spread(values: Sequence[float]) -> float:
+    """The sample standard deviation (0 for fewer than two values)."""
+    return float(torch.tensor(list(values), dtype=torch.float64).std()) if len(values) > 1 else 0.0
+
+
+def beats(drop: float, controls: Sequence[tuple[float, float]]) -> bool:
+    """Whether a relative drop clearly beats each control (mean drop, spread): at least 10%, over twice the
+    control's mean and over its mean plus two spreads."""
+    return drop >= 0.1 and all(drop > 2 * max(mean, 0.0) and drop > mean + 2 * std for mean, std in controls)
+
+
+def _judged(base: list[float], ablated: list[float], amplified: list[float], rand: list[float]) -> dict[str, Any]:
     own = relative(ablated[0], base[0])
     controls_ablated = [relative(p, b) for p, b in zip(ablated[1:], base[1:])]
     controls_amplified = [relative(p, b) for p, b in zip(amplified[1:], base[1:])]
-    random_effects = torch.tensor([relative(p, base[0]) for p in rand] or [0.0], dtype=torch.float64)
+    random_effects = [relative(p, base[0]) for p in rand]
     control = sum(controls_ablated) / len(controls_ablated) if controls_ablated else 0.0
-    random_mean = float(random_effects.mean())
-    random_std = float(random_effects.std()) if len(rand) > 1 else 0.0
+    random_mean = sum(random_effects) / len(random_effects) if random_effects else 0.0
+    random_std = spread(random_effects)
     drop, control_drop, random_drop = -own, -control, -random_mean
-    holds = drop >= 0.1 and drop > 2 * max(control_drop, 0.0) and drop > 2 * max(random_drop, 0.0) \
-        and drop > random_drop + 2 * random_std
+    holds = bool(controls_ablated) and beats(drop, [(control_drop, 0.0), (random_drop, random_std)])
     return {
         "base_prob": base[0], "ablated": ablated[0], "amplified": amplified[0],
         "own": own, "own_amplified": relative(amplified[0], base[0]),
-        "control": control, "control_amplified": sum(controls_amplified) / len(controls_amplified) if controls_amplified else 0.0,
-        "control_spread": float(torch.tensor(controls_ablated, dtype=torch.float64).std()) if len(controls_ablated) > 1 else 0.0,
-        "n_controls": len(controls), "controls_base_prob": sum(base[1:]) / len(base[1:]) if controls else None,
+        "control": control, "control_spread": spread(controls_ablated),
+        "control_amplified": sum(controls_amplified) / len(controls_amplified) if controls_amplified else 0.0,
+        "n_controls": len(controls_ablated),
+        "controls_base_prob": sum(base[1:]) / len(base[1:]) if controls_ablated else None,
         "random": random_mean, "random_std": random_std, "random_draws": len(rand),
         "random_ablated": sum(rand) / len(rand) if rand else base[0],
-        "specificity": drop - max(control_drop, random_drop), "holds": bool(holds and controls),
+        "specificity": drop - max(control_drop, random_drop), "holds": holds,
     }
 
 
