@@ -271,8 +271,9 @@ def control_warnings(base_prob: float, n_controls: int, wanted: int) -> list[str
                    "for it is not knowledge of it")
     if n_controls == 0:
         out.append("no unrelated control facts: the effect on other facts (specificity) is not checked")
-    elif n_controls < min(wanted, MIN_CONTROLS):
-        out.append(f"only {n_controls} unrelated control fact(s): the effect on other facts is a rough estimate")
+    elif n_controls < MIN_CONTROLS:
+        out.append(f"only {n_controls} unrelated control fact(s) (of {wanted} asked for; {MIN_CONTROLS} or more are "
+                   "needed): the effect on other facts is a rough estimate")
     return out
 
 
