@@ -53,8 +53,9 @@ def known_facts(model: Any, path: Path, n: int) -> list[Any]:
     return out
 
 
-def mean(xs: list[float]) -> float | None:
-    return statistics.fmean(xs) if xs else None
+def mean(xs: list[float | None]) -> float | None:
+    values = [x for x in xs if x is not None]
+    return statistics.fmean(values) if values else None
 
 
 def main() -> None:
@@ -105,6 +106,8 @@ def main() -> None:
                 "layer_control": c.get("layer_control"),
             }
         per_fact.append(row)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".partial.json").write_text(json.dumps(per_fact, indent=1))
         print(f"[{i + 1}/{len(facts)}] {sample['prompt']!r} -> {sample['ground_truth']!r} ({row['seconds']:.1f} s): "
               + "; ".join(f"{n} own {_pct(row[n].get('own'))} ctrl {_pct(row[n].get('control'))} "
                           f"data {_pct(row[n].get('dataset_control'))} rand {_pct(row[n].get('random'))}"
