@@ -159,7 +159,8 @@ class CausalTracing(Method):
                              for layer in range(L)],
             "layer_scores_kind": layer_kind,
             "peaks": peaks, "sites": [{"site": site(p["layer"], _SITES[k]), "position": p["token"], "token": p["token_text"],
-                                       "score": p["effect"], "kind": k} for k in _SITES if (p := peaks.get(k))],
+                                       "score": p["effect"], "kind": k, "window": 1 if k == "hidden" else params.window}
+                      for k in _SITES if (p := peaks.get(k))],
             "subject_span": {"start": span.start, "stop": span.stop},
             "subject_tokens": tokens[span.start:span.stop], "tokens": tokens, "position": enc.pred_pos,
             "answer": prep.answer, "answer_token": answer, "answer_source": prep.answer_source,

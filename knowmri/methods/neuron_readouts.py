@@ -166,3 +166,34 @@ def top_bar_figure(neurons: list[dict[str, Any]], *, title: str, x_title: str) -
     labels = [neuron_label(n["layer"], n["unit"], n.get("top_tokens")) for n in shown]
     return figures.bars(labels, [n["score"] for n in shown], title=title, x_title=x_title, y_title="neuron",
                         horizontal=True)
+
+
+#: The columns `screen_cells` fills: a neuron's screen against unrelated facts.
+SCREEN_COLUMNS = ("ablated: P(answer) change", "unrelated facts' change", "generic")
+
+
+def screen_fields(entry: dict[str, Any] | None) -> dict[str, Any]:
+    """A neuron's screen result as finding fields (`effect`, `control_effect`, `generic`); {} if unscreened."""
+    if entry is None:
+        return {}
+    return {"effect": entry["effect"], "control_effect": entry["control_effect"], "generic": entry["generic"]}
+
+
+def screen_cells(neuron: dict[str, Any]) -> list[Any]:
+    """The `SCREEN_COLUMNS` cells of a neuron entry (blank where it was not screened)."""
+    if "effect" not in neuron:
+        return ["", "", ""]
+    return [f"{neuron['effect']:+.1%}", f"{neuron['control_effect']:+.1%}", "yes" if neuron["generic"] else ""]
+
+
+def generic_table(generic: list[dict[str, Any]]) -> tuple[str, list[str], list[list[Any]]]:
+    """The table of generic neurons, shown apart from the located ones: (name, columns, rows)."""
+    return ("Generic neurons (ablating one hurts unrelated facts as much; not knowledge of this fact)",
+            ["neuron", "score", "ablated: P(answer) change", "unrelated facts' change", "top tokens"],
+            [[f"L{n['layer']}.U{n['unit']}", round(n["score"], 6), f"{n['effect']:+.1%}", f"{n['control_effect']:+.1%}",
+              " | ".join(n.get("top_tokens", []))] for n in generic])
+
+
+def top_keys(scores: torch.Tensor, k: int) -> list[tuple[int, int]]:
+    """The (layer, unit) of the `k` highest entries of a [n_layers, d_mlp] grid, best first."""
+    return [(lay, u) for lay, u, _ in ranked(scores, k)] if k else []

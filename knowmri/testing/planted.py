@@ -28,6 +28,13 @@ This is the default variant, "enrich" (the fact is looked up at the subject, the
 Here the neuron acts at the answer-predicting position, directly on the answer's logit, which is
 what knowledge neurons (Dai et al.) and FiNE measure; `answer_layer` is the neuron's layer.
 
+The "generic" variant is "recall" plus a generic neuron (`generic_neuron`) beside the fact's, as real
+models have (massive-activation or sink-like units): it fires on every prompt at every position (a
+constant pre-activation) and writes a "common" direction that the unembedding of every answer reads
+(" Paris", " Berlin" and the first tokens of the answers of the control facts,
+`knowmri.data.relations.controls_for(sample)`), so ablating it lowers P(answer) of every fact, related
+or not, while ablating the fact neuron lowers only the Eiffel Tower's.
+
 All other weights are small noise (`noise`), so the planted parts dominate and are the only
 path from the subject to the answer. Two styles: GPT-2 (LayerNorm, learned positions set to
 noise, Conv1D weights) and LLaMA (RMSNorm, gated SiLU MLP with biases, grouped-query attention,
@@ -49,7 +56,7 @@ from knowmri.sample import Sample, Span
 from knowmri.testing.tiny import tiny_tokenizer
 
 STYLES: tuple[str, ...] = ("gpt2", "llama")
-VARIANTS: tuple[str, ...] = ("enrich", "recall")
+VARIANTS: tuple[str, ...] = ("enrich", "recall", "generic")
 
 PROMPT = "The Eiffel Tower is located in the city of"
 OTHER_PROMPT = "The Brandenburg Gate is located in the city of"
@@ -60,7 +67,13 @@ _LAYOUT = {
     ("llama", "enrich"): {"n_layers": 4, "neuron": (0, 91), "other_unit": 12, "head": (2, 3)},
     ("gpt2", "recall"): {"n_layers": 4, "neuron": (2, 101), "other_unit": 44, "head": (1, 2)},
     ("llama", "recall"): {"n_layers": 4, "neuron": (2, 58), "other_unit": 23, "head": (0, 1)},
+    ("gpt2", "generic"): {"n_layers": 4, "neuron": (2, 101), "other_unit": 44, "head": (1, 2), "generic": (3, 77)},
+    ("llama", "generic"): {"n_layers": 4, "neuron": (2, 58), "other_unit": 23, "head": (0, 1), "generic": (3, 99)},
 }
+#: The generic neuron's constant pre-activation and how strongly each answer's unembedding reads its output.
+_GENERIC_DRIVE, _GENERIC_READ = 3.0, 1.0
+#: How much of the answer direction the generic variant's answers no longer read (of 2.0).
+_FACT_UNREAD = 1.5
 D_MODEL, D_MLP, N_HEADS, N_KV_HEADS = 64, 128, 4, 2
 D_HEAD = D_MODEL // N_HEADS
 _ROPE_DIM = D_HEAD // 2 - 1  # the rotary pair (7, 15) has frequency theta**(-14/16) ~ 0
@@ -84,6 +97,7 @@ class Planted:
     other_neuron: tuple[int, int]
     last_position: int
     variant: str = "enrich"
+    generic_neuron: tuple[int, int] | None = None
 
 
 def _directions(gen: torch.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -216,6 +230,9 @@ def _plant(hf: torch.nn.Module, style: str, variant: str, lay: dict, dirs: dict[
     """Write the variant's neurons and head into `hf` (see the module doc)."""
     neuron, head = (_gpt2_neuron, _gpt2_head) if style == "gpt2" else (_llama_neuron, _llama_head)
     (layer, unit), other = lay["neuron"], lay["other_unit"]
+    if variant == "generic":
+        _plant(hf, style, "recall", lay, dirs)
+        return
     if variant == "enrich":
         for u, subject, fact in ((unit, "subject", "fact"), (other, "other_subject", "other_fact")):
             neuron(hf, layer, u, dirs[subject], dirs["flag"] + dirs[fact])
@@ -229,6 +246,40 @@ def _plant(hf: torch.nn.Module, style: str, variant: str, lay: dict, dirs: dict[
          [(dirs["subject"], dirs["fact"] / 8), (dirs["other_subject"], dirs["other_fact"] / 8)])
     for u, fact, answer in ((unit, "fact", "answer"), (other, "other_fact", "other_answer")):
         neuron(hf, layer, u, 1.5 * (dirs["relation"] + dirs[fact]) / 2**0.5, 2.0 * dirs[answer], threshold=10.0)
+
+
+def _control_answers(tok: object) -> list[int]:
+    """The first token of each control fact's answer (`controls_for` the planted sample), as the tiny tokenizer splits it."""
+    from knowmri.data.relations import controls_for
+
+    facts = controls_for({"prompt": PROMPT, "ground_truth": " Paris", "triple_subject": "Eiffel Tower"})
+    return sorted({int(tok(f["ground_truth"], add_special_tokens=False)["input_ids"][0]) for f in facts})  # type: ignore[operator]
+
+
+@torch.no_grad()
+def _plant_generic(hf: torch.nn.Module, style: str, where: tuple[int, int], common: torch.Tensor, answers: list[int],
+                   facts: list[tuple[int, torch.Tensor]]) -> None:
+    """A unit firing at every position (a constant pre-activation) that writes `common`, which the
+    unembedding of each of `answers` reads (see the module doc); the `facts`' answers (token, answer
+    direction) read their direction more weakly, so that they lean on the generic unit too."""
+    layer, unit = where
+    if style == "gpt2":
+        mlp = hf.transformer.h[layer].mlp
+        mlp.c_fc.weight[:, unit] = 0.0
+        mlp.c_fc.bias[unit] = _GENERIC_DRIVE
+        mlp.c_proj.weight[unit] = common
+        unembed = hf.lm_head.weight
+    else:
+        mlp = hf.model.layers[layer].mlp
+        mlp.gate_proj.weight[unit] = 0.0
+        mlp.gate_proj.bias[unit] = _GENERIC_DRIVE
+        mlp.up_proj.weight[unit] = 0.0
+        mlp.up_proj.bias[unit] = 1.0
+        mlp.down_proj.weight[:, unit] = common
+        unembed = hf.lm_head.weight
+    unembed[answers] += _GENERIC_READ * common
+    for token, direction in facts:
+        unembed[token] -= _FACT_UNREAD * direction
 
 
 def _answer_layer(model: Model, prompt: str, answer_id: int) -> int:
@@ -263,6 +314,9 @@ def build_planted(style: str, seed: int = 0, noise: float = 0.01, variant: str =
         torch.manual_seed(seed)
         hf = build(len(tok), tok, lay, dirs, junk, ids, gen, noise)
         _plant(hf, style, variant, lay, dirs)
+        if variant == "generic":
+            _plant_generic(hf, style, lay["generic"], junk[:, -1], [ids["answer"], ids["other_answer"], *_control_answers(tok)],
+                           [(ids[name], dirs[name]) for name in ("answer", "other_answer")])
     hf.to(torch.float32).eval()
     name = f"planted-{style}" if variant == "enrich" else f"planted-{style}-{variant}"
     hf.config._name_or_path = name
@@ -281,7 +335,7 @@ def build_planted(style: str, seed: int = 0, noise: float = 0.01, variant: str =
         neuron_position=span.stop - 1 if variant == "enrich" else enc.last, head=lay["head"], subject_span=span,
         answer_id=ids["answer"], answer_layer=_answer_layer(model, PROMPT, ids["answer"]),
         other_answer_id=ids["other_answer"], other_neuron=(lay["neuron"][0], lay["other_unit"]), last_position=enc.last,
-        variant=variant,
+        variant=variant, generic_neuron=lay.get("generic"),
     )
 
 

@@ -38,18 +38,21 @@ def run(name, model, sample, ctx, **params):
 def test_one_forward_for_the_light_methods_of_one_diagnosis():
     model = tiny_model("llama")
     with counting(model) as calls:
-        report = km.diagnose(km.Sample(FACT), model, methods=LIGHT, progress=False, consensus=False)
+        # FiNE's generic-neuron screen (its own batched pass over control facts) is off here
+        report = km.diagnose(km.Sample(FACT), model, methods=LIGHT, progress=False, consensus=False,
+                             params={"fine": {"controls": 0}})
     assert all(r.status == "ok" for r in report.results.values())
     assert len(calls) == 1
     for name in LIGHT:  # the same findings as a standalone run (its own, fresh context)
-        alone = run(name, model, FACT, RunContext())
+        alone = run(name, model, FACT, RunContext(), **({"controls": 0} if name == "fine" else {}))
         assert alone.findings == report.results[name].findings
 
 
 def test_attention_weights_runs_its_own_eager_pass():
     model = tiny_model("llama")
     with counting(model) as calls:
-        km.diagnose(km.Sample(FACT), model, methods=[*LIGHT, "attention_weights"], progress=False, consensus=False)
+        km.diagnose(km.Sample(FACT), model, methods=[*LIGHT, "attention_weights"], progress=False, consensus=False,
+                    params={"fine": {"controls": 0}})
     assert len(calls) == 2
 
 
@@ -61,8 +64,8 @@ def test_not_reused_across_prompts_or_answers():
         other = run("logit_lens", model, OTHER, ctx).findings
         assert len(calls) == 2
         assert other["target"] == " Rome" and other["target_prob"] != first["target_prob"]
-        run("fine", model, FACT, ctx)
-        run("fine", model, OTHER, ctx)
+        run("fine", model, FACT, ctx, controls=0)
+        run("fine", model, OTHER, ctx, controls=0)
         assert len(calls) == 2  # both passes are kept
         run("logit_lens", model, {**FACT, "ground_truth": " Lyon"}, ctx)  # another answer: other input ids
         assert len(calls) == 3
@@ -106,7 +109,7 @@ def test_prediction_pass_is_shared_without_a_ground_truth():
     ctx = RunContext()
     with counting(model) as calls:
         findings = run("logit_lens", model, {"prompt": FACT["prompt"]}, ctx).findings
-        run("fine", model, {"prompt": FACT["prompt"]}, ctx)
+        run("fine", model, {"prompt": FACT["prompt"]}, ctx, controls=0)
     assert len(calls) == 1
     assert findings["answer_source"] == "model prediction" and findings["target_rank"][-1] == 1
 

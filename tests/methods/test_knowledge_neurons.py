@@ -127,7 +127,8 @@ def test_runs_on_every_family(tiny_family_model) -> None:
     model = tiny_family_model
     result = run(model, Sample(prompt=PROMPT, ground_truth=" Paris", prompts=["The Eiffel Tower is in"]), steps=2, top_k=5)
     f = result.findings
-    assert result.summary and len(result.figures) == 2 and len(result.tables) == 2
+    assert result.summary and len(result.figures) == 2
+    assert len(result.tables) == (3 if f["generic_neurons"] else 2)  # generic neurons get a table of their own
     assert len(f["layer_scores"]) == model.n_layers and f["n_prompts"] == 2
     scores = [n["score"] for n in f["neurons"]]
     assert scores == sorted(scores, reverse=True)

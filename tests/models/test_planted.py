@@ -221,3 +221,20 @@ def test_recall_logit_lens_answer_layer(recall: Planted) -> None:
     assert recall.answer_layer == recall.neuron[0]
     assert all(t != recall.answer_id for t in top[: recall.answer_layer])
     assert all(t == recall.answer_id for t in top[recall.answer_layer:])
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_generic_neuron_fires_everywhere_beside_the_fact_neuron(style: str) -> None:
+    """The "generic" variant: the recall mechanism plus a unit that fires at every position of any prompt."""
+    generic = planted_model(style, variant="generic")
+    model = generic.model
+    assert generic.generic_neuron is not None and generic.generic_neuron != generic.neuron
+    assert model.predict(generic.sample["prompt"], top_k=1)[0][0] == " Paris"
+    layer, unit = generic.generic_neuron
+    for prompt in (generic.sample["prompt"], "The capital of Japan is"):
+        enc = model.encode(prompt)
+        with torch.no_grad(), Hooks(model) as h:
+            cap = h.read(f"blocks.{layer}.mlp.neurons")
+            model.forward(**enc.inputs())
+        assert (cap.value[0, :, unit] > 1.0).all()
+    assert planted_model(style).generic_neuron is None
