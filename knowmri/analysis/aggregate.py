@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from knowmri.analysis.roles import ROLES, token_roles
+from knowmri.analysis.roles import ROLES, pooled_role, token_roles
 from knowmri.report import figures
 from knowmri.report.result import MethodResult
 from knowmri.stats import LEVEL, mean_ci, mean_ci_columns, proportion_ci
@@ -99,7 +99,9 @@ class Aggregator:
         by_role: dict[str, list[float]] = defaultdict(list)
         for s in scores:
             by_role[roles.get(int(s["index"]), "relation")].append(abs(float(s["score"])))
-        by_role["subject"] = [v for k in ROLES if k.startswith("subject") for v in by_role.get(k, [])]
+        for role in ROLES:  # pooled like the consensus: "subject", "relation" (the tokens after the subject)
+            if role in by_role and pooled_role(role) != role:
+                by_role.setdefault(pooled_role(role), []).extend(by_role[role])
         for role, values in by_role.items():
             if values:
                 self.role_per_token[name][role].append(float(np.mean(values)) / mean_all)

@@ -244,9 +244,12 @@ def _warnings(res: Any, peaks: dict, samples: int) -> list[str]:
                    f"(by {drop:.3f}); recovery shares of so small a drop are unreliable.")
     for kind, pk in peaks.items():
         if drop > 0 and pk["effect"] > OVERSHOOT * drop:
+            beyond = pk["ci"][0] > drop
             out.append(f"restoring the {_LABEL[kind]} at {pk['token_text']!r}, layer {pk['layer']} raises P above "
-                       f"the clean run's ({pk['score']:.3f} > {high:.3f}, {pk['effect'] / drop:.0%} of the drop): "
-                       "the restored state does more than undo the noise.")
+                       f"the clean run's ({pk['score']:.3f} > {high:.3f}, {pk['effect'] / drop:.0%} of the drop; "
+                       f"{LEVEL:.0%} CI of the effect {pk['ci'][0]:.3f} to {pk['ci'][1]:.3f}): "
+                       + ("the restored state does more than undo the noise." if beyond else
+                          "within the noise samples' spread, and the best of many cells is biased upwards."))
         if samples > 1 and pk["ci"][0] <= 0:
             out.append(f"the {_LABEL[kind]}'s best effect ({pk['effect']:.3f}) is not distinguishable from 0 "
                        f"({LEVEL:.0%} CI {pk['ci'][0]:.3f} to {pk['ci'][1]:.3f}).")
