@@ -6,10 +6,18 @@ as soon as its findings do: `token_scores` feed the token table (ranks, rank cor
 of importance by token role); `first_top1_layer`, `sites`, `neurons` and `layer_scores` (in that order
 of preference, one source per result) the layers each method points at; `neurons` the neurons found
 by more than one method; `neurons` and `sites` the causal verification.
+
+Only real findings enter the layer, neuron and verification tables: a result whose `holds` is False
+(it found nothing, or its finding failed its own control) points at no layer, site or neuron; a
+`first_top1_layer` of None points at none (the answer never became top-1); `generic` neurons (active
+whatever the fact) are left out; `layer_scores` count only where some layer scores above 0. Each
+layer row carries its evidence: the site's effect and interval, the layer's score (and interval), the
+neurons' share of the top 10, the method's own warnings, and the causal verification's verdict.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -34,14 +42,17 @@ def build_consensus(report: Any, model: Any = None, sample: Any = None, verify: 
 def consensus(report: Any, model: Any = None, sample: Any = None, verify: bool = True, seed: int = 0) -> dict[str, Any]:
     """`build_consensus` without the safety net: errors propagate."""
     ok = {n: r for n, r in report.results.items() if r.status == "ok"}
+    found = {n: r for n, r in ok.items() if r.findings.get("holds") is not False}
     out: dict[str, Any] = {"methods": sorted(ok), "tables": []}
+    if len(found) < len(ok):
+        out["found_nothing"] = sorted(set(ok) - set(found))
     verdict: list[str] = []
     _tokens(ok, model, sample, out, verdict)
-    _layers(ok, model, out, verdict)
-    _neurons(ok, out, verdict)
+    layer_rows = _layers(found, model, out, verdict)
+    _neurons(found, out, verdict)
     if verify and model is not None and sample is not None and sample.get("prompt"):
         try:
-            checked = verify_localisations(ok, model, sample, seed)
+            checked = verify_localisations(_located(found), model, sample, seed)
         except ValueError as err:
             out["verification"] = {"error": str(err)}
         else:
@@ -49,6 +60,10 @@ def consensus(report: Any, model: Any = None, sample: Any = None, verify: bool =
                 out["verification"] = checked
                 out["tables"].append(verification_table(checked))
                 verdict.append(verification_verdict(checked))
+                _add_verdicts(layer_rows, out, checked)
+    if out.get("found_nothing"):
+        verdict.append("Found nothing to point at (no layer, site or neuron listed): "
+                       + ", ".join(out["found_nothing"]) + ".")
     out["verdict"] = " ".join(verdict) if verdict else "Not enough comparable findings for a consensus."
     return out
 
@@ -124,40 +139,107 @@ def _tokens(ok: dict, model: Any, sample: Any, out: dict, verdict: list[str]) ->
                 f"{p['a']} vs {p['b']} (rho {p['spearman']:.2f})" for p in disagree) + ".")
 
 
-def _layers(ok: dict, model: Any, out: dict, verdict: list[str]) -> None:
-    """The layer(s) each result points at, from the first of its findings that says one (see the module doc)."""
-    appears: dict[str, Any] = {}
-    traced: dict[str, Any] = {}
-    located: dict[str, Any] = {}
-    scored: dict[str, Any] = {}
+def _located(results: dict) -> dict:
+    """The results with their generic neurons left out (shallow copies; the report is not changed)."""
+    out = {}
+    for n, r in results.items():
+        neurons = r.findings.get("neurons")
+        if neurons and any(isinstance(x, dict) and x.get("generic") for x in neurons):
+            r = copy.copy(r)
+            r.findings = {**r.findings, "neurons": specific_neurons(r.findings)}
+        out[n] = r
+    return out
+
+
+def specific_neurons(findings: dict[str, Any]) -> list[dict[str, Any]]:
+    """`findings["neurons"]` without the generic ones (active whatever the fact)."""
+    return [x for x in findings.get("neurons") or [] if not (isinstance(x, dict) and x.get("generic"))]
+
+
+def _warned(f: dict[str, Any]) -> str:
+    n = len(f.get("warnings") or [])
+    return f"; {n} warning{'s' if n > 1 else ''}" if n else ""
+
+
+def _layers(ok: dict, model: Any, out: dict, verdict: list[str]) -> list[tuple[list[Any], str, int]]:
+    """The layer(s) each result points at, from the first of its findings that says one (see the module doc),
+    each with its evidence; returns each table row with its result's name and source (1: a site)."""
+    rows: list[tuple[int, str, str, int, str]] = []  # (source order, method, label, layer, evidence)
     for n, r in ok.items():
         f = r.findings
         if "first_top1_layer" in f:
-            if f["first_top1_layer"] is not None:
-                appears[f"{n} (answer appears)"] = f["first_top1_layer"]
+            layer = f["first_top1_layer"]
+            if layer is not None:
+                scores = {int(s["layer"]): float(s["score"]) for s in f.get("layer_scores") or []}
+                there = f", layer score {scores[layer]:.3g}" if layer in scores else ""
+                rows.append((0, n, f"{n} (answer appears)", layer, f"answer top-1 from this layer on{there}{_warned(f)}"))
         elif result_sites(f):
+            seen = set()
             for site in result_sites(f):
-                traced.setdefault(f"{n} {site_kind(site)}", site_layer(site["site"]))
+                label = f"{n} {site_kind(site)}"
+                if label not in seen:
+                    seen.add(label)
+                    rows.append((1, n, label, site_layer(site["site"]), _site_evidence(site) + _warned(f)))
         elif "neurons" in f:
-            if f["neurons"]:
-                layers = [x["layer"] for x in f["neurons"][:10]]
-                located[f"{n} (top-10 neurons, most common layer)"] = max(set(layers), key=layers.count)
+            neurons = specific_neurons(f)
+            if neurons:
+                layers = [x["layer"] for x in neurons[:10]]
+                best = max(set(layers), key=layers.count)
+                generic = len(f["neurons"]) - len(neurons)
+                rows.append((2, n, f"{n} (top-10 neurons, most common layer)", best,
+                             f"{layers.count(best)} of the top {len(layers)} neurons"
+                             + (f" ({generic} generic neurons left out)" if generic else "") + _warned(f)))
         elif f.get("layer_scores"):
             best = max(f["layer_scores"], key=lambda s: float(s["score"]))
-            scored[n] = best["layer"]
-    peaks = {**appears, **traced, **located, **scored}
+            if float(best["score"]) > 0:
+                rows.append((3, n, n, best["layer"], _score_evidence(f["layer_scores"], best) + _warned(f)))
+    rows.sort(key=lambda row: row[0])
+    peaks = {label: layer for _, _, label, layer, _ in rows}
     out["peak_layers"] = peaks
-    if peaks:
-        out["tables"].append({"name": "Layers each method points at", "columns": ["method", "layer"],
-                              "rows": [[k, v] for k, v in peaks.items()]})
-        values = sorted(peaks.values())
-        verdict.append(f"Layers pointed at range over {values[0]}-{values[-1]}"
-                       + (f" of {model.n_layers}" if model is not None else "") + ".")
+    out["peak_evidence"] = {label: evidence for _, _, label, _, evidence in rows}
+    if not peaks:
+        return []
+    table = {"name": "Layers each method points at", "columns": ["method", "layer", "evidence"],
+             "rows": [[label, layer, evidence] for _, _, label, layer, evidence in rows]}
+    out["tables"].append(table)
+    values = sorted(peaks.values())
+    verdict.append(f"Layers pointed at range over {values[0]}-{values[-1]}"
+                   + (f" of {model.n_layers}" if model is not None else "") + ".")
+    return [(row, n, source) for row, (source, n, *_) in zip(table["rows"], rows)]
+
+
+def _site_evidence(site: dict[str, Any]) -> str:
+    ci = site.get("ci")
+    text = f"effect {float(site['score']):.3g}"
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        text += f" (95% CI {float(ci[0]):.3g} to {float(ci[1]):.3g})"
+    if site.get("window"):
+        text += f", window {site['window']} layers"
+    return text
+
+
+def _score_evidence(scores: list[dict[str, Any]], best: dict[str, Any]) -> str:
+    others = sorted((float(s["score"]) for s in scores if s is not best), reverse=True)
+    text = f"layer score {float(best['score']):.3g}"
+    ci = best.get("ci")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        text += f" (95% CI {float(ci[0]):.3g} to {float(ci[1]):.3g})"
+    return text + (f", next best {others[0]:.3g}" if others else "")
+
+
+def _add_verdicts(rows: list[tuple[list[Any], str, int]], out: dict, checked: dict[str, Any]) -> None:
+    """Append the causal verification's verdict to the evidence of each verified method's layer rows."""
+    for row, n, source in rows:
+        check = (checked["methods"].get(f"{n} site") if source == 1 else None) or checked["methods"].get(n)
+        if check is not None:
+            row[2] += f"; causal check {'holds' if check['holds'] else 'fails'} ({check['drop']:+.0%} when ablated)"
+            out["peak_evidence"][row[0]] = row[2]
 
 
 def _neurons(ok: dict, out: dict, verdict: list[str]) -> None:
     """Neurons among the top 20 of more than one result, and how many of each lie near the best traced site."""
-    sets = {n: [(x["layer"], x["unit"]) for x in r.findings["neurons"][:20]] for n, r in ok.items() if "neurons" in r.findings}
+    sets = {n: [(x["layer"], x["unit"]) for x in specific_neurons(r.findings)[:20]] for n, r in ok.items()
+            if specific_neurons(r.findings)}
     owners: dict[tuple[int, int], list[str]] = {}
     for n, s in sets.items():
         for key in s:

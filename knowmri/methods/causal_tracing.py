@@ -4,9 +4,10 @@ and see which (token, layer) states bring the answer back.
 The subject tokens' embeddings get Gaussian noise (`noise` x the std of the token-embedding
 matrix's entries; ROME uses 3 x the std of subject-token embeddings), `samples` draws with a
 fixed seed shared by every cell. For every token and layer, the clean hidden state (the block's
-output), or the clean MLP / attention output over a `window` of layers centred like ROME, is
-put back into the corrupted run; the score is P(answer's first token) averaged over the noise
-samples. The batched engine lives in `knowmri.methods.tracing_engine`.
+output), or the clean MLP / attention output over a `window` of layers centred like ROME (by default
+scaled to depth as ROME's 10 of 48 layers), is put back into the corrupted run; the score is
+P(answer's first token) averaged over the noise samples. The batched engine lives in
+`knowmri.methods.tracing_engine`; it keeps every noise sample's P, which gives the uncertainty.
 
 Findings: the grids `hidden`, `mlp`, `attn` ([token][layer] probabilities), `high_score` (clean)
 and `low_score` (corrupted); `token_scores` are each token's largest indirect effect (restored
@@ -14,6 +15,14 @@ minus corrupted P) over layers in the hidden grid, `layer_scores` each layer's l
 tokens in the MLP grid (`*_kind` says which grid when a kind was not traced); `peaks` gives
 each grid's best cell, and `sites` the same cells as hook sites, best first: the MLP's (the state
 ROME edits), the attention's, then the hidden state's (it restores everything, so localises least).
+
+Uncertainty (over the noise samples): `hidden_stderr`, `mlp_stderr`, `attn_stderr` are each cell's
+standard error ([token][layer], like the grids); each peak carries its indirect effect's 95% t-interval
+(`ci`, paired with the corrupted run's samples) and the range of its layer over bootstrap resamples of
+the noise (`layer_range`). `roles` are ROME's token roles (`knowmri.token_roles`), `role_effects` the
+largest indirect effect per kind and role with its interval; `warnings` say when the read-out is weak
+(a small drop, a recovery above 100%, an interval that includes 0, one noise sample), and `holds` is
+False when the corruption barely changes the answer or no restoration's effect is distinguishable from 0.
 """
 
 from __future__ import annotations
@@ -26,9 +35,12 @@ import torch
 from knowmri.hooks import site
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
 from knowmri.methods.common import prepare
-from knowmri.methods.tracing_engine import embedding_std, subject_noise, trace
+from knowmri.methods.tracing_engine import auto_window, embedding_std, subject_noise, trace
+from knowmri.methods.tracing_evidence import Evidence
 from knowmri.report import figures
 from knowmri.sample import Sample
+from knowmri.stats import LEVEL
+from knowmri.token_roles import span_roles
 
 KINDS = ("hidden", "mlp", "attn")
 _LABEL = {"hidden": "hidden state", "mlp": "MLP output", "attn": "attention output"}
@@ -41,7 +53,8 @@ class CausalTracingParams(Params):
     noise: float = field(default=3.0, metadata={"help": "noise std, in units of the std of the token-embedding "
                                                         "matrix's entries (ROME: 3)"})
     samples: int = field(default=10, metadata={"help": "noise samples averaged per cell"})
-    window: int = field(default=10, metadata={"help": "layers restored around each layer for MLP and attention"})
+    window: int = field(default=0, metadata={"help": "layers restored around each layer for MLP and attention; "
+                                                     "0: scaled to depth like ROME's 10 of 48, round(L x 10/48)"})
     kinds: list = field(default_factory=lambda: list(KINDS),
                         metadata={"help": "states to restore: hidden, mlp, attn (comma-separated subset)"})
     seed: int = field(default=1, metadata={"help": "seed of the noise (the same noise for every cell)"})
@@ -53,8 +66,8 @@ class CausalTracingParams(Params):
             raise ValueError("noise must be in (0, 100] (a multiple of the embedding std)")
         if not 1 <= self.samples <= 1000:
             raise ValueError("samples must be between 1 and 1000")
-        if not 1 <= self.window <= 1000:
-            raise ValueError("window must be between 1 and 1000 layers")
+        if not 0 <= self.window <= 1000:
+            raise ValueError("window must be between 1 and 1000 layers, or 0 for the depth-scaled default")
         if not self.kinds or any(k not in KINDS for k in self.kinds):
             raise ValueError(f"kinds must be a non-empty subset of {', '.join(KINDS)}, got {self.kinds!r}")
         self.kinds = [k for k in KINDS if k in self.kinds]
@@ -94,15 +107,16 @@ class CausalTracing(Method):
         shape = sample_shape(model, sample)
         dims = Dims.of(model)
         L, S = dims.layers, p.samples
+        window = p.window or auto_window(L)
         T = shape.prompt if model.kind == "causal" else shape.input
         first = shape.subject[0] if shape.subject is not None and model.kind == "causal" else 0
         cells = range(min(first, T - 1), T)
         n_run = max(S, 2)
-        suffix = model.kind == "causal" and suffix_pays(model, T, first, S, list(p.kinds), p.window)
+        suffix = model.kind == "causal" and suffix_pays(model, T, first, S, list(p.kinds), window)
         passes = [*prepare_passes(model, shape), Pass(tokens=T, readout=T),
                   Pass(rows=n_run, tokens=T, readout=n_run * T, cache=suffix),
                   Pass(rows=S, tokens=T, readout=S, model_call=False)]
-        starts = {kind: restore_starts(kind, p.window, L) for kind in p.kinds}
+        starts = {kind: restore_starts(kind, window, L) for kind in p.kinds}
         if suffix:
             for t in cells:  # a checked suffix runner per token: two recordings (one block computed), a check
                 passes += [Pass(rows=b, tokens=T - t, blocks=1, context=T, readout=b, cache=True) for b in (1, 2)]
@@ -112,7 +126,7 @@ class CausalTracing(Method):
                     per = max(1, p.batch_size * T // ((T - t) * S))
                     for i in range(0, L, per):
                         layers = range(i, min(L, i + per))
-                        calls, groups = staircase_cost(kind, list(layers), starts[kind], p.window, L, kind == "mlp")
+                        calls, groups = staircase_cost(kind, list(layers), starts[kind], window, L, kind == "mlp")
                         span = L - min(starts[kind][layer] for layer in layers) - (kind == "mlp")
                         passes.append(Pass(rows=S * groups, tokens=T - t, blocks=calls / groups, span=span, context=T,
                                            readout=S * groups, model_call=False))
@@ -129,6 +143,7 @@ class CausalTracing(Method):
                 + (len(p.kinds) + S + 1) * (L + 1) * T * dims.d * dims.bytes)  # corrupted logits and cache, states
         return work_estimate(model, passes, seconds=std, memory=kept)
 
+
     @torch.inference_mode()
     def run(self, model: Any, sample: Sample, params: CausalTracingParams, ctx: RunContext) -> MethodResult:
         prep = prepare(model, sample, need_subject=True)
@@ -140,18 +155,25 @@ class CausalTracing(Method):
             ctx.cache[key] = embedding_std(model)
         noise_std = params.noise * ctx.cache[key]
         noise = subject_noise(model, params.samples, len(span), noise_std, params.seed)
-        res = trace(model, ids, enc.pred_pos, enc.target_ids[0], span, noise, params.kinds, params.window,
+        L = model.n_layers
+        window = params.window or auto_window(L)
+        res = trace(model, ids, enc.pred_pos, enc.target_ids[0], span, noise, params.kinds, window,
                     params.batch_size, ctx.progress)
         tokens = prep.tokens[:n_tok]
         answer = model.tokenizer.decode([enc.target_ids[0]])
-        low, L = res.low, model.n_layers
+        low = res.low
+        ev = Evidence(res, params.seed)
         grids = {k: g.tolist() for k, g in res.grids.items()}
         token_kind = "hidden" if "hidden" in grids else params.kinds[0]
         layer_kind = "mlp" if "mlp" in grids else params.kinds[0]
-        peaks = {k: _peak(g, low, tokens) for k, g in res.grids.items()}
+        peaks = {k: ev.peak(k, tokens) for k in res.grids}
+        roles = span_roles(n_tok, span.start, span.stop)
+        warnings = _warnings(res, peaks, params.samples)
+        found = [k for k, pk in peaks.items() if pk["ci"][0] > 0]
         result = self.new_result(params)
         result.findings = {
-            **grids, "high_score": res.high, "low_score": low,
+            **grids, **{f"{k}_stderr": ev.stderr[k].tolist() for k in res.grids},
+            "high_score": res.high, "low_score": low, "low_stderr": ev.low_stderr,
             "token_scores": [{"index": t, "token": tokens[t], "score": float(res.grids[token_kind][t].max()) - low}
                              for t in range(n_tok)],
             "token_scores_kind": token_kind,
@@ -159,38 +181,79 @@ class CausalTracing(Method):
                              for layer in range(L)],
             "layer_scores_kind": layer_kind,
             "peaks": peaks, "sites": [{"site": site(p["layer"], _SITES[k]), "position": p["token"], "token": p["token_text"],
-                                       "score": p["effect"], "kind": k, "window": 1 if k == "hidden" else params.window}
+                                       "score": p["effect"], "kind": k, "ci": p["ci"],
+                                       "window": 1 if k == "hidden" else window}
                       for k in _SITES if (p := peaks.get(k))],
+            "roles": roles, "role_effects": {k: ev.role_effects(k, roles, tokens) for k in res.grids},
             "subject_span": {"start": span.start, "stop": span.stop},
             "subject_tokens": tokens[span.start:span.stop], "tokens": tokens, "position": enc.pred_pos,
             "answer": prep.answer, "answer_token": answer, "answer_source": prep.answer_source,
-            "noise_std": noise_std, "engine": res.engine,
+            "noise_std": noise_std, "noise_samples": params.samples, "window": window,
+            "window_auto": params.window == 0, "engine": res.engine,
+            "holds": not _negligible(res) and bool(found), "warnings": warnings,
         }
-        result.summary = _summary(res, peaks, tokens, span, enc.pred_pos, answer, sample["triple_subject"], params)
+        result.summary = _summary(res, peaks, tokens, span, enc.pred_pos, answer, sample["triple_subject"], params,
+                                  window, ev) + "".join(f" Warning: {w}" for w in warnings)
         labels = [f"{t}:{tok}{'*' if t in span else ''}" for t, tok in enumerate(tokens)]
         for kind, grid in grids.items():
-            what = _LABEL[kind] + ("" if kind == "hidden" else f" (window {params.window})")
+            what = _LABEL[kind] + ("" if kind == "hidden" else f" (window {window})")
             fig = figures.heatmap(grid, x=list(range(L)), y=labels, title=f"Restoring the {what}: P({answer!r})",
                                   x_title="layer", y_title="token (* subject)", colorscale=_COLOURS[kind],
                                   zmin=low, colorbar="p", reverse_y=True)
+            trace_ = fig["data"][0]
+            trace_["customdata"] = ev.stderr[kind].tolist()
+            trace_["hovertemplate"] = (f"layer: %{{x}}<br>token: %{{y}}<br>P: %{{z:.4g}} &plusmn; %{{customdata:.2g}} "
+                                       f"(s.e. over {params.samples} noise samples)<extra></extra>")
             result.add_figure(f"Causal trace: {_LABEL[kind]}", fig)
         rows = []
         for kind, grid in res.grids.items():
-            order = torch.argsort(grid.flatten(), descending=True)[:5].tolist()
-            rows += [[kind, i // L, tokens[i // L], i % L, round(float(grid.flatten()[i]), 5),
-                      round(float(grid.flatten()[i]) - low, 5)] for i in order]
-        result.add_table("Top restored states", ["kind", "token index", "token", "layer", f"P({answer})",
+            flat, se = grid.flatten(), ev.stderr[kind].flatten()
+            order = torch.argsort(flat, descending=True)[:5].tolist()
+            rows += [[kind, i // L, tokens[i // L], i % L, round(float(flat[i]), 5), round(float(se[i]), 5),
+                      round(float(flat[i]) - low, 5)] for i in order]
+        result.add_table("Top restored states", ["kind", "token index", "token", "layer", f"P({answer})", "s.e.",
                                                  "indirect effect"], rows)
-        result.add_table("Clean and corrupted", ["run", f"P({answer})"],
-                         [["clean", round(res.high, 5)], ["subject corrupted", round(low, 5)]])
+        result.add_table("Peaks with their uncertainty", ["kind", "token", "layer", "indirect effect",
+                                                          f"{LEVEL:.0%} CI", "peak layer over resampled noise"],
+                         [[k, pk["token_text"], pk["layer"], round(pk["effect"], 5),
+                           f"{pk['ci'][0]:.4f} to {pk['ci'][1]:.4f}", f"{pk['layer_range'][0]}-{pk['layer_range'][1]}"]
+                          for k, pk in peaks.items()])
+        result.add_table("Clean and corrupted", ["run", f"P({answer})", "s.e."],
+                         [["clean", round(res.high, 5), 0.0], ["subject corrupted", round(low, 5), round(ev.low_stderr, 5)]])
         return result
 
 
-def _peak(grid: torch.Tensor, low: float, tokens: list[str]) -> dict[str, Any]:
-    flat = int(grid.argmax())
-    t, layer = divmod(flat, grid.shape[1])
-    p = float(grid[t, layer])
-    return {"token": t, "token_text": tokens[t], "layer": layer, "score": p, "effect": p - low}
+def _negligible(res: Any) -> bool:
+    return res.high - res.low <= 0.05 * res.high or res.high < 1e-6
+
+
+#: A restoration recovering more than this share of the drop (> 100%, past float noise) is flagged.
+OVERSHOOT = 1.05
+#: Below this drop (absolute, or as a share of the clean P) recoveries are too noisy to quote.
+SMALL_DROP, SMALL_SHARE = 0.05, 0.25
+
+
+def _warnings(res: Any, peaks: dict, samples: int) -> list[str]:
+    high, low = res.high, res.low
+    drop = high - low
+    out = []
+    if samples < 2:
+        out.append("one noise sample: no standard error or confidence interval can be given; use samples >= 2.")
+    if drop < SMALL_DROP or drop < SMALL_SHARE * high:
+        out.append(f"small drop: corrupting the subject lowers P only from {high:.3f} to {low:.3f} "
+                   f"(by {drop:.3f}); recovery shares of so small a drop are unreliable.")
+    for kind, pk in peaks.items():
+        if drop > 0 and pk["effect"] > OVERSHOOT * drop:
+            beyond = pk["ci"][0] > drop
+            out.append(f"restoring the {_LABEL[kind]} at {pk['token_text']!r}, layer {pk['layer']} raises P above "
+                       f"the clean run's ({pk['score']:.3f} > {high:.3f}, {pk['effect'] / drop:.0%} of the drop; "
+                       f"{LEVEL:.0%} CI of the effect {pk['ci'][0]:.3f} to {pk['ci'][1]:.3f}): "
+                       + ("the restored state does more than undo the noise." if beyond else
+                          "within the noise samples' spread, and the best of many cells is biased upwards."))
+        if samples > 1 and pk["ci"][0] <= 0:
+            out.append(f"the {_LABEL[kind]}'s best effect ({pk['effect']:.3f}) is not distinguishable from 0 "
+                       f"({LEVEL:.0%} CI {pk['ci'][0]:.3f} to {pk['ci'][1]:.3f}).")
+    return out
 
 
 def _band(row: torch.Tensor, layer: int, threshold: float) -> tuple[int, int]:
@@ -211,23 +274,31 @@ def _where(t: int, span: Any, last: int) -> str:
     return "inside the subject" if t in span else "outside the subject"
 
 
+def _ci(e: dict[str, Any]) -> str:
+    return f"indirect effect {e['effect']:.3f}, {LEVEL:.0%} CI {e['ci'][0]:.3f} to {e['ci'][1]:.3f}"
+
+
 def _summary(res: Any, peaks: dict, tokens: list[str], span: Any, last: int, answer: str, subject: str,
-             params: CausalTracingParams) -> str:
+             params: CausalTracingParams, window: int, ev: Evidence) -> str:
     high, low = res.high, res.low
     drop = high - low
+    how = "scaled to depth" if params.window == 0 else "as set"
     text = (f"Adding noise ({params.noise:g} x the embedding std, {params.samples} samples) to the subject "
             f"{subject!r} lowers P({answer!r}) from {high:.3f} to {low:.3f}.")
-    if drop <= 0.05 * high or high < 1e-6:
+    if _negligible(res):
         return text + (" The corruption barely changes the prediction, so restoring states cannot show where "
                        "the fact is recalled.")
+    if any(k != "hidden" for k in peaks):
+        text += f" MLP and attention outputs are restored over a window of {window} layer{'s' if window > 1 else ''} ({how})."
     for kind, pk in peaks.items():
         t, layer = pk["token"], pk["layer"]
         row = res.grids[kind][t]
         a, b = _band(row, layer, low + 0.5 * pk["effect"])
         layers = f"layer {layer}" if a == b else f"layers {a}-{b} (peak {layer})"
-        what = _LABEL[kind] + ("" if kind == "hidden" else f" over {params.window} layers")
-        text += (f" Restoring the {what} at {tokens[t]!r} ({_where(t, span, last)}) in {layers} recovers "
-                 f"{min(pk['effect'] / drop, 9.99):.0%} of the drop (P = {pk['score']:.3f}).")
+        spread = pk["layer_range"]
+        moves = "" if spread[0] == spread[1] else f"; over resampled noise the peak lies in layers {spread[0]}-{spread[1]}"
+        text += (f" Restoring the {_LABEL[kind]} at {tokens[t]!r} ({_where(t, span, last)}) in {layers} recovers "
+                 f"{pk['effect'] / drop:.0%} of the drop (P = {pk['score']:.3f}; {_ci(pk)}{moves}).")
     if "hidden" in res.grids and last not in span:
         effect = res.grids["hidden"] - low
         head = effect[:, : max(1, effect.shape[1] // 2)]
@@ -236,7 +307,9 @@ def _summary(res: Any, peaks: dict, tokens: list[str], span: Any, last: int, ans
         late = [i for i, v in enumerate(effect[last].tolist()) if v >= 0.5 * drop]
         if early:
             which = "the subject's last token" if t == span.stop - 1 else "subject token"
-            text += f" Early site: {which} {tokens[t]!r} carries the fact in layers {early[0]}-{early[-1]}"
+            best = ev.effect("hidden", t, int(effect[t].argmax()))
+            text += (f" Early site: {which} {tokens[t]!r} carries the fact in layers {early[0]}-{early[-1]} "
+                     f"({_ci(best)})")
             text += f"; late site: the last token, from layer {late[0]} on." if late else "."
         elif late:
             text += f" Late site: the last token carries the fact from layer {late[0]} on."

@@ -15,8 +15,11 @@ same grid with far less work:
 - on a causal model, a restoration at token t re-runs only positions t..T-1 (`SuffixRunner`),
   and the last block's MLP runs at the read-out position only (`mlp_at_one_position`).
 
+Every cell keeps its P(answer) per noise sample beside the mean (`TraceResult.samples`), so the
+method reports a standard error at no extra cost.
+
 Public for the method's estimate: `suffix_pays` (which engine `trace` picks), `restore_starts` and
-`staircase_cost` (the blocks a restoration re-runs), `window_layers`.
+`staircase_cost` (the blocks a restoration re-runs), `window_layers` and `auto_window`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -153,16 +156,27 @@ def _prob(logits: torch.Tensor, answer: int) -> torch.Tensor:
 
 @dataclass
 class TraceResult:
-    """The grids [tokens, layers] of P(answer) per restored kind, the clean and corrupted P."""
+    """The grids [tokens, layers] of P(answer) per restored kind (the mean over noise samples), the clean
+    and corrupted P, and the same per noise sample: `samples` [tokens, layers, S] per kind, `low_samples` [S]."""
 
     high: float
     low: float
     grids: dict[str, torch.Tensor]
     engine: str
+    samples: dict[str, torch.Tensor] = field(default_factory=dict)
+    low_samples: torch.Tensor | None = None
+
+
+def auto_window(n_layers: int) -> int:
+    """ROME's window scaled to depth: 10 of GPT-2 XL's 48 layers, i.e. round(L x 10 / 48), at least 1."""
+    return max(1, round(n_layers * 10 / 48))
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> range:
-    """ROME's window of layers restored around `layer` for MLP / attention (centred like ROME)."""
+    """ROME's window of layers restored around `layer` for MLP / attention (centred like ROME);
+    a `window` of 0 or less is `auto_window(n_layers)`."""
+    if window <= 0:
+        window = auto_window(n_layers)
     return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
 
 
@@ -206,7 +220,8 @@ def _trace(model: Any, input_ids: torch.Tensor, position: int, answer: int, subj
         out = model.run(input_ids=input_ids.repeat(n_run, 1), attention_mask=mask.repeat(n_run, 1), use_cache=suffix)
     cache = model.output_cache(out) if suffix else None
     corrupt_logits = out.logits[:S, position]
-    low = float(_prob(corrupt_logits, answer).mean())
+    low_samples = _prob(corrupt_logits, answer).cpu()
+    low = float(low_samples.mean())
     corrupt = [hidden_of(calls_many[layer])[:S] for layer in range(L)] + [last.value[:S]]
     runner = BlockRunner(model, calls_one, list(calls_many), n_run, input_ids, mask)
     runner.check(corrupt[0], position, corrupt_logits)
@@ -214,6 +229,7 @@ def _trace(model: Any, input_ids: torch.Tensor, position: int, answer: int, subj
     cells = [t for t in range(T) if model.kind != "causal" or t >= subject.start]
     per_batch = max(1, batch_size // S)
     grids = {kind: torch.full((T, L), low) for kind in kinds}
+    samples = {kind: low_samples.expand(T, L, S).clone() for kind in kinds}  # cells left as is: the corrupted run
     suffixes = _suffix_runners(model, input_ids, mask, cells, cache, S, corrupt[0], corrupt_logits) \
         if runner.direct and isinstance(cache, Cache) else None
     if suffixes is not None:
@@ -230,12 +246,12 @@ def _trace(model: Any, input_ids: torch.Tensor, position: int, answer: int, subj
                     layers = list(range(i, min(L, i + rows)))
                     final, groups = _restore_suffix(model, suffixes[t], kind, t, layers, starts, clean, corrupt,
                                                     window, S, skip_first if kind == "mlp" else None)
-                    readouts.add(grids[kind][t], layers, groups, final)
+                    readouts.add(grids[kind][t], samples[kind][t], layers, groups, final)
                 done += 1
                 if progress is not None:
                     progress(done / total, f"{kind} token {t}")
         readouts.flush()
-        return TraceResult(high, low, grids, "suffix block replay")
+        return TraceResult(high, low, grids, "suffix block replay", samples, low_samples)
     done, total = 0, len(kinds) * L
     for kind in kinds:
         starts = restore_starts(kind, window, L)
@@ -243,12 +259,14 @@ def _trace(model: Any, input_ids: torch.Tensor, position: int, answer: int, subj
             start = starts[layer]
             for i in range(0, len(cells), per_batch):
                 chunk = cells[i:i + per_batch]
-                grids[kind][chunk, layer] = _restore(model, runner, kind, layer, start, chunk, clean, corrupt,
-                                                     position, answer, window, S)
+                probs = _restore(model, runner, kind, layer, start, chunk, clean, corrupt, position, answer,
+                                 window, S)
+                grids[kind][chunk, layer] = probs.mean(1)
+                samples[kind][chunk, layer] = probs
             done += 1
             if progress is not None:
                 progress(done / total, f"{kind} layer {layer}")
-    return TraceResult(high, low, grids, "block replay" if runner.direct else "full forwards")
+    return TraceResult(high, low, grids, "block replay" if runner.direct else "full forwards", samples, low_samples)
 
 
 #: Rough costs for choosing an engine: a block call's fixed cost (Python, HF's layer code) and a
@@ -346,25 +364,30 @@ class _Readouts:
 
     def __init__(self, model: Any, answer: int, S: int) -> None:
         self.model, self.answer, self.S = model, answer, S
-        self.pending: list[tuple[torch.Tensor, list[int], list[list[int]], torch.Tensor]] = []
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, list[int], list[list[int]], torch.Tensor]] = []
         self.rows = 0
 
-    def add(self, row: torch.Tensor, layers: list[int], groups: list[list[int]], final: torch.Tensor) -> None:
-        """Queue `final` [len(groups) x S, d]; group g's mean P(answer) goes to `row[layers[m]]`, m in groups[g]."""
+    def add(self, row: torch.Tensor, per_sample: torch.Tensor, layers: list[int], groups: list[list[int]],
+            final: torch.Tensor) -> None:
+        """Queue `final` [len(groups) x S, d]; group g's mean P(answer) goes to `row[layers[m]]`, m in groups[g],
+        and its S values to `per_sample[layers[m]]`."""
         if self.rows + final.shape[0] > self.ROWS:
             self.flush()
-        self.pending.append((row, layers, groups, final))
+        self.pending.append((row, per_sample, layers, groups, final))
         self.rows += final.shape[0]
 
     def flush(self) -> None:
         if not self.pending:
             return
-        finals = torch.cat([p[3] for p in self.pending])
-        probs = self.model.readout_logprob(finals, self.answer).exp().view(-1, self.S).mean(1).cpu()
+        finals = torch.cat([p[4] for p in self.pending])
+        each = self.model.readout_logprob(finals, self.answer).exp().view(-1, self.S).cpu()
+        probs = each.mean(1)
         g = 0
-        for row, layers, groups, _ in self.pending:
+        for row, per_sample, layers, groups, _ in self.pending:
             for members in groups:
-                row[[layers[m] for m in members]] = probs[g]
+                index = [layers[m] for m in members]
+                row[index] = probs[g]
+                per_sample[index] = each[g]
                 g += 1
         self.pending, self.rows = [], 0
 
@@ -428,7 +451,7 @@ def _first_block_shortcut(model: Any, runner: SuffixRunner, t: int, clean: list[
 def _restore(model: Any, runner: BlockRunner, kind: str, layer: int, start: int, chunk: list[int],
              clean: dict[str, list[torch.Tensor]], corrupt: list[torch.Tensor], position: int, answer: int,
              window: int, S: int) -> torch.Tensor:
-    """P(answer) averaged over noise samples, one per token in `chunk`, restoring (token, layer)."""
+    """P(answer) per noise sample [len(chunk), S], one row per token in `chunk`, restoring (token, layer)."""
     n = len(chunk)
     hidden = corrupt[start].repeat(n, 1, 1)
     rows = torch.arange(n * S, device=hidden.device)
@@ -442,4 +465,4 @@ def _restore(model: Any, runner: BlockRunner, kind: str, layer: int, start: int,
                 h.replace(site(j, KIND_SITES[kind]), value[tokens.to(value.device)], rows=rows, positions=tokens,
                           paired=True)
         logits = runner.run(start, hidden, position, h)
-    return _prob(logits, answer).view(n, S).mean(1).cpu()
+    return _prob(logits, answer).view(n, S).cpu()

@@ -104,7 +104,7 @@ def test_plug_in_with_findings_joins_every_table_and_the_causal_check(recall, lo
     assert locator in c["token_category_share"]
     assert any(locator in (p["a"], p["b"]) for p in c["token_agreement"])
     layers = table(c, "Layers each method points at")
-    assert [locator + " (top-10 neurons, most common layer)", recall.neuron[0]] in layers["rows"]
+    assert [locator + " (top-10 neurons, most common layer)", recall.neuron[0]] in [row[:2] for row in layers["rows"]]
     shared = {(n["layer"], n["unit"]): n["methods"] for n in c["shared_neurons"]}
     assert {locator, "knowledge_neurons"} <= set(shared[recall.neuron])
     assert locator in c["neurons_in_tracing_peak"]
@@ -165,3 +165,57 @@ def test_spearman_equals_scipy() -> None:
         if got is not None:
             assert abs(got - spearmanr(a, b).statistic) < 1e-9
     assert spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None
+
+
+def test_only_real_findings_enter_the_layer_and_neuron_tables() -> None:
+    """No layer for a result that found nothing (holds False, first_top1_layer None, layer scores all 0),
+    no generic neuron; every layer row says what backs it."""
+    def result(name: str, **findings: Any) -> MethodResult:
+        return MethodResult(name, ["Internal", "Test"], findings=findings)
+
+    neurons = [{"layer": 2, "unit": 5, "score": 1.0}, {"layer": 2, "unit": 6, "score": 0.9},
+               {"layer": 1, "unit": 9, "score": 0.8, "generic": True}]
+    report = Report(model={}, sample={}, results={
+        "nothing_decoded": result("nothing_decoded", holds=False,
+                                  layer_scores=[{"layer": i, "score": 0.1 * i} for i in range(4)]),
+        "never_top1": result("never_top1", first_top1_layer=None,
+                             layer_scores=[{"layer": i, "score": 1 / 428} for i in range(4)]),
+        "all_zero": result("all_zero", layer_scores=[{"layer": i, "score": 0.0} for i in range(4)]),
+        "failed_site": result("failed_site", holds=False, sites=[{"site": "blocks.3.mlp.out", "position": 1, "score": 0.01}],
+                              neurons=[{"layer": 2, "unit": 5, "score": 1.0}]),
+        "tracer": result("tracer", holds=True, warnings=["small drop"],
+                         sites=[{"site": "blocks.1.mlp.out", "position": 2, "score": 0.3, "kind": "mlp", "ci": [0.2, 0.4],
+                                 "window": 2}]),
+        "lens": result("lens", first_top1_layer=3, layer_scores=[{"layer": i, "score": 0.2 * i} for i in range(4)]),
+        "finder": result("finder", neurons=neurons),
+        "other_finder": result("other_finder", neurons=[{"layer": 1, "unit": 9, "score": 1.0, "generic": True},
+                                                        {"layer": 2, "unit": 5, "score": 0.5}]),
+        "scorer": result("scorer", layer_scores=[{"layer": i, "score": float(i == 2), "ci": [0.5, 1.5] if i == 2 else [0, 0]}
+                                                 for i in range(4)]),
+    })
+    c = build_consensus(report)
+    assert "error" not in c, c
+    assert c["peak_layers"] == {"lens (answer appears)": 3, "tracer mlp": 1, "finder (top-10 neurons, most common layer)": 2,
+                                "other_finder (top-10 neurons, most common layer)": 2, "scorer": 2}
+    rows = {row[0]: row for row in table(c, "Layers each method points at")["rows"]}
+    assert table(c, "Layers each method points at")["columns"] == ["method", "layer", "evidence"]
+    assert rows["tracer mlp"][2] == "effect 0.3 (95% CI 0.2 to 0.4), window 2 layers; 1 warning"
+    assert rows["finder (top-10 neurons, most common layer)"][2] == "2 of the top 2 neurons (1 generic neurons left out)"
+    assert rows["scorer"][2] == "layer score 1 (95% CI 0.5 to 1.5), next best 0"
+    assert rows["lens (answer appears)"][2] == "answer top-1 from this layer on, layer score 0.6"
+    assert c["shared_neurons"] == [{"layer": 2, "unit": 5, "methods": ["finder", "other_finder"]}]  # not 1.9 (generic)
+    assert c["found_nothing"] == ["failed_site", "nothing_decoded"]
+    assert "failed_site" not in c["neurons_in_tracing_peak"] and "Found nothing" in c["verdict"]
+
+
+def test_verification_skips_what_found_nothing_and_its_verdict_joins_the_evidence(recall, site_finder) -> None:
+    report = km.diagnose(recall.sample, recall.model, methods=[site_finder, "causal_tracing"], progress=False)
+    c = report.consensus
+    rows = {row[0]: row for row in table(c, "Layers each method points at")["rows"]}
+    assert rows[f"{site_finder} mlp"][2].endswith("when ablated)") and "causal check holds" in rows[f"{site_finder} mlp"][2]
+    f = report["causal_tracing"].findings
+    assert f["holds"] and "95% CI" in rows["causal_tracing mlp"][2]
+    report["causal_tracing"].findings["holds"] = False
+    again = build_consensus(report, recall.model, recall.sample)
+    assert "causal_tracing" not in again["verification"]["methods"]
+    assert not any(k.startswith("causal_tracing") for k in again["peak_layers"])

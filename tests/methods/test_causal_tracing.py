@@ -166,7 +166,7 @@ def test_kinds_subset_and_same_noise_for_same_seed():
 def test_bad_input():
     model = tiny_model("gpt2")
     method = get_method("causal_tracing")
-    for bad in ({"kinds": ["mlp", "neurons"]}, {"kinds": []}, {"window": 0}, {"samples": 0}, {"noise": -1.0}):
+    for bad in ({"kinds": ["mlp", "neurons"]}, {"kinds": []}, {"window": -1}, {"samples": 0}, {"noise": -1.0}):
         with pytest.raises(ValueError):
             method.Params.from_dict(bad)
     with pytest.raises(ValueError, match="subject"):
@@ -282,3 +282,58 @@ def test_one_layer_model(family, monkeypatch):
     assert (fast["engine"], slow["engine"]) == ("suffix block replay", "block replay")
     for kind in ("hidden", "mlp", "attn"):
         torch.testing.assert_close(torch.tensor(fast[kind]), torch.tensor(slow[kind]), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_name", ["planted-llama", "bert"])
+def test_stderr_equals_the_spread_of_rome_loops_per_noise_sample(model_name, suffix_engine):
+    """Each cell's standard error is std / sqrt(n) of the per-sample grids of ROME's loop (one noise
+    sample at a time), on both engines; the peaks' intervals are t-intervals of the paired effects."""
+    from scipy import stats
+
+    if model_name.startswith("planted"):
+        model, sample = km.testing.planted_model(model_name.split("-")[1]).model, FACT
+    else:
+        model, sample = tiny_model(model_name), SHORT
+    bench, kinds, S = _bench(), ["hidden", "mlp", "attn"], 3
+    f = run(model, sample, samples=S, window=2, kinds=kinds).findings
+    inputs = bench.rome_inputs(model, sample, samples=S, noise=3.0, seed=1)
+    noise = inputs.pop("noise")
+    per = [bench.rome_trace(model, **inputs, noise=noise[s:s + 1], kinds=kinds, window=2) for s in range(S)]
+    lows = torch.tensor([p[0] for p in per], dtype=torch.float64)
+    assert f["low_stderr"] == pytest.approx(float(lows.std() / S ** 0.5), abs=1e-6)
+    for kind in kinds:
+        stack = torch.stack([p[1][kind] for p in per]).double()  # [S, T, L]
+        torch.testing.assert_close(torch.tensor(f[f"{kind}_stderr"]).double(), stack.std(0) / S ** 0.5,
+                                   atol=1e-6, rtol=1e-4)
+        pk = f["peaks"][kind]
+        diff = stack[:, pk["token"], pk["layer"]] - lows
+        lo, hi = stats.t.interval(0.95, S - 1, loc=float(diff.mean()), scale=float(diff.std() / S ** 0.5))
+        assert pk["ci"] == pytest.approx([lo, hi], abs=1e-5)
+        assert pk["layer_range"][0] <= pk["layer"] <= pk["layer_range"][1]
+
+
+def test_evidence_roles_window_and_warnings(planted):
+    f = run(planted.model, planted.sample, samples=4).findings
+    L = planted.model.n_layers
+    assert f["window"] == max(1, round(L * 10 / 48)) and f["window_auto"]
+    assert all(s["window"] == f["window"] for s in f["sites"] if s["kind"] != "hidden")
+    span = planted.subject_span
+    assert f["roles"][span.stop - 1] == "subject_last" and f["roles"][-1] == "last"
+    assert f["roles"][span.stop] == "subsequent_first" and f["roles"][:span.start] == ["before_subject"] * span.start
+    assert f["role_effects"]["mlp"]["subject_last"]["token"] == planted.neuron_position
+    for kind in ("hidden", "mlp", "attn"):
+        assert len(f[f"{kind}_stderr"]) == len(f[kind]) and len(f[f"{kind}_stderr"][0]) == L
+    assert f["holds"] is True and not any("small drop" in w for w in f["warnings"])
+    one = run(planted.model, planted.sample, samples=1, window=3)
+    assert one.findings["window"] == 3 and not one.findings["window_auto"]
+    assert any("one noise sample" in w for w in one.findings["warnings"]) and "Warning:" in one.summary
+    assert torch.tensor(one.findings["mlp_stderr"]).abs().max() == 0
+    fig = one.figures[0]["figure"] if "figure" in one.figures[0] else one.figures[0]
+    assert "customdata" in str(fig) and "s.e." in str(fig)
+
+
+def test_auto_window_scales_to_depth():
+    from knowmri.methods.tracing_engine import auto_window, window_layers
+
+    assert auto_window(48) == 10 and auto_window(30) == 6 and auto_window(3) == 1 and auto_window(12) == 2
+    assert window_layers(5, 0, 30) == window_layers(5, 6, 30)
