@@ -11,7 +11,7 @@ when its own drop clearly beats both controls (`neuron_controls.beats`): at leas
 unrelated facts' drop and the random units' (and the random mean plus two spreads).
 
 Sites (every result carrying `sites`; the best one): the site is zeroed (and doubled) over the window of
-layers the method traced it with (the site's `window`, e.g. causal tracing's 10 MLP layers centred like
+layers the method traced it with (the site's `window`, e.g. causal tracing's MLP window centred like
 ROME, Meng et al. 2022), at its position. The controls are the same window at other positions (not the
 first or last) and windows of as many layers elsewhere at the same position, `draws` draws each.
 

@@ -136,12 +136,12 @@ def test_causal_tracing_sites_are_its_peaks_mlp_first(recall) -> None:
         assert s["site"] == f"blocks.{peak['layer']}.{names[s['kind']]}" and s["position"] == peak["token"]
         assert s["score"] == pytest.approx(peak["effect"])
     mlp = f["peaks"]["mlp"]
-    window = report["causal_tracing"].params["window"]
+    window = f["window"]  # the window it was traced with (params' 0 means depth-scaled)
     assert [s["window"] for s in f["sites"]] == [window, window, 1]  # verified over the window it was traced with
     check = report.consensus["verification"]["methods"]["causal_tracing"]
     layers = range(max(0, mlp["layer"] - window // 2), min(recall.model.n_layers, mlp["layer"] - (-window // 2)))
-    assert check["located"] == (f"MLP output of layer {mlp['layer']} at token {mlp['token']} (window of {len(layers)} "
-                                f"layers: {layers[0]}-{layers[-1]})")
+    where = f" (window of {len(layers)} layers: {layers[0]}-{layers[-1]})" if len(layers) > 1 else ""
+    assert check["located"] == f"MLP output of layer {mlp['layer']} at token {mlp['token']}{where}"
     assert check["window"] == len(layers) and check["random_draws"] > 0 and "random_std" in check
     assert [r[0] for r in table(report.consensus, "Layers")["rows"]] == [f"causal_tracing {k}" for k in ("mlp", "attn", "hidden")]
 

@@ -294,11 +294,11 @@ def test_stderr_equals_the_spread_of_rome_loops_per_noise_sample(model_name, suf
         model, sample = km.testing.planted_model(model_name.split("-")[1]).model, FACT
     else:
         model, sample = tiny_model(model_name), SHORT
-    bench, kinds, S = _bench(), ["hidden", "mlp", "attn"], 3
+    kinds, S = ["hidden", "mlp", "attn"], 3
     f = run(model, sample, samples=S, window=2, kinds=kinds).findings
-    inputs = bench.rome_inputs(model, sample, samples=S, noise=3.0, seed=1)
+    inputs = rome_inputs(model, sample, samples=S, noise=3.0, seed=1)
     noise = inputs.pop("noise")
-    per = [bench.rome_trace(model, **inputs, noise=noise[s:s + 1], kinds=kinds, window=2) for s in range(S)]
+    per = [rome_trace(model, **inputs, noise=noise[s:s + 1], kinds=kinds, window=2) for s in range(S)]
     lows = torch.tensor([p[0] for p in per], dtype=torch.float64)
     assert f["low_stderr"] == pytest.approx(float(lows.std() / S ** 0.5), abs=1e-6)
     for kind in kinds:
