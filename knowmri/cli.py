@@ -123,6 +123,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from knowmri.methods.base import get_method
 
     dataset_level = args.dataset is not None and args.samples is not None and not args.index_given
+    if args.resume and not (dataset_level and args.out):
+        raise ValueError("--resume continues a dataset run: give --dataset NAME --samples N --out DIR")
     sample = km.load_dataset(args.dataset, path=args.path) if dataset_level else _sample_from_args(args)
     params = _params(args.param or [])
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
@@ -130,15 +132,24 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         get_method(name)  # fail on an unknown method before loading the model
     if args.samples is not None and args.samples < 1:
         raise ValueError("--samples must be at least 1")
-    model = km.load_model(args.model, device=args.device, dtype=args.dtype)
+    procs = _dataset_processes(args) if dataset_level else None
+    model = km.load_model(args.model, device=procs.model_device(args.device) if procs else args.device, dtype=args.dtype)
     if methods and not dataset_level:
         blocked = [m for m in km.match(sample, model) if m.name in methods and not m.eligible]
         if blocked:
             raise ValueError("; ".join(f"{m.name} cannot run: {', '.join(m.reasons)}" for m in blocked))
-    report = km.diagnose(sample, model, methods=methods, params=params, samples=args.samples,
-                         progress=not args.json and sys.stderr.isatty() or args.progress)
-    if args.out:
-        report.save(args.out)
+    progress = not args.json and sys.stderr.isatty() or args.progress
+    if procs is not None:
+        from knowmri.diagnosis import diagnose_dataset
+
+        report = diagnose_dataset(sample, model, methods=methods, params=params, samples=args.samples, progress=progress,
+                                  out=args.out, resume=args.resume, echo=True)  # saves into --out as it goes
+        if not procs.main:
+            return 0
+    else:
+        report = km.diagnose(sample, model, methods=methods, params=params, progress=progress)
+        if args.out:
+            report.save(args.out)
     if args.json:
         print(report.to_json())
     else:
@@ -147,6 +158,17 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
             print(f"\nreport written to {os.path.join(args.out, 'index.html')}")
     failed = [n for n, r in report.results.items() if r.status == "error"]
     return 1 if failed and len(failed) == len(report.results) else 0
+
+
+def _dataset_processes(args: argparse.Namespace) -> Any:
+    """This process among the data-parallel ones (`accelerate launch`); an unwritable or full --out fails here."""
+    from knowmri.parallel import processes
+    from knowmri.study import RunDir
+
+    procs = processes(cpu=args.device == "cpu")
+    if args.out:
+        RunDir(args.out).check_writable()
+    return procs
 
 
 def cmd_localize(args: argparse.Namespace) -> int:
@@ -197,9 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     with_input(sp)
     sp.add_argument("--model", default="smollm2-135m", help="preset, hub id, folder or .gguf (default smollm2-135m)")
     sp.add_argument("--methods", help="comma-separated method names (default: every eligible one)")
-    sp.add_argument("--samples", type=int, help="with --dataset (and no --index): diagnose this many records and aggregate")
+    sp.add_argument("--samples", type=int, help="with --dataset (and no --index): diagnose this many records and aggregate "
+                                                "(runs under `accelerate launch` too)")
     sp.add_argument("--param", action="append", metavar="METHOD.NAME=VALUE", help="override a hyper-parameter")
-    sp.add_argument("--out", help="directory for report.json and index.html")
+    sp.add_argument("--out", help="directory for report.json and index.html (dataset runs: and each sample's result "
+                                  "under samples/ as it finishes)")
+    sp.add_argument("--resume", action="store_true", help="continue a dataset run saved in --out, skipping its finished samples")
     sp.add_argument("--device", choices=["cpu", "cuda"], default=None)
     sp.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
     sp.add_argument("--json", action="store_true", help="print report.json to stdout")
