@@ -12,7 +12,6 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 import torch
@@ -83,7 +82,6 @@ def processes(cpu: bool = False) -> Processes:
     return Processes(rank=state.process_index, world=state.num_processes, device=state.device)
 
 
-@cache
 def _warn_single_cpu_launch() -> None:
     """Say so when `accelerate launch --cpu --num_processes N` started this one process only.
 

@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -79,6 +80,17 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
+def finite(obj: Any) -> Any:
+    """The same JSON data with infinities and NaNs as None (strict JSON, as report.json is written)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def manifest(model: Any, dataset: Any, n: int, **arguments: Any) -> dict[str, Any]:
     """What decides a dataset run's results: the model, the dataset and its first `n` records, and `arguments`."""
     info = model.info()
@@ -105,7 +117,7 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if a == b:
             continue
         if key in ("model", "dataset") and isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b), key=lambda k: (k == "fingerprint", k)):
+            for k in [*b, *(k for k in a if k not in b)]:
                 if k == "fingerprint" and (out or old.get("samples") != new.get("samples")):
                     continue  # other records or another count: a different fingerprint says nothing more
                 if a.get(k) != b.get(k):
@@ -259,7 +271,7 @@ class DatasetRun:
         mine = self.procs.shard(plan.pending)
         ticker = _Ticker(self, plan)
         for k, index in enumerate(mine):
-            data = run_one(index, self.dataset[index])
+            data = finite(run_one(index, self.dataset[index]))
             self.dir.write_sample(index, data, plan.found_done + k)
             ticker.tick()
         remaining = self.dir.missing(plan.pending)
@@ -300,7 +312,7 @@ class DatasetRun:
         ticker = _Ticker(self, plan)
         start = time.monotonic()
         for index in plan.pending:
-            data = json.loads(json.dumps(run_one(index, self.dataset[index]), allow_nan=False))  # as if saved and read
+            data = json.loads(json.dumps(finite(run_one(index, self.dataset[index]))))  # as if saved and read back
             agg.add_saved(data, **_table_entries(data))
             ticker.tick(done=index + 1)
         ticker.close()
@@ -329,7 +341,10 @@ class DatasetRun:
             if run_dir.saved_files():
                 raise ValueError(f"{run_dir.path / SAMPLES} holds results but {run_dir} has no {MANIFEST}: "
                                  "choose another output directory")
-            run_dir.write_json(MANIFEST, {**new, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            try:
+                run_dir.write_json(MANIFEST, {**new, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            except OSError as err:
+                raise ValueError(f"cannot write {run_dir.path / MANIFEST}: {err.strerror or err}") from None
             return Plan(pending=list(range(self.n)), found_done=0)
         if not self.resume:
             done = self.n - len(run_dir.missing(range(self.n)))
