@@ -204,13 +204,13 @@ class RunDir:
             raise ValueError(f"{file} is not sample {index}'s result")
         return data
 
-    def write_sample(self, index: int, data: dict[str, Any], finished: int) -> None:
+    def write_sample(self, index: int, data: dict[str, Any]) -> None:
         """Save one sample's result; on a failure (a full disk) say that the finished samples are kept."""
         try:
             atomic_write(self.sample_file(index), json.dumps(data, allow_nan=False, separators=(",", ":")))
         except OSError as err:
             raise ValueError(f"could not save sample {index} to {self.sample_file(index)}: {err.strerror or err}. "
-                             f"The {finished} samples finished before it are kept in {self.path / SAMPLES}; "
+                             f"The {len(self.saved_files())} samples finished so far are kept in {self.path / SAMPLES}; "
                              "fix the cause and rerun the same command with --resume (resume=True)") from None
 
     def missing(self, indices: Sequence[int]) -> list[int]:
@@ -270,9 +270,8 @@ class DatasetRun:
         start = time.monotonic()
         mine = self.procs.shard(plan.pending)
         ticker = _Ticker(self, plan)
-        for k, index in enumerate(mine):
-            data = finite(run_one(index, self.dataset[index]))
-            self.dir.write_sample(index, data, plan.found_done + k)
+        for index in mine:
+            self.dir.write_sample(index, finite(run_one(index, self.dataset[index])))
             ticker.tick()
         remaining = self.dir.missing(plan.pending)
         while remaining:  # the other processes' samples

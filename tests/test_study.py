@@ -155,7 +155,7 @@ def test_a_failed_write_keeps_the_finished_samples(facts, tmp_path, monkeypatch)
         m.setattr(study, "atomic_write", full_disk)
         with pytest.raises(ValueError, match="No space left on device") as err:
             run(facts, out)
-    assert "2 samples finished before it are kept" in str(err.value) and "--resume" in str(err.value)
+    assert "2 samples finished so far are kept" in str(err.value) and "--resume" in str(err.value)
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["000000.json", "000001.json"]  # no partial file
     assert comparable(run(facts, out, resume=True).to_dict()) == comparable(whole)
 
@@ -195,11 +195,12 @@ def test_the_estimate_is_printed_before_the_run(facts, tmp_path, capsys):
     assert "estimate for 5 samples:" in err and "of compute" in err
 
 
-def test_differences_and_duration():
+def test_differences_finite_values_and_durations():
     old = {"model": {"name": "a", "dtype": "float32"}, "dataset": {"name": "d", "fingerprint": "x"}, "samples": 3,
            "methods": None, "params": {}, "seed": 0}
     new = {**old, "model": {"name": "a", "dtype": "bfloat16"}, "methods": ["logit_lens"]}
     assert study.differences(old, new) == ["model dtype 'float32' (now 'bfloat16')",
                                            "methods every eligible method (now logit_lens)"]
     assert study.differences(old, dict(old)) == []
+    assert study.finite({"a": [float("inf"), 1.5, float("nan")]}) == {"a": [None, 1.5, None]}
     assert [study.duration(s) for s in (0.2, 40, 600, 9000)] == ["under 1 s", "about 40 s", "about 10 min", "about 2.5 h"]
