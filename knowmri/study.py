@@ -213,6 +213,16 @@ class RunDir:
                              f"The {len(self.saved_files())} samples finished so far are kept in {self.path / SAMPLES}; "
                              "fix the cause and rerun the same command with --resume (resume=True)") from None
 
+    def warn_if_short_of_space(self, index: int, remaining: int) -> None:
+        """Warn when `remaining` more files the size of sample `index`'s would not fit on the disk."""
+        with contextlib.suppress(OSError):
+            need = self.sample_file(index).stat().st_size * remaining
+            free = shutil.disk_usage(self.path).free
+            if need > 0.9 * free:
+                log.warning("the %d remaining samples need about %.0f MiB in %s, but only %.0f MiB are free: the run "
+                            "will stop when the disk is full (finished samples are kept; --resume continues)",
+                            remaining, need / 2**20, self.path, free / 2**20)
+
     def missing(self, indices: Sequence[int]) -> list[int]:
         return [i for i in indices if not self.sample_file(i).is_file()]
 
@@ -270,8 +280,10 @@ class DatasetRun:
         start = time.monotonic()
         mine = self.procs.shard(plan.pending)
         ticker = _Ticker(self, plan)
-        for index in mine:
+        for k, index in enumerate(mine):
             self.dir.write_sample(index, finite(run_one(index, self.dataset[index])))
+            if k == 0 and self.procs.main:
+                self.dir.warn_if_short_of_space(index, len(plan.pending) - 1)
             ticker.tick()
         remaining = self.dir.missing(plan.pending)
         while remaining:  # the other processes' samples

@@ -141,6 +141,14 @@ def test_an_unwritable_or_full_directory_fails_before_any_work(facts, tmp_path, 
         run(facts, tmp_path / "full")
 
 
+def test_a_disk_too_small_for_the_run_is_foreseen(facts, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(study, "MIN_FREE_BYTES", 1)
+    monkeypatch.setattr(study.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 100_000})())
+    with caplog.at_level(logging.WARNING, logger="knowmri.study"):
+        run(facts, tmp_path / "run")  # five ~45 KB files: the four after the first do not fit in 100 KB
+    assert any("the 4 remaining samples need about" in r.getMessage() for r in caplog.records)
+
+
 def test_a_failed_write_keeps_the_finished_samples(facts, tmp_path, monkeypatch):
     out = tmp_path / "run"
     whole = run(facts, tmp_path / "whole").to_dict()
