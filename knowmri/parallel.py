@@ -8,15 +8,13 @@ environment (single node or multi-node); a plain `python` run is rank 0 of 1 and
 
 from __future__ import annotations
 
-import logging
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,6 +86,7 @@ def _warn_single_cpu_launch() -> None:
     Accelerate's launcher starts several CPU processes only through MPI (`--mpirun_hostfile`);
     otherwise it starts one (it still sets MASTER_ADDR, which marks a multi-process request)."""
     if os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes", "on") and os.environ.get("MASTER_ADDR") and "WORLD_SIZE" not in os.environ:
-        log.warning("accelerate launch --cpu started one process: Accelerate starts several CPU processes only with an "
-                    "MPI host file. For N CPU processes use `accelerate launch --multi_gpu --num_processes N` on a "
-                    "machine without GPUs, or `torchrun --nproc_per_node N` (with --device cpu where GPUs are present)")
+        warnings.warn("accelerate launch --cpu started one process: Accelerate starts several CPU processes only with an "
+                      "MPI host file. For N CPU processes use `accelerate launch --multi_gpu --num_processes N` on a "
+                      "machine without GPUs, or `torchrun --nproc_per_node N` (with --device cpu where GPUs are present)",
+                      RuntimeWarning, stacklevel=3)

@@ -32,6 +32,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,9 +220,9 @@ class RunDir:
             need = self.sample_file(index).stat().st_size * remaining
             free = shutil.disk_usage(self.path).free
             if need > 0.9 * free:
-                log.warning("the %d remaining samples need about %.0f MiB in %s, but only %.0f MiB are free: the run "
-                            "will stop when the disk is full (finished samples are kept; --resume continues)",
-                            remaining, need / 2**20, self.path, free / 2**20)
+                warnings.warn(f"the {remaining} remaining samples need about {need / 2**20:.0f} MiB in {self.path}, but "
+                              f"only {free / 2**20:.0f} MiB are free: the run will stop when the disk is full (finished "
+                              "samples are kept; --resume continues)", RuntimeWarning, stacklevel=2)
 
     def missing(self, indices: Sequence[int]) -> list[int]:
         return [i for i in indices if not self.sample_file(i).is_file()]
@@ -374,7 +375,7 @@ class DatasetRun:
                 run_dir.load_sample(i)
                 found += 1
             except ValueError as err:
-                log.warning("%s: running sample %d again", err, i)
+                warnings.warn(f"{err}: running sample {i} again", RuntimeWarning, stacklevel=2)
                 run_dir.set_aside(i)
                 pending.append(i)
         return Plan(pending=pending, found_done=found)
@@ -451,7 +452,7 @@ class _Ticker:
         try:
             run.dir.write_json(PARTIAL, report.to_dict())
         except OSError as err:  # the samples matter, the partial aggregate does not
-            log.warning("could not write %s: %s", run.dir.path / PARTIAL, err)
+            warnings.warn(f"could not write {run.dir.path / PARTIAL}: {err}", RuntimeWarning, stacklevel=2)
         self.next_partial = time.monotonic() + max(PARTIAL_EVERY, 10 * (time.monotonic() - begin))
 
     def close(self) -> None:
