@@ -166,6 +166,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     if args.samples is not None and args.samples < 1:
         raise ValueError("--samples must be at least 1")
     dataset_level = args.dataset is not None and args.samples is not None and not args.index_given
+    if args.resume and not (dataset_level and args.out):
+        raise ValueError("--resume continues a dataset run: give --dataset NAME --samples N --out DIR")
     if dataset_level and any(v is not None for v in (args.prompt, args.text, args.subject, args.target)):
         raise ValueError("--dataset takes no --prompt, --text, --subject or --target")
     sample = km.load_dataset(args.dataset, path=args.path) if dataset_level else _sample_from_args(args)
@@ -173,17 +175,27 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         raise ValueError(f"the dataset {args.dataset!r} is empty")
     if args.out is not None:
         _check_out(args.out)
-    model = km.load_model(args.model, device=args.device, dtype=args.dtype)
+    procs = _dataset_processes(args) if dataset_level else None
+    model = km.load_model(args.model, device=procs.model_device(args.device) if procs else args.device, dtype=args.dtype)
     first = sample[0] if dataset_level else sample
     if methods and not dataset_level:
         blocked = [m for m in km.match(sample, model) if m.name in methods and not m.eligible]
         if blocked:
             raise ValueError("; ".join(f"{m.name} cannot run: {', '.join(m.reasons)}" for m in blocked))
-    _say_estimate(model, first, methods, params, min(args.samples, len(sample)) if dataset_level else 1)
-    report = km.diagnose(sample, model, methods=methods, params=params, samples=args.samples,
-                         progress=not args.json and sys.stderr.isatty() or args.progress)
-    if args.out:
-        report.save(args.out)
+    progress = not args.json and sys.stderr.isatty() or args.progress
+    if procs is None or procs.main:
+        _say_estimate(model, first, methods, params, min(args.samples, len(sample)) if dataset_level else 1)
+    if procs is not None:
+        from knowmri.diagnosis import diagnose_dataset
+
+        report = diagnose_dataset(sample, model, methods=methods, params=params, samples=args.samples, progress=progress,
+                                  out=args.out, resume=args.resume, echo=True)  # saves into --out as it goes
+        if not procs.main:
+            return 0
+    else:
+        report = km.diagnose(sample, model, methods=methods, params=params, progress=progress)
+        if args.out:
+            report.save(args.out)
     if args.json:
         print(report.to_json())
     else:
@@ -207,6 +219,17 @@ def _say_estimate(model: Any, sample: Any, methods: list[str] | None, params: di
         print(f"knowmri: this run is estimated to take {format_seconds(cost.seconds)}{per} and up to "
               f"{format_bytes(cost.memory_bytes)} of memory; slowest: {cost.slowest()} (Ctrl+C stops it)",
               file=sys.stderr, flush=True)
+
+
+def _dataset_processes(args: argparse.Namespace) -> Any:
+    """This process among the data-parallel ones (`accelerate launch`); an unwritable or full --out fails here."""
+    from knowmri.parallel import processes
+    from knowmri.study import RunDir
+
+    procs = processes(cpu=args.device == "cpu")
+    if args.out:
+        RunDir(args.out).check_writable()
+    return procs
 
 
 def cmd_localize(args: argparse.Namespace) -> int:
@@ -261,9 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     with_input(sp)
     sp.add_argument("--model", default="smollm2-135m", help="preset, hub id, folder or .gguf (default smollm2-135m)")
     sp.add_argument("--methods", help="comma-separated method names (default: every eligible one)")
-    sp.add_argument("--samples", type=int, help="with --dataset (and no --index): diagnose this many records and aggregate")
+    sp.add_argument("--samples", type=int, help="with --dataset (and no --index): diagnose this many records and aggregate "
+                                                "(runs under `accelerate launch` too)")
     sp.add_argument("--param", action="append", metavar="METHOD.NAME=VALUE", help="override a hyper-parameter")
-    sp.add_argument("--out", help="directory for report.json and index.html")
+    sp.add_argument("--out", help="directory for report.json and index.html (dataset runs: and each sample's result "
+                                  "under samples/ as it finishes)")
+    sp.add_argument("--resume", action="store_true", help="continue a dataset run saved in --out, skipping its finished samples")
     sp.add_argument("--device", choices=["cpu", "cuda"], default=None)
     sp.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
     sp.add_argument("--json", action="store_true", help="print report.json to stdout")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -10,12 +11,14 @@ from typing import Any
 
 import torch
 
-from knowmri.analysis import Aggregator, build_consensus
-from knowmri.matching import match
+from knowmri.analysis import build_consensus
+from knowmri.matching import estimate_dataset, match
 from knowmri.methods.base import MethodResult, RunContext, get_method
+from knowmri.parallel import processes
 from knowmri.report.report import Report
 from knowmri.runtime import reuse_freed_memory
 from knowmri.sample import as_sample
+from knowmri.study import DatasetRun
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +26,13 @@ Progress = Callable[[str, float, str], None]
 
 
 def diagnose(sample: Any, model: Any, methods: list[str] | str | None = None, params: dict[str, dict] | None = None,
-             progress: bool | Progress = True, seed: int = 0, consensus: bool = True, samples: int | None = 20) -> Report:
+             progress: bool | Progress = True, seed: int = 0, consensus: bool = True, samples: int | None = 20,
+             out: str | os.PathLike[str] | None = None, resume: bool = False) -> Report:
     """Run methods on one sample (all eligible ones when `methods` is None) and return a Report.
 
-    Given a Dataset instead of a sample, it runs on its first `samples` records and aggregates.
+    Given a Dataset instead of a sample, it runs on its first `samples` records and aggregates;
+    with `out`, each sample's result is saved as it finishes and `resume=True` continues an
+    interrupted run (see `diagnose_dataset`).
 
     `params` maps a method name to overrides of its hyper-parameters. A method that fails yields a
     result with status "error" and its message; the others still run. `progress` is True (a bar
@@ -34,16 +40,20 @@ def diagnose(sample: Any, model: Any, methods: list[str] | str | None = None, pa
     """
     from knowmri.models.loading import load_model
 
+    dataset = _is_dataset(sample)
+    if not dataset and (out is not None or resume):
+        raise ValueError("out= and resume= are for dataset runs; save one sample's report with report.save(DIR)")
     if isinstance(model, str):
-        model = load_model(model)
+        model = load_model(model, device=processes().model_device(None) if dataset else None)
+    if dataset:
+        return diagnose_dataset(sample, model, methods=methods, params=params, progress=progress, seed=seed,
+                                samples=samples, out=out, resume=resume)
     with reuse_freed_memory():  # big buffers are reused across methods instead of mapped afresh
-        return _diagnose(sample, model, methods, params, progress, seed, consensus, samples)
+        return _diagnose(sample, model, methods, params, progress, seed, consensus)
 
 
 def _diagnose(sample: Any, model: Any, methods: list[str] | str | None, params: dict[str, dict] | None,
-              progress: bool | Progress, seed: int, consensus: bool, samples: int | None) -> Report:
-    if _is_dataset(sample):
-        return diagnose_dataset(sample, model, methods=methods, params=params, progress=progress, seed=seed, samples=samples)
+              progress: bool | Progress, seed: int, consensus: bool) -> Report:
     sample = as_sample(sample)
     if sample.get("prompt"):
         model.encode(sample["prompt"], sample.get("ground_truth"))  # bad input (too long, odd answer) fails here, once
@@ -93,39 +103,62 @@ def _is_dataset(obj: Any) -> bool:
 
 
 def diagnose_dataset(dataset: Any, model: Any, methods: list[str] | str | None = None, params: dict[str, dict] | None = None,
-                     progress: bool | Progress = True, seed: int = 0, samples: int | None = 20) -> Report:
+                     progress: bool | Progress = True, seed: int = 0, samples: int | None = 20,
+                     out: str | os.PathLike[str] | None = None, resume: bool = False, echo: bool | None = None) -> Report:
     """Run methods on the first `samples` records of a dataset and aggregate them into one Report.
 
-    Per-sample results are reduced as they come (token importance by role, mean layer scores,
-    mean causal-tracing grids by token role, neuron frequency); see `knowmri.analysis.aggregate`.
+    Per-sample results are reduced in sample order (token importance by role, mean layer scores,
+    mean causal-tracing grids by token role, neuron frequency; see `knowmri.analysis.aggregate`);
+    `report.meta["samples"]` is the per-sample table. With `out`, each sample's result is written to
+    `out/samples/` as soon as it finishes and the report to `out/` at the end; `resume=True` skips
+    the samples already there; under `accelerate launch` the samples are dealt over the processes
+    (see `knowmri.study`). A record that does not suit the model is noted in the table, not fatal.
+    The cost estimate and resumption are printed on stderr when `echo` (default: unless `progress` is False).
     """
     n = len(dataset) if samples is None else min(samples, len(dataset))
     if n < 1:
         raise ValueError("the dataset is empty")
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    params = {name: dict(values) for name, values in (params or {}).items()}
+    for name in [*(methods or []), *params]:
+        get_method(name).Params.from_dict(params.get(name))  # unknown methods and bad values fail before any work
+    run = DatasetRun(dataset, model, n, {"methods": methods, "params": params, "seed": seed}, out=out, resume=resume,
+                     progress=progress, echo=echo)
+
+    def one(index: int, sample: Any) -> dict[str, Any]:
+        try:
+            report = diagnose(sample, model, methods=methods, params=params, progress=False, seed=seed, consensus=False)
+        except ValueError as err:  # this record does not suit the model (too long, odd answer): noted, the run goes on
+            report = Report(model=model.info(), sample=as_sample(sample).to_dict())
+            report.meta["error"] = str(err)
+        else:
+            report.meta["answer"] = _answer(model, as_sample(sample))
+        report.meta["index"] = index
+        return report.to_dict()
+
     with reuse_freed_memory():
-        return _diagnose_dataset(dataset, model, methods, params, progress, seed, n)
-
-
-def _diagnose_dataset(dataset: Any, model: Any, methods: list[str] | str | None, params: dict[str, dict] | None,
-                      progress: bool | Progress, seed: int, n: int) -> Report:
-    agg = Aggregator(model)
-    report = Report(model=model.info(), sample={"dataset": getattr(dataset, "name", "dataset"), "samples": n})
-    bar = _progress_bar(n, "sample") if progress is True else None
-    for i in range(n):
-        sample = dataset[i]
-        one = diagnose(sample, model, methods=methods, params=params, progress=False, seed=seed, consensus=False)
-        agg.add(i, sample, one.results)
-        if callable(progress):
-            progress("dataset", (i + 1) / n, f"sample {i + 1}/{n}")
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    agg.report(report)
+        report = run.run(one, lambda indices: estimate_dataset([dataset[i] for i in indices], model, methods, params))
     for name, result in report.results.items():
         result.path = list(get_method(name).path)
     report.consensus = {"verdict": " ".join(r.summary for r in report.results.values() if r.findings.get("subject_share") is not None)[:2000]}
+    run.save(report)
     return report
+
+
+def _answer(model: Any, sample: Any) -> dict[str, Any] | None:
+    """The answer the sample teacher-forces (its ground truth, else the model's top prediction) and its probability."""
+    from knowmri.methods.common import answer_prob, prepare
+
+    try:
+        prepared = prepare(model, sample)
+        with torch.inference_mode():
+            logits = model.forward(**prepared.enc.inputs())
+        prob = float(answer_prob(logits, prepared.enc)[0])
+    except Exception as err:  # the table's answer column never sinks a sample
+        log.debug("no answer probability: %s", err)
+        return None
+    return {"text": prepared.answer, "prob": prob if prob == prob else None, "source": prepared.answer_source}
 
 
 def run_method(method: Any, model: Any, sample: Any, overrides: dict | None, ctx: RunContext, seed: int = 0) -> MethodResult:

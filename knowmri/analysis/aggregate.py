@@ -56,11 +56,13 @@ class Aggregator:
         self.ran: Counter = Counter()  # per method: samples whose result is ok (the frequencies' denominator)
         self.records: list[dict[str, Any]] = []
 
-    def add(self, index: int, sample: Any, results: dict[str, MethodResult]) -> None:
+    def add(self, index: int, sample: Any, results: dict[str, MethodResult], extra: dict[str, Any] | None = None) -> None:
+        """Reduce one sample's results; `extra` joins the sample's row of the per-sample table."""
         self.n += 1
         self.records.append({"index": index, "prompt": sample.get("prompt"), "ground_truth": sample.get("ground_truth"),
                              "status": {n: r.status for n, r in results.items()},
-                             "summary": {n: r.summary for n, r in results.items() if r.status == "ok"}})
+                             "summary": {n: r.summary for n, r in results.items() if r.status == "ok"},
+                             "seconds": round(sum(r.seconds for r in results.values()), 4), **(extra or {})})
         for name, r in results.items():
             self.status[name][r.status] += 1
             self.seconds[name].append(r.seconds)
@@ -84,6 +86,14 @@ class Aggregator:
                 k = (int(x["layer"]), int(x["unit"]))
                 self.neurons[name][k] += 1
                 self.neuron_score[name][k].append(float(x["score"]))
+
+    def add_saved(self, data: dict[str, Any], **extra: Any) -> None:
+        """Reduce one sample's saved report (report.json's structure with the sample's `index`).
+
+        Adding the saved reports of a dataset in sample order rebuilds the aggregate exactly, however
+        (and in how many processes, or sessions) the samples were run."""
+        results = {name: MethodResult.from_dict(r) for name, r in (data.get("results") or {}).items()}
+        self.add(int(data["index"]), data.get("sample") or {}, results, extra)
 
     def _tokens(self, name: str, sample: Any, scores: list[dict]) -> None:
         n_prompt = max(int(s["index"]) for s in scores) + 1

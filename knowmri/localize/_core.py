@@ -1,4 +1,4 @@
-"""Shared plumbing for dataset-level work: samples to teacher-forced batches, splits, processes.
+"""Shared plumbing for dataset-level work: samples to teacher-forced batches and splits.
 
 Every dataset-level job (localisation, enhancement) reads samples the same way: the prompt
 (optionally through a template) and an answer (the `ground_truth`, or another key such as a
@@ -9,7 +9,6 @@ the context it would see alone (causal and bidirectional attention both ignore t
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -173,50 +172,6 @@ def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], l
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_eval = min(n - 1, max(1, round(n * eval_fraction)))
     return sorted(order[n_eval:]), sorted(order[:n_eval])
-
-
-# ---------------------------------------------------------------------------- processes
-@dataclass
-class Processes:
-    """This process's place among the data-parallel processes (one process: rank 0 of 1)."""
-
-    rank: int = 0
-    world: int = 1
-    device: torch.device | None = None
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def shard(self, items: Sequence[Any]) -> list[Any]:
-        """Striding: process r takes items r, r + world, r + 2 world, ..."""
-        return list(items[self.rank::self.world])
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The elementwise sum of `tensor` over all processes (one collective call)."""
-        if self.world == 1:
-            return tensor
-        import torch.distributed as dist
-
-        device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
-        moved = tensor.to(device)
-        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
-        return moved.to(tensor.device)
-
-
-def processes() -> Processes:
-    """The data-parallel setup: Accelerate's `PartialState` when launched with several processes."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    import torch.distributed as dist
-
-    if world <= 1 and not (dist.is_available() and dist.is_initialized()):
-        return Processes()
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
-    state = PartialState(cpu=cpu)
-    return Processes(rank=state.process_index, world=state.num_processes, device=state.device)
 
 
 def progress_bar(total: int, desc: str, enabled: bool) -> Any:

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from knowmri.hooks import Hooks, site
-from knowmri.localize._core import as_samples, batches, check_answers, collate, processes, progress_bar, teacher_forced
+from knowmri.localize._core import as_samples, batches, check_answers, collate, progress_bar, teacher_forced
+from knowmri.parallel import processes
 
 _HI, _LO = 2.0 ** 24, 2.0 ** 32  # two int64 limbs: units of 2^-24 and of 2^-56
 _BOUND = 2 ** 38  # the largest sum of |contributions| the limbs hold exactly

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from knowmri.localize._core import Processes, processes
+from knowmri.parallel import Processes, processes
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -22,9 +22,7 @@ def _model(args: argparse.Namespace, procs: Processes) -> Any:
     if device_map and procs.world > 1:
         raise ValueError("--device-map shards one model over the GPUs of one process; with several processes "
                          "each process holds its own copy (drop --device-map)")
-    device = args.device
-    if procs.world > 1 and procs.device is not None and procs.device.type == "cuda" and device != "cpu":
-        device = str(procs.device)  # one GPU per process
+    device = procs.model_device(args.device)  # one GPU per process
     return load_model(args.model, device=None if device_map else device, dtype=args.dtype, device_map=device_map)
 
 

@@ -28,16 +28,15 @@ import torch
 from torch import nn
 
 from knowmri.localize._core import (
-    Processes,
     as_samples,
     batches,
     check_answers,
     collate,
-    processes,
     progress_bar,
     split_indices,
     teacher_forced,
 )
+from knowmri.parallel import Processes, processes
 
 ARMS = ("located", "random", "base")
 Deltas = dict[int, dict[str, torch.Tensor]]  # layer -> units, mlp_in, mlp_gate (gated MLPs), mlp_down

@@ -3,6 +3,8 @@ and the effect grids behind a result's `sites`, for any method."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from knowmri.analysis import Aggregator
@@ -99,3 +101,21 @@ def test_varying_layer_scores_get_t_intervals() -> None:
     got = report["tracer"].findings["layer_scores"][2]
     want = stats.t.interval(0.95, 2, loc=0.3, scale=stats.sem(scores))
     assert got["score"] == pytest.approx(0.3) and got["ci"] == pytest.approx(list(want))
+
+
+def test_saved_reports_added_in_order_rebuild_the_same_aggregate() -> None:
+    model = planted_model("gpt2").model
+    streamed, rebuilt = Aggregator(model), Aggregator(model)
+    saved = []
+    for i, value in enumerate((0.5, 0.3, 0.2)):
+        results = {"tracer": traced(value)}
+        streamed.add(i, FACT, results, {"answer_prob": value})
+        one = Report(model={}, sample=FACT, results=results, meta={"index": i})
+        saved.append(json.loads(one.to_json()))  # as a dataset run saves it and reads it back
+    for data in saved:
+        rebuilt.add_saved(data, answer_prob=[0.5, 0.3, 0.2][data["index"]])
+    a, b = Report(model={}, sample={}), Report(model={}, sample={})
+    streamed.report(a)
+    rebuilt.report(b)
+    assert a.to_dict()["results"] == b.to_dict()["results"]
+    assert a.meta["samples"] == b.meta["samples"] and b.meta["samples"][1]["answer_prob"] == 0.3

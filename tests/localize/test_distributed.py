@@ -22,7 +22,7 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {root!r})
 from knowmri.localize import localize
-from knowmri.localize._core import processes
+from knowmri.parallel import processes
 from knowmri.testing import tiny_model
 from tests.localize.conftest import capitals
 loc = localize(capitals(22), tiny_model("llama"), top_k=8, batch_size=3, aggregate={aggregate!r}, progress=False)
