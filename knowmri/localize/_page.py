@@ -10,6 +10,21 @@ def write_page(path: Path, title: str, data: dict[str, Any], figures: list[tuple
                tables: list[dict[str, Any]]) -> None:
     """Render `data` (a result's to_dict()) with its figures and tables through the report template."""
     from knowmri.report.html import render_html
+
+    path.write_text(render_html(page_data(title, data, figures, tables)), encoding="utf-8")
+
+
+def notebook_output(title: str, data: dict[str, Any], figures: list[tuple[str, Any]],
+                    tables: list[dict[str, Any]]) -> str:
+    """The same page's content as a notebook output (drawn inline in Jupyter and VS Code)."""
+    from knowmri.report.notebook import notebook_html
+
+    return notebook_html(page_data(title, data, figures, tables))
+
+
+def page_data(title: str, data: dict[str, Any], figures: list[tuple[str, Any]],
+              tables: list[dict[str, Any]]) -> dict[str, Any]:
+    """A dataset-level result as a report dict with one result (what the report renderer draws)."""
     from knowmri.report.result import jsonable
 
     name = data.get("kind", "result")
@@ -28,4 +43,4 @@ def write_page(path: Path, title: str, data: dict[str, Any], figures: list[tuple
         }},
     }
     page["sample"] = {k: v for k, v in page["sample"].items() if v is not None}
-    path.write_text(render_html(page), encoding="utf-8")
+    return page

@@ -137,6 +137,22 @@ class Localization:
                    model=data.get("model", {}), dataset=data.get("dataset", {}), summary=data.get("summary", ""),
                    seconds=data.get("seconds", 0.0), provenance=data.get("provenance", {}), scores=scores)
 
+    def _repr_html_(self) -> str:
+        """The localisation drawn inline in a notebook, as its index.html draws it."""
+        from knowmri.localize._page import notebook_output
+
+        return notebook_output("Capability localisation", self.to_dict(), self.figures(), self.tables())
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        return {"text/html": self._repr_html_(), "text/plain": self.summary or f"Localization of {len(self.neurons)} neurons"}
+
+    def neurons_frame(self) -> Any:
+        """The located neurons as a tidy DataFrame, best first: `rank`, `layer`, `unit`, `score` (the run's
+        aggregate), `mean_abs`, `mean`, `frequency` (needs pandas)."""
+        from knowmri.report.frames import frame
+
+        return frame([{"rank": i + 1, **n} for i, n in enumerate(self.neurons)], ("rank", "layer", "unit", "score"))
+
 
 def _positive(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -285,6 +285,15 @@ class Enhancement:
         write_page(out / "index.html", "Capability enhancement", data, self.figures(), self.tables())
         return out
 
+    def _repr_html_(self) -> str:
+        """The enhancement drawn inline in a notebook, as its index.html draws it."""
+        from knowmri.localize._page import notebook_output
+
+        return notebook_output("Capability enhancement", self.to_dict(), self.figures(), self.tables())
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        return {"text/html": self._repr_html_(), "text/plain": self.summary or "Enhancement"}
+
 
 def save_deltas(path: str | Path, deltas: Deltas, metadata: dict[str, str] | None = None) -> None:
     """The trained neuron weights as safetensors: layers.<l>.units, .mlp_in, .mlp_gate, .mlp_down."""

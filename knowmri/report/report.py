@@ -127,3 +127,55 @@ class Report:
         if self.consensus.get("verdict"):
             lines.append(f"Consensus: {self.consensus['verdict']}")
         return "\n".join(lines)
+
+    def is_dataset(self) -> bool:
+        """Whether this report aggregates a dataset run (its `sample` names a dataset, not a prompt)."""
+        return "dataset" in self.sample and "prompt" not in self.sample
+
+    def _repr_html_(self) -> str:
+        """The report drawn inline in Jupyter, JupyterLab and VS Code, as index.html draws it."""
+        from knowmri.report.notebook import notebook_html
+
+        return notebook_html(self.to_dict())
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        return {"text/html": self._repr_html_(), "text/plain": self.summary()}
+
+    def show(self, method: str | list[str] | None = None) -> None:
+        """Show the report (or only the named method's result, or methods' results) in the running notebook."""
+        from knowmri.report import notebook
+
+        data = notebook.select(self.to_dict(), method)
+        text = "\n".join(line for line in self.summary().splitlines()
+                         if method is None or not line.startswith("- ") or line[2:].split(" [")[0] in data["results"])
+        notebook.display_html(notebook.notebook_html(data), text)
+
+    def token_scores(self, directory: str | Path | None = None) -> Any:
+        """A tidy DataFrame of every method's token scores: `method`, `index`, `token`, `role`, `score`, ...
+
+        `role` is the token's role where the findings name it, else None. For a dataset report, one row per
+        sample, method and token (`sample` column), from each sample's results: held by the report, or saved
+        in the run `directory`'s per-sample files."""
+        from knowmri.report import frames
+
+        if not self.is_dataset():
+            return frames.frame(frames.token_rows(self.results), frames.TOKEN_COLUMNS)
+        rows = [row for index, results in frames.per_sample_results(self.meta.get("samples") or [], directory)
+                for row in frames.token_rows(results, sample=index)]
+        return frames.frame(rows, ("method", "sample", *frames.TOKEN_COLUMNS[1:]))
+
+    def layer_scores(self) -> Any:
+        """A tidy DataFrame of every method's layer scores: `method`, `layer`, `score` (mean over the samples
+        of a dataset report), and `basis` where the method says what it measures."""
+        from knowmri.report import frames
+
+        return frames.frame(frames.layer_rows(self.results), frames.LAYER_COLUMNS)
+
+    def neurons(self) -> Any:
+        """A tidy DataFrame of every method's neurons, best first: `method`, `layer`, `unit`, `expert` (where a
+        neuron has one), `score`, `generic`, `rank` and what else the method reports (for a dataset report,
+        the most frequently located neurons with their `count`)."""
+        from knowmri.report import frames
+
+        rows = frames.neuron_rows(self.results)
+        return frames.frame(rows, frames.neurons_columns(rows))

@@ -56,6 +56,15 @@ class MethodResult:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    def _repr_html_(self) -> str:
+        """This result drawn inline in a notebook, as the report's page draws it."""
+        from knowmri.report.notebook import notebook_html, result_page
+
+        return notebook_html(result_page(self.to_dict()))
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        return {"text/html": self._repr_html_(), "text/plain": f"{self.method} [{self.status}]: {self.summary or self.error or ''}"}
+
 
 def jsonable(obj: Any) -> Any:
     """Plain JSON types from numpy/torch values, recursively (NaN becomes None)."""
