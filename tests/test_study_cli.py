@@ -125,7 +125,7 @@ def test_bad_dataset_runs_are_one_line_errors(model_dir, one_process, tmp_path, 
     cases = [
         (["diagnose", "--model", str(model_dir), "--prompt", "Hello", "--resume"], "--resume continues a dataset run"),
         (["diagnose", "--model", str(model_dir), "--dataset", "known_1000", "--samples", "2", "--resume"], "--out DIR"),
-        (arguments(model_dir, blocker / "run"), "cannot create the output directory"),
+        (arguments(model_dir, blocker / "run"), "is a file, not a folder"),
         (arguments(model_dir, one_process), "rerun with --resume"),
         ([*arguments(model_dir, one_process, "--resume"), "--param", "logit_lens.top_k=2"],
          'params {} (now {"logit_lens": {"top_k": 2}})'),
