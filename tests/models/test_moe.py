@@ -1,5 +1,7 @@
 """Mixture-of-experts families: loading, MoE facts, every MoE site readable and patchable, re-routing."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -8,6 +10,11 @@ from knowmri.hooks import Hooks, expert_site, site
 from knowmri.testing.tiny import D_EXPERT, D_SHARED, MOE_FAMILIES, N_EXPERTS, TOP_K, tiny_model
 
 PROMPT = "The Eiffel Tower is located in the city of"
+FACT = {"prompt": PROMPT, "ground_truth": " Paris", "triple_subject": "Eiffel Tower",
+        "triple_relation": "is located in the city of", "triple_object": "Paris", "target_new": " Rome",
+        "prompts": [PROMPT, "The Eiffel Tower is in the city of"]}
+QUICK = {"samples": 2, "window": 2, "steps": 2, "ig_steps": 2, "max_new_tokens": 4, "epochs": 2, "top_n": 10,
+         "vocab_limit": 200, "hidden_dim": 32, "internal_batch_size": 4}
 
 
 @pytest.fixture(params=MOE_FAMILIES)
@@ -129,3 +136,21 @@ def test_gradients_reach_expert_neurons(model):
 def test_load_model_wraps_moe_objects(model):
     again = km.load_model(model.hf_model, tokenizer=model.tokenizer)
     assert again.n_experts == N_EXPERTS and again.spec.family == model.spec.family
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_every_method_runs_or_says_why(family, tmp_path, monkeypatch):
+    """The whole registry on each tiny MoE family: a method runs, is ineligible with a reason, or stops with
+    the clear error that a mixture-of-experts layer has no single MLP neuron site (dense-neuron methods that
+    do not yet score expert neurons)."""
+    monkeypatch.setenv("KNOWMRI_HOME", str(tmp_path))
+    model = tiny_model(family)
+    params = {}
+    for cls in km.methods.base.list_methods():
+        names = {f.name for f in dataclasses.fields(cls.Params)}
+        params[cls.name] = {k: v for k, v in QUICK.items() if k in names}
+    report = km.diagnose(km.Sample(FACT), model, params=params, progress=False, consensus=False)
+    for name, result in report.results.items():
+        assert result.status == "ok" or "mixture of experts" in (result.error or ""), (name, result.error)
+    assert report.results["causal_tracing"].status == "ok"
+    assert report.results["moe_routing"].status == "ok"
