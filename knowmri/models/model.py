@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from knowmri.models.arch import ArchSpec, arch_specs, find_spec, infer_spec, missing_paths, resolve
 from knowmri.models import moe
+from knowmri.models.arch import ArchSpec, arch_specs, find_spec, infer_spec, missing_paths, resolve
 from knowmri.models.heads import HeadWeights
 from knowmri.sample import Span
 

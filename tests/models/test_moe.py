@@ -7,6 +7,7 @@ import torch
 
 import knowmri as km
 from knowmri.hooks import Hooks, expert_site, site
+from knowmri.methods.base import list_methods
 from knowmri.testing.tiny import D_EXPERT, D_SHARED, MOE_FAMILIES, N_EXPERTS, TOP_K, tiny_model
 
 PROMPT = "The Eiffel Tower is located in the city of"
@@ -146,7 +147,7 @@ def test_every_method_runs_or_says_why(family, tmp_path, monkeypatch):
     monkeypatch.setenv("KNOWMRI_HOME", str(tmp_path))
     model = tiny_model(family)
     params = {}
-    for cls in km.methods.base.list_methods():
+    for cls in list_methods():
         names = {f.name for f in dataclasses.fields(cls.Params)}
         params[cls.name] = {k: v for k, v in QUICK.items() if k in names}
     report = km.diagnose(km.Sample(FACT), model, params=params, progress=False, consensus=False)
