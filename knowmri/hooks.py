@@ -11,6 +11,19 @@ Canonical sites, shared by every method (layer `l` is 0-based):
     blocks.{l}.mlp.neurons     the MLP's hidden units, the input of the down proj.    [B, T, d_mlp]
     final_norm                 the output of the final norm                           [B, T, d_model]
 
+Mixture-of-experts layers (`model.moe_layers`) have, besides `mlp.out` (the whole MoE block's output):
+
+    blocks.{l}.moe.router              the router logits (editing them re-routes)     [B, T, n_experts]
+    blocks.{l}.moe.experts.{e}.neurons expert e's hidden units, the input of its down
+                                       projection; zero at tokens not routed to e      [B, T, d_expert]
+    blocks.{l}.moe.experts.{e}.out     expert e's output times its routing weight (its
+                                       share of mlp.out); zero at tokens not routed    [B, T, d_model]
+    blocks.{l}.moe.shared.neurons      the shared expert's hidden units (if any)       [B, T, d_shared]
+    blocks.{l}.moe.shared.out          the shared expert's output (before Qwen2-MoE's
+                                       sigmoid gate)                                   [B, T, d_model]
+
+Experts run on their routed tokens only (edits at other tokens change nothing); see docs/SITES.md.
+
 For seq2seq models, blocks are the decoder's. Hooks exist only inside `Hooks` (a context
 manager) and are removed on exit, whatever happens.
 """
@@ -25,26 +38,42 @@ from typing import Any
 import torch
 from torch import nn
 
+from knowmri.models import moe
+
 Index = int | Sequence[int] | slice | torch.Tensor | None
 Edit = Callable[[torch.Tensor], torch.Tensor | None]
 
-_SITE = re.compile(r"^blocks\.(\d+)\.(resid_pre|resid_post|attn\.out|attn\.heads|mlp\.out|mlp\.neurons)$")
+_SITE = re.compile(r"^blocks\.(\d+)\.(resid_pre|resid_post|attn\.out|attn\.heads|mlp\.out|mlp\.neurons|moe\.router|"
+                   r"moe\.shared\.neurons|moe\.shared\.out|moe\.experts\.(\d+)\.(neurons|out))$")
 SITE_KINDS = ("resid_pre", "resid_post", "attn.out", "attn.heads", "mlp.out", "mlp.neurons")
+#: Per-layer sites of mixture-of-experts layers (an expert's own sites: `expert_site`).
+MOE_SITE_KINDS = ("moe.router", "moe.shared.neurons", "moe.shared.out")
+EXPERT_SITE_KINDS = ("neurons", "out")
 
 
 def site(layer: int, kind: str) -> str:
     """The canonical site name for a layer and kind, e.g. site(3, "mlp.neurons")."""
-    if kind not in SITE_KINDS:
-        raise ValueError(f"unknown site kind {kind!r}; expected one of {', '.join(SITE_KINDS)}")
+    if kind not in SITE_KINDS and kind not in MOE_SITE_KINDS:
+        raise ValueError(f"unknown site kind {kind!r}; expected one of {', '.join(SITE_KINDS + MOE_SITE_KINDS)}")
     return f"blocks.{layer}.{kind}"
+
+
+def expert_site(layer: int, expert: int, kind: str = "neurons") -> str:
+    """The site of one expert of a mixture-of-experts layer, e.g. expert_site(3, 5) is "blocks.3.moe.experts.5.neurons"."""
+    if kind not in EXPERT_SITE_KINDS:
+        raise ValueError(f"unknown expert site kind {kind!r}; expected one of {', '.join(EXPERT_SITE_KINDS)}")
+    return f"blocks.{layer}.moe.experts.{expert}.{kind}"
 
 
 @dataclass
 class _Target:
     module: nn.Module
     before: bool  # hook the module's input (True) or its output (False)
-    shape: str  # "plain", "heads" or "flat"
+    shape: str  # "plain", "heads", "flat" (the module runs on [B*T, d]) or "expert" (one expert's routed tokens)
     layer: int | None
+    expert: int | None = None
+    which: str | None = None  # an expert site's kind: "neurons" or "out"
+    router: bool = False
 
 
 class Capture:
@@ -140,10 +169,18 @@ class Hooks:
             return _Target(m.final_norm, False, "plain", None)
         match = _SITE.match(name)
         if not match:
-            raise ValueError(f"unknown site {name!r}; sites are embed, final_norm and blocks.<layer>.<{'|'.join(SITE_KINDS)}>")
+            raise ValueError(f"unknown site {name!r}; sites are embed, final_norm, blocks.<layer>.<{'|'.join(SITE_KINDS)}> "
+                             f"and, for mixture-of-experts layers, blocks.<layer>.<{'|'.join(MOE_SITE_KINDS)}> and "
+                             f"blocks.<layer>.moe.experts.<expert>.<{'|'.join(EXPERT_SITE_KINDS)}>")
         layer, kind = int(match.group(1)), match.group(2)
         if not 0 <= layer < m.n_layers:
             raise ValueError(f"site {name!r}: layer {layer} is out of range (the model has {m.n_layers} layers)")
+        moe_layer = layer in getattr(m, "moe_layers", ())
+        if kind.startswith("moe."):
+            return self._moe_target(name, layer, kind, match, moe_layer)
+        if kind == "mlp.neurons" and moe_layer:
+            raise ValueError(f"site {name!r}: layer {layer} is a mixture of experts, with no single MLP; its neurons are "
+                             f"blocks.{layer}.moe.experts.<expert>.neurons")
         if kind == "resid_pre":
             return _Target(m.layers[layer], True, "plain", layer)
         if kind == "resid_post":
@@ -156,6 +193,25 @@ class Hooks:
             return _Target(m.component(layer, "mlp_out"), False, "flat" if m.spec.flat_mlp else "plain", layer)
         return _Target(m.component(layer, "mlp_down"), True, "flat" if m.spec.flat_mlp else "plain", layer)
 
+    def _moe_target(self, name: str, layer: int, kind: str, match: re.Match, moe_layer: bool) -> _Target:
+        m = self.model
+        if not moe_layer:
+            what = "is a dense layer" if getattr(m, "moe_layers", ()) else "is not a mixture of experts"
+            raise ValueError(f"site {name!r}: layer {layer} of {m.architecture} {what}")
+        if kind == "moe.router":
+            return _Target(m.component(layer, "moe_router"), False, "flat", layer, router=True)
+        if kind.startswith("moe.shared"):
+            key = "moe_shared" if kind == "moe.shared.out" else "moe_shared_down"
+            try:
+                module = m.component(layer, key)
+            except ValueError:
+                raise ValueError(f"site {name!r}: {m.architecture} has no shared expert in layer {layer}") from None
+            return _Target(module, kind == "moe.shared.neurons", "flat", layer)
+        expert = int(match.group(3))
+        if not 0 <= expert < m.n_experts:
+            raise ValueError(f"site {name!r}: expert {expert} is out of range (the model has {m.n_experts} experts)")
+        return _Target(m.component(layer, "moe_experts"), False, "expert", layer, expert=expert, which=match.group(4))
+
     def _ensure(self, name: str) -> list[Edit]:
         if not self._active:
             raise RuntimeError("hooks can only be added inside `with Hooks(model) as h:`")
@@ -164,7 +220,7 @@ class Hooks:
         tgt = self.target(name)
         ops: list[Edit] = []
         self._ops[name] = ops
-        if tgt.shape == "flat":
+        if tgt.shape in ("flat", "expert"):
             layer_module = self.model.layers[tgt.layer]
 
             def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -173,8 +229,8 @@ class Hooks:
 
             self._handles.append(layer_module.register_forward_pre_hook(record, with_kwargs=True))
 
-        def run(x: torch.Tensor) -> torch.Tensor:
-            shape = x.shape
+        def apply(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+            shape, changed = x.shape, False
             if tgt.shape == "heads":
                 x = x.view(*shape[:-1], self.model.n_heads, shape[-1] // self.model.n_heads)
             elif tgt.shape == "flat" and x.dim() == 2:
@@ -183,10 +239,24 @@ class Hooks:
             for op in ops:
                 out = op(x)
                 if out is not None:
-                    x = out
-            return x.reshape(shape)
+                    x, changed = out, True
+            return x.reshape(shape), changed
 
-        if tgt.before:
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return apply(x)[0]
+
+        if tgt.shape == "expert":
+            self._handles.append(moe.install(tgt.module, self._expert_editor(tgt, ops)))
+        elif tgt.router:
+            def post_router(module: nn.Module, args: tuple, output: Any) -> Any:
+                logits, changed = apply(output[0])
+                if not changed:
+                    return None
+                weights, experts = moe.route(module, logits)
+                return (logits, weights, experts, *output[3:])
+
+            self._handles.append(tgt.module.register_forward_hook(post_router))
+        elif tgt.before:
             def pre(module: nn.Module, args: tuple, kwargs: dict) -> Any:
                 if args:
                     return (run(args[0]), *args[1:]), kwargs
@@ -206,6 +276,23 @@ class Hooks:
 
             self._handles.append(tgt.module.register_forward_hook(post))
         return ops
+
+    def _expert_editor(self, tgt: _Target, ops: list[Edit]) -> moe.Editor:
+        """The call-out that shows one expert's routed tokens to `ops` as a [B, T, d] tensor (zero elsewhere)."""
+
+        def editor(expert: int, which: str, token_index: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+            if expert != tgt.expert or which != tgt.which:
+                return value
+            b, t = self._bt[tgt.layer]
+            x = value.new_zeros(b * t, value.shape[-1]).index_copy(0, token_index, value).view(b, t, -1)
+            changed = False
+            for op in ops:
+                out = op(x)
+                if out is not None:
+                    x, changed = out, True
+            return x.reshape(b * t, -1)[token_index] if changed else value
+
+        return editor
 
     # ------------------------------------------------------------------ operations
     def edit(self, name: str, fn: Edit) -> None:

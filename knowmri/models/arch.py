@@ -11,7 +11,7 @@ import tomllib
 from torch import nn
 
 _LAYER_KEYS = ("attn", "attn_out", "attn_o", "attn_q", "attn_k", "attn_v", "attn_qkv", "mlp_out", "mlp_in", "mlp_gate",
-               "mlp_down")
+               "mlp_down", "moe", "moe_router", "moe_experts", "moe_shared", "moe_shared_down")
 _ROOT_KEYS = ("embed", "layers", "final_norm", "unembed", "encoder_embed", "encoder_layers")
 #: How a family stores its queries, keys and values (archs.toml `qkv`; see `knowmri.models.heads`).
 QKV_LAYOUTS = ("separate", "fused_conv1d", "fused_interleaved", "fused_mqa", "fused_grouped", "fused_falcon")
@@ -48,6 +48,13 @@ class ArchSpec:
     flat_mlp: bool = False
     logit_softcap: str | None = None
     readout_scale: str | None = None
+    moe: tuple[str, ...] = ()  # a layer's mixture-of-experts block (knowmri/models/moe.py); a layer whose
+    # moe_experts path is missing is a dense layer
+    moe_router: tuple[str, ...] = ()
+    moe_experts: tuple[str, ...] = ()
+    moe_shared: tuple[str, ...] = ()
+    moe_shared_down: tuple[str, ...] = ()
+    experts_per_token: tuple[str, ...] = ()  # config keys
     extra: dict[str, Any] = field(default_factory=dict)
 
     def is_parallel(self, config: Any) -> bool:
@@ -59,6 +66,11 @@ class ArchSpec:
     @property
     def gated(self) -> bool:
         return bool(self.mlp_gate)
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether the family has mixture-of-experts layers."""
+        return bool(self.moe_experts)
 
 
 def _as_paths(value: Any) -> tuple[str, ...]:
@@ -81,17 +93,11 @@ def arch_specs() -> dict[str, ArchSpec]:
     raw = _raw_table()
     names = {f.name for f in fields(ArchSpec)}
     specs: dict[str, ArchSpec] = {}
-    for family, entry in raw.items():
-        merged: dict[str, Any] = {}
-        if "like" in entry:
-            base = raw.get(entry["like"])
-            if base is None:
-                raise ValueError(f"archs.toml: {family} is like unknown family {entry['like']!r}")
-            merged.update({k: v for k, v in base.items() if k not in ("architectures", "model_types")})
-        merged.update({k: v for k, v in entry.items() if k != "like"})
+    for family in raw:
+        merged = _merged(raw, family, ())
         kwargs: dict[str, Any] = {"family": family, "extra": {}}
         for key, value in merged.items():
-            if key in _LAYER_KEYS or key in _ROOT_KEYS or key in ("architectures", "model_types"):
+            if key in _LAYER_KEYS or key in _ROOT_KEYS or key in ("architectures", "model_types", "experts_per_token"):
                 kwargs[key] = _as_paths(value)
             elif key == "parallel":
                 kwargs[key] = value if isinstance(value, bool) else tuple(value)
@@ -101,6 +107,22 @@ def arch_specs() -> dict[str, ArchSpec]:
                 kwargs["extra"][key] = value
         specs[family] = ArchSpec(**kwargs)
     return specs
+
+
+def _merged(raw: dict[str, dict[str, Any]], family: str, seen: tuple[str, ...]) -> dict[str, Any]:
+    """One family's entry with its `like` chain resolved (a base's own names and types are not inherited)."""
+    entry = raw[family]
+    merged: dict[str, Any] = {}
+    if "like" in entry:
+        base = entry["like"]
+        if base not in raw:
+            raise ValueError(f"archs.toml: {family} is like unknown family {base!r}")
+        if base in seen:
+            raise ValueError(f"archs.toml: {family} is like itself through {' -> '.join(seen)}")
+        merged.update({k: v for k, v in _merged(raw, base, (*seen, family)).items()
+                       if k not in ("architectures", "model_types")})
+    merged.update({k: v for k, v in entry.items() if k != "like"})
+    return merged
 
 
 def find_spec(architecture: str | None, model_type: str | None = None) -> ArchSpec | None:
@@ -151,7 +173,9 @@ def missing_paths(model: nn.Module, spec: ArchSpec) -> list[str]:
     found = resolve(model, spec.layers)
     if found is not None and len(found[1]) > 0:
         block = found[1][0]
-        for key in ("attn", "attn_out", "attn_o", "mlp_out", "mlp_in", "mlp_down"):
+        moe = bool(spec.moe_experts) and resolve(block, spec.moe_experts) is not None
+        mlp_keys = ("moe_router", "moe_experts") if moe else ("mlp_in", "mlp_down")
+        for key in ("attn", "attn_out", "attn_o", "mlp_out", *mlp_keys):
             if resolve(block, getattr(spec, key)) is None:
                 missing.append(f"layer.{key} ({' | '.join(getattr(spec, key))})")
     return missing

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from knowmri.models import moe
 from knowmri.models.arch import ArchSpec, arch_specs, find_spec, infer_spec, missing_paths, resolve
 from knowmri.models.heads import HeadWeights
 from knowmri.sample import Span
@@ -61,7 +62,9 @@ class Model(HeadWeights):
     weights from `HeadWeights`).
 
     Attributes (docs/API.md#model): name, architecture, n_layers, d_model, d_mlp, n_heads, vocab_size,
-    kind (causal | masked | seq2seq), capabilities, hf_model, tokenizer.
+    kind (causal | masked | seq2seq), capabilities, hf_model, tokenizer; for mixture-of-experts models
+    n_experts, experts_per_token, d_expert (the neurons of one expert, also `d_mlp`), d_shared (the shared
+    expert's neurons, 0 without one) and moe_layers (0 / empty for dense models).
     """
 
     def __init__(self, hf_model: nn.Module, tokenizer: Any, *, name: str | None = None, spec: ArchSpec | None = None) -> None:
@@ -91,7 +94,8 @@ class Model(HeadWeights):
         self.n_heads = int(getattr(config, "num_attention_heads", None) or config.num_heads)
         self.vocab_size = int(self.embed_module.weight.shape[0])
         self.d_model = int(self.embed_module.weight.shape[1])
-        self.d_mlp = int(self.linear_weight(self.component(0, "mlp_down")).shape[1])
+        self._init_moe()
+        self.d_mlp = self.d_expert if self.is_moe_layer(0) else int(self.linear_weight(self.component(0, "mlp_down")).shape[1])
         self.d_head = int(self.linear_weight(self.component(0, "attn_o")).shape[1]) // self.n_heads
         self.parallel = spec.is_parallel(config)
         hf_model.eval()
@@ -99,6 +103,31 @@ class Model(HeadWeights):
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         if self.kind == "seq2seq":
             self._fill_decoder_start()
+
+    def _init_moe(self) -> None:
+        """The mixture-of-experts facts (`n_experts` 0 for dense models), checking the experts' layout."""
+        spec = self.spec
+        self.moe_layers: tuple[int, ...] = tuple(
+            i for i, block in enumerate(self._layers) if spec.moe_experts and resolve(block, spec.moe_experts) is not None)
+        self.n_experts = self.experts_per_token = self.d_expert = self.d_shared = 0
+        if not self.moe_layers:
+            return
+        first = self.moe_layers[0]
+        experts = self.component(first, "moe_experts")
+        for layer in self.moe_layers:
+            moe.check_experts(self.component(layer, "moe_experts"), f"{self.architecture} layer {layer}")
+        self.n_experts, self.d_expert = moe.n_experts(experts), moe.d_expert(experts)
+        top_k = next((getattr(self.config, key) for key in spec.experts_per_token
+                      if isinstance(getattr(self.config, key, None), int)), None)
+        self.experts_per_token = int(top_k if top_k is not None else self.component(first, "moe_router").top_k)
+        shared = resolve(self._layers[first], spec.moe_shared_down) if spec.moe_shared_down else None
+        self.d_shared = int(self.linear_weight(shared[1]).shape[1]) if shared else 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block `layer` is a mixture of experts (False for every layer of a dense model)."""
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer {layer} is out of range: the model has {self.n_layers} layers (0-{self.n_layers - 1})")
+        return layer in self.moe_layers
 
     def _fill_decoder_start(self) -> None:
         """Give a seq2seq config without `decoder_start_token_id` (transformers 5 builds T5 that way from a
@@ -137,7 +166,7 @@ class Model(HeadWeights):
 
     def component(self, layer: int, key: str) -> nn.Module:
         """A per-layer module by spec key (attn, attn_out, attn_o, attn_q, attn_k, attn_v, attn_qkv, mlp_out,
-        mlp_in, mlp_gate, mlp_down)."""
+        mlp_in, mlp_gate, mlp_down; moe, moe_router, moe_experts, moe_shared, moe_shared_down)."""
         if not 0 <= layer < self.n_layers:
             raise ValueError(f"layer {layer} is out of range: the model has {self.n_layers} layers (0-{self.n_layers - 1})")
         found = resolve(self._layers[layer], getattr(self.spec, key))
@@ -152,11 +181,33 @@ class Model(HeadWeights):
 
     def mlp_value_vectors(self, layer: int) -> torch.Tensor:
         """[d_mlp, d_model]: what each neuron writes to the residual stream (down-projection columns)."""
+        self._dense_layer(layer)
         return self.linear_weight(self.component(layer, "mlp_down")).T
 
     def mlp_key_vectors(self, layer: int) -> torch.Tensor:
         """[d_mlp, d_model]: what each neuron reads (input-projection rows; the up-projection if gated)."""
+        self._dense_layer(layer)
         return self.linear_weight(self.component(layer, "mlp_in"))
+
+    def _dense_layer(self, layer: int) -> None:
+        if self.is_moe_layer(layer):
+            raise ValueError(f"layer {layer} of {self.name} is a mixture of experts, with no single MLP: use "
+                             f"expert_value_vectors / expert_key_vectors (layer, expert)")
+
+    def _experts(self, layer: int, expert: int) -> nn.Module:
+        if not self.is_moe_layer(layer):
+            raise ValueError(f"layer {layer} of {self.name} has no experts (a dense layer)")
+        if not 0 <= expert < self.n_experts:
+            raise ValueError(f"expert {expert} is out of range: the model has {self.n_experts} experts per layer")
+        return self.component(layer, "moe_experts")
+
+    def expert_value_vectors(self, layer: int, expert: int) -> torch.Tensor:
+        """[d_expert, d_model]: what each neuron of one expert writes to the residual stream (unweighted)."""
+        return moe.value_vectors(self._experts(layer, expert), expert)
+
+    def expert_key_vectors(self, layer: int, expert: int) -> torch.Tensor:
+        """[d_expert, d_model]: what each neuron of one expert reads (its up projection's rows)."""
+        return moe.key_vectors(self._experts(layer, expert), expert)
 
     @property
     def unembedding(self) -> torch.Tensor:
@@ -185,6 +236,8 @@ class Model(HeadWeights):
             caps.add("generate")
         if getattr(self.tokenizer, "chat_template", None):
             caps.add("chat")
+        if self.moe_layers:
+            caps.add("moe")
         return caps
 
     @property
@@ -202,6 +255,8 @@ class Model(HeadWeights):
             "n_layers": self.n_layers, "d_model": self.d_model, "d_mlp": self.d_mlp,
             "n_heads": self.n_heads, "vocab_size": self.vocab_size, "kind": self.kind,
             "dtype": str(self.dtype).removeprefix("torch."), "parallel": self.parallel,
+            **({"n_experts": self.n_experts, "experts_per_token": self.experts_per_token, "d_expert": self.d_expert,
+                "d_shared": self.d_shared, "moe_layers": list(self.moe_layers)} if self.moe_layers else {}),
         }
 
     def __repr__(self) -> str:

@@ -26,6 +26,10 @@ FAMILIES: tuple[str, ...] = (
 )
 #: Further families that the installed transformers supports.
 EXTRA_FAMILIES: tuple[str, ...] = ("gemma3", "qwen3")
+#: Mixture-of-experts families (tests/models/test_moe.py): N_EXPERTS experts of D_EXPERT neurons, TOP_K per
+#: token; Qwen2-MoE adds a shared expert of D_SHARED neurons.
+MOE_FAMILIES: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+N_EXPERTS, TOP_K, D_EXPERT, D_SHARED = 4, 2, 64, 96
 
 D_MODEL = 64
 N_LAYERS = 3
@@ -139,6 +143,8 @@ def _config(family: str, vocab: int, tok: Any) -> tuple[Any, Callable[[Any], Any
     decoder = {"vocab_size": vocab, "hidden_size": d, "intermediate_size": F, "num_hidden_layers": L,
                "num_attention_heads": H, "max_position_embeddings": MAX_POSITIONS, **ids, **std}
     gqa = {"num_key_value_heads": 2, "head_dim": d // H}
+    experts = {"num_experts_per_tok": TOP_K, "norm_topk_prob": True}
+    moe_size = {"moe_intermediate_size": D_EXPERT, "num_experts": N_EXPERTS}
     table: dict[str, tuple[Any, Any]] = {
         "gpt2": (T.GPT2Config(vocab_size=vocab, n_positions=MAX_POSITIONS, n_embd=d, n_layer=L, n_head=H, n_inner=F,
                               **ids, **std), T.GPT2LMHeadModel),
@@ -153,6 +159,13 @@ def _config(family: str, vocab: int, tok: Any) -> tuple[Any, Callable[[Any], Any
         "gemma": (T.GemmaConfig(**decoder, **gqa), T.GemmaForCausalLM),
         "gemma2": (T.Gemma2Config(**decoder, **gqa, sliding_window=16), T.Gemma2ForCausalLM),
         "gemma3": (T.Gemma3TextConfig(**decoder, **gqa, sliding_window=16), T.Gemma3ForCausalLM),
+        "mixtral": (T.MixtralConfig(**{**decoder, "intermediate_size": D_EXPERT}, **gqa, num_local_experts=N_EXPERTS,
+                                    num_experts_per_tok=TOP_K), T.MixtralForCausalLM),
+        "qwen2_moe": (T.Qwen2MoeConfig(**decoder, **gqa, **experts, **moe_size, shared_expert_intermediate_size=D_SHARED),
+                      T.Qwen2MoeForCausalLM),
+        "qwen3_moe": (T.Qwen3MoeConfig(**decoder, **gqa, **experts, **moe_size), T.Qwen3MoeForCausalLM),
+        "olmoe": (T.OlmoeConfig(**{**decoder, "intermediate_size": D_EXPERT}, **gqa, **experts, num_experts=N_EXPERTS),
+                  T.OlmoeForCausalLM),
         "opt": (T.OPTConfig(vocab_size=vocab, hidden_size=d, ffn_dim=F, num_hidden_layers=L, num_attention_heads=H,
                             max_position_embeddings=MAX_POSITIONS, word_embed_proj_dim=d, init_std=0.1, **ids),
                 T.OPTForCausalLM),
@@ -169,7 +182,7 @@ def _config(family: str, vocab: int, tok: Any) -> tuple[Any, Callable[[Any], Any
                           eos_token_id=tok.eos_token_id, initializer_factor=1.0), T.T5ForConditionalGeneration),
     }
     if family not in table:
-        known = ", ".join((*FAMILIES, *EXTRA_FAMILIES))
+        known = ", ".join((*FAMILIES, *EXTRA_FAMILIES, *MOE_FAMILIES))
         raise ValueError(f"no tiny model for family {family!r}; known: {known}")
     config, cls = table[family]
     config._attn_implementation = "eager"
