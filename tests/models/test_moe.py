@@ -14,7 +14,7 @@ PROMPT = "The Eiffel Tower is located in the city of"
 FACT = {"prompt": PROMPT, "ground_truth": " Paris", "triple_subject": "Eiffel Tower",
         "triple_relation": "is located in the city of", "triple_object": "Paris", "target_new": " Rome",
         "prompts": [PROMPT, "The Eiffel Tower is in the city of"]}
-QUICK = {"samples": 2, "window": 2, "steps": 2, "ig_steps": 2, "max_new_tokens": 4, "epochs": 2, "top_n": 10,
+QUICK = {"samples": 2, "window": 2, "steps": 2, "ig_steps": 2, "max_new_tokens": 4, "epochs": 2,
          "vocab_limit": 200, "hidden_dim": 32, "internal_batch_size": 4}
 
 
