@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from knowmri import neuron_units
 from knowmri.hooks import Hooks, site
 from knowmri.methods.base import RunContext
 from knowmri.methods.weight_cache import tensor_version
@@ -90,7 +91,9 @@ class CleanPass:
 
     `resid[l]` is the residual stream leaving block l at every position ([L, T, d_model]; the
     decoder's positions for seq2seq); `neurons`, `heads` and `logits` are read at `positions`
-    only ([L, P, d_mlp], [L, P, H, d_head] or None where the heads cannot be read, [P, vocab]).
+    only ([L, P, units], [L, P, H, d_head] or None where the heads cannot be read, [P, vocab]). A
+    mixture-of-experts layer's units are its experts' neurons side by side, each times the token's routing
+    weight to its expert (`knowmri.neuron_units`), so that activation x value vector is what it writes.
     Tensors stay in the model's dtype, on the device of the unembedding.
     """
 
@@ -165,7 +168,7 @@ def _run_clean_pass(model: Any, enc: Encoded, positions: list[int]) -> CleanPass
     inputs = enc.inputs()
     with torch.inference_mode(), Hooks(model) as h:
         resid = [h.read(site(layer, "resid_post")) for layer in range(model.n_layers)]
-        neurons = [h.read(site(layer, "mlp.neurons"), positions=positions) for layer in range(model.n_layers)]
+        neurons = [neuron_units.read(h, model, layer, positions=positions, weighted=True) for layer in range(model.n_layers)]
         heads = [h.read(site(layer, "attn.heads"), positions=positions) for layer in range(model.n_layers)] if read_heads else []
         logits = model.run(**inputs, keep=positions).logits[0]  # the unembedding only at the positions read
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from knowmri import neuron_units
 from knowmri.methods import neuron_controls as nc
 from knowmri.methods import neuron_readouts as nr
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
@@ -102,14 +103,15 @@ class Fine(Method):
         positions = [pos for pos, _ in pairs]
         clean_run = clean_pass(model, prep.enc, ctx, positions=positions)  # shared with the other light methods
         rows = clean_run.rows(positions)
-        clean = clean_run.neurons[:, rows]  # [L, n_tokens, d_mlp]
+        clean = clean_run.neurons[:, rows]  # [L, n_tokens, units]; an expert's neurons times its routing weight
         # each answer token's probability at its own predicting position
         probs = clean_run.logits[rows].float().softmax(-1)[torch.arange(len(pairs)), torch.tensor(ids)]
         gain = nr.final_norm_gain(model) if params.use_final_norm else None
-        per_token = torch.zeros(len(pairs), model.n_layers, model.d_mlp)
+        per_token = torch.zeros(len(pairs), model.n_layers, clean.shape[-1])
         for layer in range(model.n_layers):
-            weights = nr.value_logits(model, layer, ids, gain)  # [d_mlp, n_tokens]
-            per_token[:, layer] = (clean[layer].to(weights.device).float() * weights.T).cpu()
+            weights = nr.value_logits(model, layer, ids, gain)  # [units, n_tokens]
+            width = weights.shape[0]
+            per_token[:, layer, :width] = (clean[layer, :, :width].to(weights.device).float() * weights.T).cpu()
             ctx.progress((layer + 1) / model.n_layers, f"layer {layer}")
         scores = per_token.sum(0)
         ranked = nr.ranked(scores, params.top_k + params.screen)
@@ -123,7 +125,8 @@ class Fine(Method):
         words = nr.neuron_top_tokens(model, [(lay, u) for lay, u, _ in top + apart], params.top_tokens, gain)
 
         def entry(layer: int, unit: int, score: float, w: list[str]) -> dict[str, Any]:
-            return {"layer": layer, "unit": unit, "score": score, "activation": float(clean[layer][:, unit].float().sum()),
+            return {"layer": layer, **neuron_units.fields(model, layer, unit), "score": score,
+                    "activation": float(clean[layer][:, unit].float().sum()),
                     "top_tokens": w, **nr.screen_fields(screened.get((layer, unit)))}
 
         neurons = [entry(lay, u, s, w) for (lay, u, s), w in zip(top, words)]
@@ -138,7 +141,8 @@ class Fine(Method):
             "target": prep.answer, "answer_source": prep.answer_source, "neurons": neurons,
             "layer_scores": [{"layer": i, "score": float(layer_totals[i])} for i in range(model.n_layers)],
             "tokens": [{"token": tok.decode([t]), "position": pos, "probability": float(p),
-                        "best": [{"layer": lay, "unit": u, "score": s} for lay, u, s in nr.ranked(per_token[i], 3)]}
+                        "best": [{"layer": lay, **neuron_units.fields(model, lay, u), "score": s}
+                                 for lay, u, s in nr.ranked(per_token[i], 3)]}
                        for i, ((pos, t), p) in enumerate(zip(pairs, probs))],
             "use_final_norm": params.use_final_norm, "generic_neurons": generic_neurons,
             "controls": [c.text for c in controls], "warnings": warnings,
@@ -150,7 +154,7 @@ class Fine(Method):
         result.add_figure("Top neurons", nr.top_bar_figure(
             neurons, title="Top FiNE neurons (label: the token each one writes most)", x_title="contribution to the answer logit"))
         result.add_table("Top neurons", ["rank", "neuron", "contribution", "activation", "top tokens", *nr.SCREEN_COLUMNS],
-                         [[r + 1, f"L{n['layer']}.U{n['unit']}", round(n["score"], 5), round(n["activation"], 5),
+                         [[r + 1, nr.neuron_name(n), round(n["score"], 5), round(n["activation"], 5),
                            " | ".join(n["top_tokens"]), *nr.screen_cells(n)] for r, n in enumerate(neurons)])
         if generic_neurons:
             result.add_table(*nr.generic_table(generic_neurons))
@@ -163,7 +167,7 @@ class Fine(Method):
         left_out = ""
         if generic:
             g = generic[0]
-            left_out = (f" {len(generic)} generic neuron(s) ({', '.join(nr.neuron_label(n['layer'], n['unit']) for n in generic[:3])}) "
+            left_out = (f" {len(generic)} generic neuron(s) ({', '.join(nr.neuron_name(n) for n in generic[:3])}) "
                         f"{'are kept but flagged' if params.keep_generic else 'are left out'}: ablating one lowers unrelated "
                         f"facts' P(answer) about as much as this fact's (e.g. {g['control_effect']:+.0%} vs {g['effect']:+.0%}).")
         best = next((n for n in neurons if not n.get("generic")), neurons[0] if neurons else None)
@@ -171,7 +175,7 @@ class Fine(Method):
             return f"Every top neuron is generic.{left_out}{caveats}"
         if best["score"] <= 0:
             return (f"No MLP neuron pushes the logit of {prep.answer!r} ({prep.answer_source}) up directly; the least "
-                    f"negative is neuron {best['unit']} of layer {best['layer']} ({best['score']:.3g}).{left_out}{caveats}")
+                    f"negative is {_neuron_words(best)} ({best['score']:.3g}).{left_out}{caveats}")
         top_sum = sum(n["score"] for n in neurons)
         layers = sorted({n["layer"] for n in neurons})
         peak = int(layer_totals.argmax())
@@ -179,8 +183,13 @@ class Fine(Method):
         effect = (f" Ablating it alone changes P(answer) by {best['effect']:+.0%} (unrelated facts: "
                   f"{best['control_effect']:+.0%})." if "effect" in best else "")
         return (f"Scoring each MLP neuron by activation x (value vector . unembedding of the answer), the neuron that most "
-                f"directly raises the logit of {prep.answer!r} ({prep.answer_source}) is neuron {best['unit']} of layer "
-                f"{best['layer']} (+{best['score']:.3g}); its value vector mostly promotes {writes}.{effect} The top {len(neurons)} "
+                f"directly raises the logit of {prep.answer!r} ({prep.answer_source}) is {_neuron_words(best)} (+{best['score']:.3g}); its value vector mostly promotes {writes}.{effect} The top {len(neurons)} "
                 f"neurons sit in layer(s) {', '.join(map(str, layers[:8]))}{'...' if len(layers) > 8 else ''} and add "
                 f"{top_sum:+.3g} to the logit together; the MLP layer with the largest total direct contribution is {peak} "
                 f"({float(layer_totals[peak]):+.3g}).{left_out}{caveats}")
+
+
+def _neuron_words(n: dict[str, Any]) -> str:
+    """'neuron 17 of layer 3', or 'neuron 17 of expert 5 in layer 3'."""
+    expert = f" of expert {n['expert']} in" if "expert" in n else " of"
+    return f"neuron {n['unit']}{expert} layer {n['layer']}"

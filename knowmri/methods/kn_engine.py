@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from knowmri.hooks import Hooks, site
+from knowmri import neuron_units as units
+from knowmri.hooks import Hooks
 from knowmri.methods.block_replay import BlockRunner, hidden_of, record_calls
 from knowmri.models.model import Encoded
 
@@ -58,7 +59,7 @@ def alphas(steps: int, riemann: str) -> torch.Tensor:
 
 
 def _put(leaf: torch.Tensor, start: int, stop: int, position: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A hooks edit that writes `leaf` ([stop-start, d_mlp]) into rows start:stop at `position`."""
+    """A hooks edit that writes `leaf` ([stop-start, units]) into rows start:stop at `position`."""
     def fn(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
         x[start:stop, position] = leaf.to(device=x.device, dtype=x.dtype)
@@ -307,12 +308,16 @@ def ig_neurons(model: Any, enc: Encoded, jobs: Sequence[Job], clean: Sequence[to
     l's rows, so those rows start at block l from the clean residual stream entering it (`_Direct`;
     on a causal model only positions q..p, over the clean prefix's key/value cache); where the
     model's blocks cannot be called directly, every row runs the whole model (`_Rows`).
-    `clean[l]` holds layer l's clean neurons at `positions` ([len(positions), d_mlp], from
-    `neuron_readouts.clean_neurons`). Returns [n_jobs, n_layers, d_mlp] float32 on the CPU.
+    `clean[l]` holds layer l's clean neurons at `positions` ([len(positions), units], from
+    `neuron_readouts.clean_neurons`). Returns [n_jobs, n_layers, units] float32 on the CPU.
+
+    In a mixture-of-experts layer the units are its experts' neurons (`knowmri.neuron_units`); only the
+    experts routed at the scaled position are scaled (the others are zero there: their attribution is 0),
+    and the routing there is the clean one, since the rows scaling layer l enter it with the clean stream.
     """
     a = alphas(steps, riemann)
     n_layers = model.n_layers
-    out = torch.zeros(len(jobs), n_layers, model.d_mlp)
+    out = torch.zeros(len(jobs), n_layers, units.width(model))
     done, total = 0, len(jobs) * n_layers
     index = {q: i for i, q in enumerate(positions)}
     for j, (scaled, predict, token) in enumerate(jobs):
@@ -332,13 +337,22 @@ def ig_neurons(model: Any, enc: Encoded, jobs: Sequence[Job], clean: Sequence[to
                     base = clean[layer][index[scaled]]
                     leaf = (a.to(base.device, base.dtype)[:, None] * base[None, :]).requires_grad_(True)
                     leaves.append(leaf)
-                    h.edit(site(layer, "mlp.neurons"), _put(leaf, k * steps, (k + 1) * steps, local))
+
+                    def make(lo: int, hi: int, leaf: torch.Tensor = leaf, base: torch.Tensor = base,
+                             k: int = k, local: int = local) -> Callable[[torch.Tensor], torch.Tensor] | None:
+                        if lo == 0 and hi == base.shape[-1]:
+                            return _put(leaf, k * steps, (k + 1) * steps, local)
+                        if not bool(base[lo:hi].any()):  # an expert not routed here: not computed, not scaled
+                            return None
+                        return _put(leaf[:, lo:hi], k * steps, (k + 1) * steps, local)
+
+                    units.edit(h, model, layer, make)
                 logits = run_rows(chunk, steps)
                 prob = logits.float().softmax(-1)[:, token].sum()
                 grads = torch.autograd.grad(prob, leaves)
             for layer, grad in zip(chunk, grads):
                 base = clean[layer][index[scaled]]
-                out[j, layer] = (grad.float().sum(0) * base.float() / steps).cpu()
+                out[j, layer, : base.shape[-1]] = (grad.float().sum(0) * base.float() / steps).cpu()
             done += len(chunk)
             if progress is not None:
                 progress(done / total)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from knowmri import neuron_units
 from knowmri.methods import kn_engine as kn
 from knowmri.methods import neuron_controls as nc
 from knowmri.methods import neuron_readouts as nr
@@ -180,7 +181,7 @@ class KnowledgeNeurons(Method):
 
             attr = kn.ig_neurons(model, prep.enc, jobs, clean, positions, steps=params.steps, riemann=params.riemann,
                                  batch_size=params.batch_size, progress=tick)
-            by_position = torch.zeros(len(positions), model.n_layers, model.d_mlp)
+            by_position = torch.zeros(len(positions), model.n_layers, attr.shape[-1])
             for (q, _, _), a in zip(jobs, attr):
                 by_position[positions.index(q)] += a
             total = by_position.sum(0)  # summed over the answer's tokens (and the scaled positions)
@@ -191,7 +192,7 @@ class KnowledgeNeurons(Method):
                 "prompt": prompt, "paraphrase": prompt in added, "answer_tokens": [model.tokenizer.decode([t]) for _, t in pairs],
                 "positions": [pos for pos, _ in pairs], "probabilities": nr.token_probs(logits, pairs),
                 "max_attribution": peak, "n_coarse": int(coarse.sum()),
-                "top": [{"layer": lay, "unit": u, "score": s, **self._where(model, prep, positions, by_position, lay, u, params)}
+                "top": [{"layer": lay, **neuron_units.fields(model, lay, u), "score": s, **self._where(model, prep, positions, by_position, lay, u, params)}
                         for lay, u, s in nr.ranked(total, 5)],
             })
         mean = torch.stack([t for t, _ in totals]).mean(0)
@@ -218,7 +219,7 @@ class KnowledgeNeurons(Method):
         words = dict(zip(listed, nr.neuron_top_tokens(model, listed, 5, gain)))
 
         def entry(layer: int, unit: int) -> dict[str, Any]:
-            out = {"layer": layer, "unit": unit, "score": float(mean[layer, unit]), "prompts": int(counts[layer, unit]),
+            out = {"layer": layer, **neuron_units.fields(model, layer, unit), "score": float(mean[layer, unit]), "prompts": int(counts[layer, unit]),
                    "top_tokens": words.get((layer, unit), [])}
             return {**out, **nr.screen_fields(screened.get((layer, unit)))}
 
@@ -258,7 +259,7 @@ class KnowledgeNeurons(Method):
             x_title="attribution"))
         result.add_table("Knowledge neurons", ["rank", "neuron", "attribution", "prompts sharing it", "top tokens",
                                                *nr.SCREEN_COLUMNS],
-                         [[r + 1, f"L{n['layer']}.U{n['unit']}", round(n["score"], 6), n["prompts"],
+                         [[r + 1, nr.neuron_name(n), round(n["score"], 6), n["prompts"],
                            " | ".join(n.get("top_tokens", [])), *nr.screen_cells(n)] for r, n in enumerate(shown[: params.top_k])])
         if generic:
             result.add_table(*nr.generic_table(result.findings["generic_neurons"]))
@@ -327,7 +328,7 @@ class KnowledgeNeurons(Method):
         left_out = ""
         if generic:
             g = generic[0]
-            left_out = (f" {len(generic)} generic neuron(s) ({', '.join(nr.neuron_label(n['layer'], n['unit']) for n in generic[:3])}) "
+            left_out = (f" {len(generic)} generic neuron(s) ({', '.join(nr.neuron_name(n) for n in generic[:3])}) "
                         f"{'are kept but flagged' if params.keep_generic else 'are left out'}: ablating one lowers unrelated "
                         f"facts' P(answer) about as much as this fact's (e.g. {g['control_effect']:+.0%} vs {g['effect']:+.0%}).")
         if not neurons:
@@ -338,10 +339,11 @@ class KnowledgeNeurons(Method):
         writes = ", ".join(repr(t) for t in best.get("top_tokens", [])[:3])
         layers = sorted({n["layer"] for n in neurons})
         peak = max(findings["layer_scores"], key=lambda d: d["score"])
+        expert = f" of expert {best['expert']}" if "expert" in best else ""
         effect = (f" Ablating it alone changes P(answer) by {best['effect']:+.0%} (unrelated facts: "
                   f"{best['control_effect']:+.0%})." if "effect" in best else "")
         return (f"Integrated gradients {over} locate {len(neurons)} knowledge neuron(s) for {prep.answer!r} "
                 f"({prep.answer_source}) in layer(s) {', '.join(map(str, layers[:8]))}{'...' if len(layers) > 8 else ''}. "
-                f"The strongest is neuron {best['unit']} of layer {best['layer']} (attribution {best['score']:.4g}, found in "
+                f"The strongest is neuron {best['unit']}{expert} of layer {best['layer']} (attribution {best['score']:.4g}, found in "
                 f"{best['prompts']} of {n_prompts} prompt(s)); its value vector mostly promotes {writes}.{effect} "
                 f"Layer {peak['layer']} carries the most attribution in total ({peak['score']:.4g}).{left_out}{caveats}")

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from knowmri.hooks import Hooks, site
+from knowmri import neuron_units
+from knowmri.hooks import Hooks
 from knowmri.models.model import Encoded
 
 #: layer -> [(unit, factor)]: a factor of 0 ablates the unit, 2 doubles it.
@@ -118,16 +119,24 @@ def _apply(h: Hooks, edits: Sequence[NeuronEdit]) -> None:
                 rows.append(row)
                 units.append(unit)
                 factors.append(factor)
-    for layer, (rows, units, factors) in by_layer.items():
-        def fn(x: torch.Tensor, rows: list[int] = rows, units: list[int] = units, factors: list[float] = factors) -> torch.Tensor:
-            x = x.clone()
-            r = torch.tensor(rows, device=x.device)
-            u = torch.tensor(units, device=x.device)
-            f = torch.tensor(factors, device=x.device, dtype=x.dtype)
-            x[r, :, u] = x[r, :, u] * f[:, None]
-            return x
+    for layer, entries in by_layer.items():
+        def make(lo: int, hi: int, entries: tuple[list[int], list[int], list[float]] = entries) -> Any:
+            picked = [(r, u - lo, f) for r, u, f in zip(*entries) if lo <= u < hi]
+            if not picked:  # an expert none of the units belongs to
+                return None
+            rows, units, factors = (list(c) for c in zip(*picked))
 
-        h.edit(site(layer, "mlp.neurons"), fn)
+            def fn(x: torch.Tensor) -> torch.Tensor:
+                x = x.clone()
+                r = torch.tensor(rows, device=x.device)
+                u = torch.tensor(units, device=x.device)
+                f = torch.tensor(factors, device=x.device, dtype=x.dtype)
+                x[r, :, u] = x[r, :, u] * f[:, None]
+                return x
+
+            return fn
+
+        neuron_units.edit(h, h.model, layer, make)
 
 
 @torch.inference_mode()
@@ -183,12 +192,15 @@ def screen(model: Any, fact: Prompt, controls: Sequence[Prompt], neurons: Sequen
 
 
 def random_units(model: Any, neurons: Sequence[tuple[int, int]], gen: torch.Generator) -> list[tuple[int, int]]:
-    """As many random units as `neurons`, each in the same layer as one of them, none of them located."""
+    """As many random units as `neurons`, each in the same layer as one of them (in a mixture-of-experts layer,
+    in the same expert, so that it runs on the same tokens), none of them located."""
     taken = {(int(layer), int(unit)) for layer, unit in neurons}
     out: list[tuple[int, int]] = []
-    for layer, _ in neurons:
+    for layer, located in neurons:
+        expert, _ = neuron_units.split(model, layer, located)
+        low, span = (0, model.d_mlp) if expert is None else (expert * model.d_expert, model.d_expert)
         while True:
-            unit = int(torch.randint(model.d_mlp, (1,), generator=gen))
+            unit = low + int(torch.randint(span, (1,), generator=gen))
             if (int(layer), unit) not in taken:
                 taken.add((int(layer), unit))
                 out.append((int(layer), unit))

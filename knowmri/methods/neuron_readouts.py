@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from knowmri.hooks import Hooks, site
+from knowmri import neuron_units as units
+from knowmri.hooks import Hooks
 from knowmri.methods.weight_cache import row_norms
 from knowmri.models.model import Encoded
 
@@ -26,11 +27,12 @@ def answer_tokens(model: Any, enc: Encoded) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def clean_neurons(model: Any, enc: Encoded, positions: Sequence[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """One forward pass: every layer's neurons at `positions` ([n_pos, d_mlp] per layer, on that
-    layer's device) and the logits [T, vocab]."""
+    """One forward pass: every layer's neurons at `positions` ([n_pos, units] per layer, on that
+    layer's device; a mixture-of-experts layer's experts side by side, `knowmri.neuron_units`) and the
+    logits [T, vocab]."""
     pos = list(positions)
     with Hooks(model) as h:
-        caps = [h.read(site(layer, "mlp.neurons"), positions=pos) for layer in range(model.n_layers)]
+        caps = [units.read(h, model, layer, positions=pos) for layer in range(model.n_layers)]
         logits = model.forward(**enc.inputs())
     return [c.value[0] for c in caps], logits[0]
 
@@ -58,13 +60,13 @@ def final_norm_gain(model: Any) -> torch.Tensor | None:
 
 
 def value_logits(model: Any, layer: int, token_ids: Sequence[int], gain: torch.Tensor | None = None) -> torch.Tensor:
-    """[d_mlp, n]: each neuron's value vector (times `gain`) dotted with each token's unembedding."""
-    values = model.mlp_value_vectors(layer).detach()
+    """[units, n]: each neuron's value vector (times `gain`) dotted with each token's unembedding."""
+    device = units.value_vectors(model, layer, [0]).device
     unembed = model.unembedding.detach()[torch.tensor(list(token_ids), device=model.unembedding.device)]
-    unembed = unembed.to(values.device, torch.float32)
+    unembed = unembed.to(device, torch.float32)
     if gain is not None:
-        unembed = unembed * gain.to(values.device)
-    return values.float() @ unembed.T
+        unembed = unembed * gain.to(device)
+    return units.value_products(model, layer, unembed)
 
 
 def neuron_top_tokens(model: Any, neurons: Sequence[tuple[int, int]], k: int = 5,
@@ -73,7 +75,7 @@ def neuron_top_tokens(model: Any, neurons: Sequence[tuple[int, int]], k: int = 5
     if not neurons:
         return []
     unembed = model.unembedding  # the parameter itself: its row norms are kept per weight (`weight_derived`)
-    rows = [model.mlp_value_vectors(layer)[unit].detach().float().to(unembed.device) for layer, unit in neurons]
+    rows = [units.value_vectors(model, layer, [unit])[0].detach().float().to(unembed.device) for layer, unit in neurons]
     vectors = torch.stack(rows)
     if gain is not None:
         vectors = vectors * gain.to(unembed.device)
@@ -136,8 +138,14 @@ def ranked(scores: torch.Tensor, k: int) -> list[tuple[int, int, float]]:
     return [(int(i) // d, int(i) % d, float(v)) for v, i in zip(values, idx)]
 
 
-def neuron_label(layer: int, unit: int, tokens: Sequence[str] | None = None) -> str:
-    head = f"L{layer}.U{unit}"
+def neuron_name(neuron: dict[str, Any]) -> str:
+    """A finding's neuron as L3.U17, or L3.E5.U17 for neuron 17 of expert 5."""
+    expert = neuron.get("expert")
+    return f"L{neuron['layer']}.U{neuron['unit']}" if expert is None else f"L{neuron['layer']}.E{expert}.U{neuron['unit']}"
+
+
+def neuron_label(layer: int, unit: int, tokens: Sequence[str] | None = None, expert: int | None = None) -> str:
+    head = neuron_name({"layer": layer, "unit": unit, "expert": expert})
     return f"{head} ({tokens[0].strip() or repr(tokens[0])})" if tokens else head
 
 
@@ -163,7 +171,7 @@ def top_bar_figure(neurons: list[dict[str, Any]], *, title: str, x_title: str) -
     from knowmri.report import figures
 
     shown = neurons[:20][::-1]
-    labels = [neuron_label(n["layer"], n["unit"], n.get("top_tokens")) for n in shown]
+    labels = [neuron_label(n["layer"], n["unit"], n.get("top_tokens"), n.get("expert")) for n in shown]
     return figures.bars(labels, [n["score"] for n in shown], title=title, x_title=x_title, y_title="neuron",
                         horizontal=True)
 
@@ -190,7 +198,7 @@ def generic_table(generic: list[dict[str, Any]]) -> tuple[str, list[str], list[l
     """The table of generic neurons, shown apart from the located ones: (name, columns, rows)."""
     return ("Generic neurons (ablating one hurts unrelated facts as much; not knowledge of this fact)",
             ["neuron", "score", "ablated: P(answer) change", "unrelated facts' change", "top tokens"],
-            [[f"L{n['layer']}.U{n['unit']}", round(n["score"], 6), f"{n['effect']:+.1%}", f"{n['control_effect']:+.1%}",
+            [[neuron_name(n), round(n["score"], 6), f"{n['effect']:+.1%}", f"{n['control_effect']:+.1%}",
               " | ".join(n.get("top_tokens", []))] for n in generic])
 
 
