@@ -32,9 +32,10 @@ from typing import Any
 
 import torch
 
-from knowmri.hooks import site
+from knowmri.hooks import expert_site, site
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
 from knowmri.methods.common import prepare
+from knowmri.methods.expert_tracing import expert_findings, trace_experts
 from knowmri.methods.tracing_engine import auto_window, embedding_std, subject_noise, trace
 from knowmri.methods.tracing_evidence import Evidence
 from knowmri.report import figures
@@ -194,6 +195,8 @@ class CausalTracing(Method):
         }
         result.summary = _summary(res, peaks, tokens, span, enc.pred_pos, answer, sample["triple_subject"], params,
                                   window, ev) + "".join(f" Warning: {w}" for w in warnings)
+        if model.moe_layers and "mlp" in params.kinds and model.kind == "causal" and enc.pred_pos == n_tok - 1:
+            self._experts(model, result, ids, enc, span, noise, tokens, answer, params, ctx)
         labels = [f"{t}:{tok}{'*' if t in span else ''}" for t, tok in enumerate(tokens)]
         for kind, grid in grids.items():
             what = _LABEL[kind] + ("" if kind == "hidden" else f" (window {window})")
@@ -221,6 +224,41 @@ class CausalTracing(Method):
         result.add_table("Clean and corrupted", ["run", f"P({answer})", "s.e."],
                          [["clean", round(res.high, 5), 0.0], ["subject corrupted", round(low, 5), round(ev.low_stderr, 5)]])
         return result
+
+    @staticmethod
+    def _experts(model: Any, result: MethodResult, ids: torch.Tensor, enc: Any, span: Any, noise: torch.Tensor,
+                 tokens: list[str], answer: str, params: CausalTracingParams, ctx: RunContext) -> None:
+        """On a mixture-of-experts model: each expert's contribution restored alone at the subject's last token and
+        at the last token (`expert_tracing`), as `experts` findings, a site of kind "expert", a figure and a table."""
+        at = sorted({span.stop - 1, enc.pred_pos})
+        trace = trace_experts(model, ids, enc.pred_pos, enc.target_ids[0], span, noise, at, params.batch_size)
+        found = expert_findings(trace, tokens)
+        result.findings["experts"] = found
+        peak = found["peak"]
+        high = result.findings["high_score"]
+        if peak is None or peak["score"] <= 0:
+            return
+        if peak["ci"][0] > 0:
+            result.findings["sites"].append(_expert_site(peak))
+        drop = high - trace.low
+        share = f"{peak['score'] / drop:.0%} of the drop" if drop > 0 else f"{peak['score']:+.3f}"
+        result.summary += (f" Of single experts, restoring expert {peak['expert']} of layer {peak['layer']} at "
+                           f"{peak['token']!r} recovers the most ({share}; 95% CI {peak['ci'][0]:.3f} to "
+                           f"{peak['ci'][1]:.3f}).")
+        for i, p in enumerate(trace.positions):
+            result.add_figure(f"Causal trace: experts at {tokens[p]!r}", figures.heatmap(
+                trace.grid[i].T.tolist(), x=list(range(model.n_layers)), y=[f"E{e}" for e in range(model.n_experts)],
+                title=f"Restoring one expert's output at {tokens[p]!r}: P({answer!r})", x_title="layer",
+                y_title="expert", colorscale="Blues", zmin=trace.low, colorbar="p"))
+        result.add_table("Top restored experts", ["layer", "expert", "token", "routed in the clean run", "indirect effect",
+                                                  "s.e."],
+                         [[c["layer"], c["expert"], c["token"], "yes" if c["routed"] else "no", round(c["score"], 5),
+                           round(c["stderr"], 5)] for c in found["top"]])
+
+
+def _expert_site(cell: dict[str, Any]) -> dict[str, Any]:
+    return {"site": expert_site(cell["layer"], cell["expert"], "out"), "position": cell["position"], "token": cell["token"],
+            "score": cell["score"], "kind": "expert", "ci": cell["ci"], "window": 1, "expert": cell["expert"]}
 
 
 def _negligible(res: Any) -> bool:
