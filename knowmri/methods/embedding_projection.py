@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from knowmri import neuron_units
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
 from knowmri.methods.common import clean_pass, prepare
 from knowmri.methods.projection_engine import (
@@ -181,7 +182,7 @@ class EmbeddingProjection(Method):
         ranks = RankTables.of(read.logits, prep.enc.target_ids[0], reader.k)
         other_rank = ranks.target_rank if read.other_logits is None else answer_ranks(read.other_logits, ranks.target)
         model_top = int(clean.logits[row].argmax())
-        neuron_rows = [{"layer": layer, "unit": unit, "score": score, "activation": act, "tokens": names(ids)}
+        neuron_rows = [{"layer": layer, **neuron_units.fields(model, layer, unit), "score": score, "activation": act, "tokens": names(ids)}
                        for (layer, unit, score, act), ids in zip(neurons.picked, read.neuron_ids)]
         head_rows = _head_rows(chosen, head_norms, token_ids, read.ov_ids, names)
         neighbours = {names.one(t): names(ids) for t, ids in zip(token_ids, read.neighbour_ids)}
@@ -356,7 +357,8 @@ def _summary(f: dict[str, Any], ranks: RankTables, at_prediction: bool) -> str:
     if f["neurons"]:
         n0 = f["neurons"][0]
         parts.append(
-            f"The neuron writing most there is L{n0['layer']}.{n0['unit']}, whose value vector promotes "
+            f"The neuron writing most there is L{n0['layer']}.{'E' + str(n0['expert']) + '.' if 'expert' in n0 else ''}"
+            f"{n0['unit']}, whose value vector promotes "
             f"{', '.join(map(repr, n0['tokens'][:3]))}."
         )
     if f["heads"]:
@@ -405,7 +407,7 @@ def _add_figures_and_tables(result: MethodResult, model: Any, ranks: RankTables,
         "Most active MLP neurons",
         ["layer", "unit", "activation", "score", "tokens promoted"],
         [
-            [r["layer"], r["unit"], round(r["activation"], 4), round(r["score"], 4), " | ".join(r["tokens"])]
+            [r["layer"], r["unit"] if "expert" not in r else f"E{r['expert']}.U{r['unit']}", round(r["activation"], 4), round(r["score"], 4), " | ".join(r["tokens"])]
             for r in f["neurons"]
         ],
     )

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from knowmri import neuron_units
 from knowmri.methods.weight_cache import row_norms as weight_row_norms
 from knowmri.methods.weight_cache import weight_derived
 
@@ -25,7 +26,13 @@ PROJECT_CHUNK_BYTES = 1 << 27  # float32 scores of one batch of projected rows
 
 
 def value_norms(model: Any, layer: int) -> torch.Tensor:
-    """[d_mlp] float32 norms of one layer's MLP value vectors (computed once per weight)."""
+    """[units] float32 norms of one layer's MLP value vectors, or of its experts' side by side
+    (`knowmri.neuron_units`), computed once per weight."""
+    if neuron_units.is_moe(model, layer):
+        experts = model.component(layer, "moe_experts")
+        return weight_derived(experts.down_proj, "value_norms", lambda down: torch.linalg.vector_norm(
+            down.float(), dim=1).flatten())  # down_proj [E, d_model, d_expert]: column norms, expert by expert
+
     def norms(_: torch.Tensor) -> torch.Tensor:
         v = model.mlp_value_vectors(layer)  # [d_mlp, d_model], often a transposed view of [d_model, d_mlp]
         if v.stride(-1) == 1:
@@ -55,12 +62,16 @@ def top_neurons(model: Any, neurons: torch.Tensor, n: int) -> TopNeurons:
     if not n:
         return TopNeurons([], torch.zeros(0, model.d_model, dtype=neurons.dtype, device=neurons.device))
     acts = neurons.float().to(unembed.device)  # [L, d_mlp]
-    values = [model.mlp_value_vectors(layer) for layer in range(model.n_layers)]
-    norms = torch.stack([value_norms(model, layer).to(unembed.device) for layer in range(model.n_layers)])
+    width = acts.shape[1]
+    norms = torch.zeros(model.n_layers, width, device=unembed.device)
+    for layer in range(model.n_layers):
+        row = value_norms(model, layer).to(unembed.device)
+        norms[layer, : row.shape[0]] = row
     score = acts.abs() * norms
     top = score.flatten().topk(min(n, score.numel())).indices.tolist()
     picked = [(i // score.shape[1], i % score.shape[1]) for i in top]
-    vectors = torch.stack([values[layer][unit].to(unembed.device) * acts[layer, unit].sign() for layer, unit in picked])
+    vectors = torch.stack([neuron_units.value_vectors(model, layer, [unit])[0].to(unembed.device) * acts[layer, unit].sign()
+                           for layer, unit in picked])
     return TopNeurons([(layer, unit, float(score[layer, unit]), float(acts[layer, unit])) for layer, unit in picked],
                       vectors)
 

@@ -141,9 +141,8 @@ def test_load_model_wraps_moe_objects(model):
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_every_method_runs_or_says_why(family, tmp_path, monkeypatch):
-    """The whole registry on each tiny MoE family: a method runs, is ineligible with a reason, or stops with
-    the clear error that a mixture-of-experts layer has no single MLP neuron site (dense-neuron methods that
-    do not yet score expert neurons)."""
+    """The whole registry on each tiny MoE family: every method runs, and the neuron methods name each
+    neuron's expert."""
     monkeypatch.setenv("KNOWMRI_HOME", str(tmp_path))
     model = tiny_model(family)
     params = {}
@@ -152,6 +151,8 @@ def test_every_method_runs_or_says_why(family, tmp_path, monkeypatch):
         params[cls.name] = {k: v for k, v in QUICK.items() if k in names}
     report = km.diagnose(km.Sample(FACT), model, params=params, progress=False, consensus=False)
     for name, result in report.results.items():
-        assert result.status == "ok" or "mixture of experts" in (result.error or ""), (name, result.error)
+        assert result.status == "ok", (name, result.error)
+        for neuron in (result.findings or {}).get("neurons", []):
+            assert "expert" in neuron, name
     assert report.results["causal_tracing"].status == "ok"
     assert report.results["moe_routing"].status == "ok"
