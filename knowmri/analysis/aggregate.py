@@ -52,7 +52,7 @@ class Aggregator:
         self.grids: dict[str, dict[str, dict[str, list[np.ndarray]]]] = defaultdict(
             lambda: defaultdict(lambda: defaultdict(list)))  # method -> kind -> role -> [layer] rows
         self.neurons: dict[str, Counter] = defaultdict(Counter)
-        self.neuron_score: dict[str, dict[tuple[int, int], list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.neuron_score: dict[str, dict[tuple[int, int, int], list[float]]] = defaultdict(lambda: defaultdict(list))
         self.ran: Counter = Counter()  # per method: samples whose result is ok (the frequencies' denominator)
         self.records: list[dict[str, Any]] = []
 
@@ -83,7 +83,7 @@ class Aggregator:
                 if kind in kinds and grid:
                     self._grid(name, kind, sample, np.asarray(grid, dtype=float), float(f.get("low_score", 0.0)))
             for x in f.get("neurons", [])[:20]:
-                k = (int(x["layer"]), int(x["unit"]))
+                k = (int(x["layer"]), int(x["unit"]), -1 if x.get("expert") is None else int(x["expert"]))
                 self.neurons[name][k] += 1
                 self.neuron_score[name][k].append(float(x["score"]))
 
@@ -219,11 +219,11 @@ class Aggregator:
         found = []
         for k, c in freq:
             scores = self.neuron_score[name][k]
-            found.append({"layer": k[0], "unit": k[1], "score": float(np.mean(scores)), "count": c,
+            found.append({"layer": k[0], **({"expert": k[2]} if k[2] >= 0 else {}), "unit": k[1], "score": float(np.mean(scores)), "count": c,
                           "score_ci": _interval(scores), "frequency": c / n, "frequency_ci": list(proportion_ci(c, n))})
         r.findings["neurons"] = found
         r.add_table("Most frequently located neurons", ["layer", "unit", "samples", f"frequency ({_CI})", "mean score",
                                                         f"score {_CI}"],
-                    [[x["layer"], x["unit"], x["count"], f"{x['frequency']:.2f} ({_show(x['frequency_ci'], 2)})",
+                    [[x["layer"], x["unit"] if "expert" not in x else f"E{x['expert']}.U{x['unit']}", x["count"], f"{x['frequency']:.2f} ({_show(x['frequency_ci'], 2)})",
                       round(x["score"], 5), _show(x["score_ci"], 5)] for x in found])
         return f"{sum(1 for _, c in freq if c > 1)} neurons recur in more than one sample"

@@ -238,19 +238,20 @@ def _add_verdicts(rows: list[tuple[list[Any], str, int]], out: dict, checked: di
 
 def _neurons(ok: dict, out: dict, verdict: list[str]) -> None:
     """Neurons among the top 20 of more than one result, and how many of each lie near the best traced site."""
-    sets = {n: [(x["layer"], x["unit"]) for x in specific_neurons(r.findings)[:20]] for n, r in ok.items()
-            if specific_neurons(r.findings)}
-    owners: dict[tuple[int, int], list[str]] = {}
+    sets = {n: [(x["layer"], x["unit"], -1 if x.get("expert") is None else x["expert"])
+                for x in specific_neurons(r.findings)[:20]] for n, r in ok.items() if specific_neurons(r.findings)}
+    owners: dict[tuple[int, int, int], list[str]] = {}  # (layer, unit, expert or -1)
     for n, s in sets.items():
         for key in s:
             owners.setdefault(key, []).append(n)
-    shared = [{"layer": k[0], "unit": k[1], "methods": v} for k, v in sorted(owners.items()) if len(v) > 1]
+    shared = [{"layer": k[0], **({"expert": k[2]} if k[2] >= 0 else {}), "unit": k[1], "methods": v}
+              for k, v in sorted(owners.items()) if len(v) > 1]
     out["shared_neurons"] = shared
     traced = next((sites[0] for r in ok.values() if (sites := result_sites(r.findings))), None)
     if traced is not None and sets:
         peak = site_layer(traced["site"])
         window = range(max(0, peak - 2), peak + 3)
-        out["neurons_in_tracing_peak"] = {n: sum(1 for l, _ in s if l in window) for n, s in sets.items()}
+        out["neurons_in_tracing_peak"] = {n: sum(1 for l, *_ in s if l in window) for n, s in sets.items()}
     if len(sets) > 1:
         names = list(sets)
         by = f"both {names[0]} and {names[1]}" if len(names) == 2 else f"more than one of {', '.join(names[:-1])} and {names[-1]}"

@@ -15,6 +15,10 @@ layers the method traced it with (the site's `window`, e.g. causal tracing's MLP
 ROME, Meng et al. 2022), at its position. The controls are the same window at other positions (not the
 first or last) and windows of as many layers elsewhere at the same position, `draws` draws each.
 
+Experts (a neuron that names its `expert`, or a site of kind "expert"; mixture-of-experts models only): the
+expert is dropped and forced through its layer's router (`knowmri.analysis.expert_checks`), on the fact,
+on the control facts and against other experts of the layer dropped.
+
 All changes are relative changes of P(first answer token). Warnings (a fact the model hardly gives,
 too few control facts, no control available) go with the outcome and its verdict.
 """
@@ -25,6 +29,8 @@ from typing import Any
 
 import torch
 
+from knowmri import neuron_units
+from knowmri.analysis.expert_checks import located_expert, verify_expert
 from knowmri.analysis.sites import describe_site, result_sites, site_layer
 from knowmri.hooks import Hooks
 from knowmri.methods import neuron_controls as nc
@@ -33,9 +39,11 @@ from knowmri.methods.common import answer_prob, prepare
 Edits = list[tuple[str, dict[str, Any]]]
 
 
-def located_neurons(findings: dict[str, Any], k: int) -> list[tuple[int, int]]:
-    """The top `k` (layer, unit) of `findings["neurons"]`, generic neurons left out."""
-    return [(int(x["layer"]), int(x["unit"])) for x in findings.get("neurons") or [] if not x.get("generic")][:k]
+def located_neurons(findings: dict[str, Any], k: int, model: Any = None) -> list[tuple[int, int]]:
+    """The top `k` (layer, unit) of `findings["neurons"]`, generic neurons left out; a neuron that names its
+    expert is unit `expert * d_expert + unit` of its layer (`knowmri.neuron_units`, which needs the `model`)."""
+    return [(int(x["layer"]), int(x["unit"])) if x.get("expert") is None else neuron_units.unit_of(model, x)
+            for x in findings.get("neurons") or [] if not x.get("generic")][:k]
 
 
 def verify_localisations(results: dict[str, Any], model: Any, sample: Any, seed: int = 0, k: int = 5, draws: int = 5,
@@ -45,13 +53,15 @@ def verify_localisations(results: dict[str, Any], model: Any, sample: Any, seed:
     `results` maps a name to a successful `MethodResult`; neuron sets and sites are read from its findings
     (see the module doc). Random draws come from generators seeded with `seed` per check, so a check does
     not depend on which other methods ran."""
-    sets = {name: located for name, r in results.items() if (located := located_neurons(r.findings, k))}
+    sets = {name: located for name, r in results.items() if (located := located_neurons(r.findings, k, model))}
     site_results = {name: result_sites(r.findings)[0] for name, r in results.items() if result_sites(r.findings)}
-    if not sets and not site_results:
+    experts = {name: where for name, r in results.items()
+               if getattr(model, "moe_layers", ()) and (where := located_expert(r.findings))}
+    if not sets and not site_results and not experts:
         return None
     prep = prepare(model, sample)
     fact = nc.encode_prompt(model, prep.prompt, prep.answer)
-    control = nc.control_prompts(model, sample, controls, prep.answer) if sets else []
+    control = nc.control_prompts(model, sample, controls, prep.answer) if sets or experts else []
     checks: dict[str, dict[str, Any]] = {}
     if sets:
         for name, spec in nc.specificities(model, fact, control, sets, draws, seed).items():
@@ -60,7 +70,9 @@ def verify_localisations(results: dict[str, Any], model: Any, sample: Any, seed:
     base = p_answers(model, prep.enc, [[]])[0]
     for name, chosen in site_results.items():
         checks[name if name not in checks else f"{name} site"] = verify_site(model, prep.enc, chosen, seed, draws)
-    warnings = nc.control_warnings(base, len(control), controls) if sets else nc.control_warnings(base, 1, 1)
+    for name, (layer, expert) in experts.items():
+        checks[f"{name} expert"] = verify_expert(model, fact, control, layer, expert, seed, draws, p_answers)
+    warnings = nc.control_warnings(base, len(control), controls) if sets or experts else nc.control_warnings(base, 1, 1)
     return {"base_prob": base, "controls": [c.text for c in control], "n_controls": len(control), "draws": draws,
             "warnings": warnings, "methods": checks}
 
@@ -121,7 +133,7 @@ def verification_table(verification: dict[str, Any]) -> dict[str, Any]:
     base = verification["base_prob"]
     rows = []
     for n, c in verification["methods"].items():
-        unrelated = _pct(c.get("control")) if c["kind"] == "neurons" else f"{_pct(c.get('layer_control'))} (other layers)"
+        unrelated = _pct(c.get("control")) if c["kind"] in ("neurons", "expert") else f"{_pct(c.get('layer_control'))} (other layers)"
         rows.append([n, c["located"], round(base, 4), round(c["ablated"], 4), round(c["amplified"], 4), _pct(c["own"]),
                      unrelated, f"{_pct(c['random'])} ± {c['random_std']:.1%}", round(c["specificity"], 3),
                      "yes" if c["holds"] else "NO"])
@@ -139,6 +151,9 @@ def verification_verdict(verification: dict[str, Any]) -> str:
         if c["kind"] == "neurons":
             against = (f"unrelated facts {c['control']:+.0%} (n={c['n_controls']}), random units {c['random']:+.0%} "
                        f"± {c['random_std']:.0%}")
+        elif c["kind"] == "expert":
+            against = (f"unrelated facts {c['control']:+.0%} (n={c['n_controls']}), other experts of the layer dropped "
+                       f"{c['random']:+.0%} ± {c['random_std']:.0%}; forcing it {c['own_amplified']:+.0%}")
         else:
             against = (f"the same window at other tokens {c['random']:+.0%} ± {c['random_std']:.0%}, other layers "
                        f"{c['layer_control']:+.0%} ± {c['layer_control_std']:.0%}")
