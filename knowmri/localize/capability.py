@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from knowmri.hooks import Hooks, site
+from knowmri import neuron_units
+from knowmri.hooks import Hooks
 from knowmri.localize._core import as_samples, batches, check_answers, collate, progress_bar, teacher_forced
 from knowmri.parallel import processes
 
@@ -73,7 +74,7 @@ class Localization:
         if not self.scores:
             return self.neurons[:k]
         order = _rank(self.scores, self.params["aggregate"])[:_positive(k, "k")]
-        return _rows(order, self.scores, self.params["aggregate"])
+        return _rows(order, self.scores, self.params["aggregate"], self.params.get("experts"))
 
     def figures(self) -> list[tuple[str, Any]]:
         from knowmri.report import figures
@@ -97,7 +98,7 @@ class Localization:
 
     def tables(self) -> list[dict[str, Any]]:
         cols = ["rank", "layer", "unit", "score", "mean_abs", "mean", "frequency"]
-        rows = [[i + 1, n["layer"], n["unit"], n["score"], n.get("mean_abs"), n.get("mean"), n.get("frequency")]
+        rows = [[i + 1, n["layer"], n["unit"] if "expert" not in n else f"E{n['expert']}.U{n['unit']}", n["score"], n.get("mean_abs"), n.get("mean"), n.get("frequency")]
                 for i, n in enumerate(self.neurons)]
         tables = [{"name": "Located neurons (best first)", "columns": cols, "rows": rows}]
         if self.stability:
@@ -178,19 +179,27 @@ def _rank(keys: dict[str, Any], aggregate: str) -> np.ndarray:
     return np.lexsort((np.arange(primary.size), -secondary, -primary))
 
 
-def _rows(order: np.ndarray, scores: dict[str, np.ndarray], aggregate: str) -> list[dict[str, Any]]:
+def _rows(order: np.ndarray, scores: dict[str, np.ndarray], aggregate: str,
+          experts: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The neurons at flat indices `order`; in a mixture-of-experts layer (`experts`: its `layers` and `d_expert`)
+    unit `e * d_expert + u` is neuron u of expert e, reported as `expert` and `unit`."""
     d_mlp = scores[aggregate].shape[1]
     rows = []
     for flat in order.tolist():
         layer, unit = divmod(int(flat), d_mlp)
-        row = {"layer": layer, "unit": unit, "score": float(scores[aggregate][layer, unit])}
+        where = {"unit": unit}
+        if experts and layer in experts["layers"]:
+            where = dict(zip(("expert", "unit"), divmod(unit, experts["d_expert"])))
+        row = {"layer": layer, **where, "score": float(scores[aggregate][layer, unit])}
         row.update({k: float(v[layer, unit]) for k, v in scores.items()})
         rows.append(row)
     return rows
 
 
 def neuron_contributions(model: Any, batch: Any, positions: str = "answer") -> torch.Tensor:
-    """[B, n_layers, d_mlp] float32: each sample's activation x gradient summed over its positions.
+    """[B, n_layers, units] float32: each sample's activation x gradient summed over its positions (a
+    mixture-of-experts layer's units are its experts' neurons side by side, `knowmri.neuron_units`; an expert's
+    are zero at the tokens not routed to it).
 
     One forward and one backward for the batch; the gradient is of the sum over samples of
     each sample's mean answer log-likelihood (rows do not interact, so row b's gradient is
@@ -199,20 +208,20 @@ def neuron_contributions(model: Any, batch: Any, positions: str = "answer") -> t
     n_layers = model.n_layers
     with Hooks(model) as h:
         h.edit("embed", lambda x: x if x.requires_grad else x.detach().requires_grad_(True))
-        caps = [h.read(site(layer, "mlp.neurons"), grad=True) for layer in range(n_layers)]
+        parts = [(layer, h.read(name, grad=True), lo, hi) for layer in range(n_layers)
+                 for name, lo, hi in neuron_units.slices(model, layer)]
         with torch.enable_grad():
             logits = model.forward(**batch.inputs)
             objective = batch.per_sample_mean(batch.answer_logprobs(logits)).sum()
-            acts = [c.value for c in caps]
+            acts = [c.value for _, c, _, _ in parts]
             grads = torch.autograd.grad(objective, acts, allow_unused=True)
     mask = batch.answer_mask if positions == "answer" else batch.token_mask
-    out = torch.empty(batch.size, n_layers, model.d_mlp, dtype=torch.float32, device=model.device)
-    for layer, (a, g) in enumerate(zip(acts, grads)):
+    out = torch.zeros(batch.size, n_layers, neuron_units.width(model), dtype=torch.float32, device=model.device)
+    for (layer, _, lo, hi), a, g in zip(parts, acts, grads):
         if g is None:
-            out[:, layer] = 0.0
             continue
         m = mask.to(device=a.device, dtype=torch.float32)[:, :, None]
-        out[:, layer] = (a.detach().float() * g.float() * m).sum(1).to(out.device)
+        out[:, layer, lo:hi] = (a.detach().float() * g.float() * m).sum(1).to(out.device)
     return out
 
 
@@ -254,7 +263,7 @@ def localize(dataset: Any, model: Any, *, samples: int | None = None, top_k: int
     check_answers(items, answer_key)
     if "gradients" not in model.capabilities:
         raise ValueError(f"{model.name} does not support gradients, which localisation needs")
-    n, n_layers, d_mlp = len(items), model.n_layers, model.d_mlp
+    n, n_layers, d_mlp = len(items), model.n_layers, neuron_units.width(model)
     total = n_layers * d_mlp
     k = min(total, top_k if top_k is not None else max(1, round(top_fraction * total)) if top_fraction is not None
             else max(10, math.ceil(0.001 * total)))
@@ -312,13 +321,14 @@ def localize(dataset: Any, model: Any, *, samples: int | None = None, top_k: int
         raise RuntimeError(f"processed {int(counters[0])} samples, expected {n}: the processes disagree on the data")
     scores = {name: (_from_fixed(totals[a]) / n).view(n_layers, d_mlp).numpy()
               for a, name in enumerate(("mean_abs", "mean", "frequency"))}
-    neurons = _rows(_rank(scores, aggregate)[:k], scores, aggregate)
+    experts = {"layers": list(model.moe_layers), "d_expert": model.d_expert} if getattr(model, "moe_layers", ()) else None
+    neurons = _rows(_rank(scores, aggregate)[:k], scores, aggregate, experts)
     stability = _stability(buckets, subsets, checkpoints, k, aggregate)
     layer_distribution = _layers(neurons, scores[aggregate], n_layers)
     params = {"samples": n, "top_k": k, "subsets": subsets, "counts": checkpoints, "aggregate": aggregate,
               "positions": positions, "answer_key": answer_key, "max_answer_tokens": max_answer_tokens,
               "template": template, "batch_size": batch_size, "sample_top_fraction": sample_top_fraction,
-              "sample_top_count": m, "seed": seed}
+              "sample_top_count": m, "seed": seed, **({"experts": experts} if experts else {})}
     result = Localization(neurons, stability, layer_distribution, params, model.info(), info,
                           seconds=time.perf_counter() - start, scores=scores,
                           provenance=_provenance(procs.world, int(counters[1])))
@@ -377,7 +387,7 @@ def _summary(loc: Localization) -> str:
     where = ", ".join(f"layer {d['layer']} ({d['count']})" for d in dist[:3] if d["count"])
     best = loc.neurons[0]
     text = (f"Over {n} samples of {loc.dataset.get('name', 'the dataset')}, the {p['top_k']} neurons with the highest "
-            f"{_DESCRIBE[p['aggregate']]} lie mostly in {where}; the strongest is L{best['layer']}.U{best['unit']} "
+            f"{_DESCRIBE[p['aggregate']]} lie mostly in {where}; the strongest is L{best['layer']}.{'E' + str(best['expert']) + '.' if 'expert' in best else ''}U{best['unit']} "
             f"(score {best['score']:.3g}).")
     if loc.stability:
         last = loc.stability[-1]
