@@ -27,6 +27,7 @@ from torch import nn
 Editor = Callable[[int, str, torch.Tensor, torch.Tensor], torch.Tensor]
 
 _EDITORS = "_knowmri_expert_editors"
+_FORWARD = "_knowmri_previous_forward"  # an instance-level forward found at install (e.g. Accelerate's hook)
 
 
 def check_experts(module: nn.Module, where: str) -> None:
@@ -64,6 +65,8 @@ def routed_forward(module: nn.Module, hidden: torch.Tensor, top_k_index: torch.T
     """The experts' output [N, d_model] for flat hidden states [N, d_model], running each expert on its routed
     tokens only and passing its neurons and output through the installed editors (see `install`)."""
     editors: list[Editor] = module.__dict__.get(_EDITORS, [])
+    if module.gate_up_proj.device.type == "meta":
+        raise ValueError("the experts' weights are offloaded (on the meta device): expert sites need them in memory")
     out = torch.zeros_like(hidden)
     count = n_experts(module)
     for expert in range(count):
@@ -93,15 +96,34 @@ class _Installed:
         editors.remove(self.editor)
         if not editors:
             del self.module.__dict__[_EDITORS]
-            self.module.__dict__.pop("forward", None)
+            previous = self.module.__dict__.pop(_FORWARD, None)
+            if previous is None:
+                self.module.__dict__.pop("forward", None)
+            else:
+                self.module.__dict__["forward"] = previous
+
+
+def _routed(module: nn.Module) -> Callable[..., torch.Tensor]:
+    """`routed_forward` as the module's forward, through Accelerate's hook where the module has one (as its own
+    hooked forward does: the hook moves the inputs and loads offloaded weights before, and the output after)."""
+    hook = getattr(module, "_hf_hook", None)
+
+    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if hook is not None:
+            args, kwargs = hook.pre_forward(module, *args, **kwargs)
+        out = routed_forward(module, *args, **kwargs)
+        return hook.post_forward(module, out) if hook is not None else out
+
+    return forward
 
 
 def install(module: nn.Module, editor: Editor) -> _Installed:
     """Route `module`'s forward through `routed_forward` with `editor` until the handle's `remove()`."""
     editors = module.__dict__.setdefault(_EDITORS, [])
     if not editors:
-        module.__dict__["forward"] = lambda hidden, top_k_index, top_k_weights: routed_forward(
-            module, hidden, top_k_index, top_k_weights)
+        if "forward" in module.__dict__:
+            module.__dict__[_FORWARD] = module.__dict__["forward"]
+        module.__dict__["forward"] = _routed(module)
     editors.append(editor)
     return _Installed(module, editor)
 
