@@ -8,11 +8,14 @@ output in the corrupted run gets expert e's clean contribution in place of its c
 (`mlp.out` += clean_e - corrupted_e). That is defined whether or not the router picks e in either run:
 an expert the corrupted run no longer routes to is put back, one it newly routes to is taken out.
 Cells where e runs in neither run are the corrupted P. Restorations are single cells (no window).
-Each cell's rows (one per noise sample) run the whole prompt; cells share batches.
+Cells at one position share batches (one row per cell and noise sample); as the model is causal, the
+rows run only positions t..T-1, over the key/value cache of the corrupted prefix (whole prompts where
+the model's cache cannot be repeated over rows).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,11 +57,28 @@ def _expert_outs(model: Any, input_ids: torch.Tensor, positions: list[int], nois
     return out, logits[:, -1]
 
 
+def _corrupted_prefix(model: Any, input_ids: torch.Tensor, t: int, noise: torch.Tensor, subject: list[int]) -> Any:
+    """The key/value cache of the corrupted run over positions 0..t-1 (one row per noise sample), or None when
+    there is no prefix or the model's cache cannot be repeated over rows."""
+    if t == 0:
+        return None
+    S = noise.shape[0]
+    kept = [k for k, q in enumerate(subject) if q < t]
+    with torch.no_grad(), Hooks(model) as h:
+        if kept:
+            h.add("embed", noise[:, kept], positions=[subject[k] for k in kept])
+        out = model.run(input_ids=input_ids[:, :t].repeat(S, 1), attention_mask=torch.ones_like(input_ids[:, :t]).repeat(S, 1),
+                        use_cache=True, keep=1)
+    cache = model.output_cache(out)
+    return cache if hasattr(cache, "batch_repeat_interleave") else None
+
+
 def trace_experts(model: Any, input_ids: torch.Tensor, position: int, answer: int, subject: Span, noise: torch.Tensor,
                   positions: Sequence[int], batch_size: int = 128,
-                  progress: Callable[[float, str], None] | None = None) -> ExpertTrace:
+                  progress: Callable[[float, str], None] | None = None, suffix: bool = True) -> ExpertTrace:
     """P(answer) at `position` (the last input position) with each expert's clean contribution restored at each
-    of `positions`, in the run whose subject embeddings get `noise` [S, len(subject), d_model]."""
+    of `positions`, in the run whose subject embeddings get `noise` [S, len(subject), d_model]; `suffix` runs
+    the rows over the corrupted prefix's cache (the same result, less work)."""
     if position != input_ids.shape[1] - 1:
         raise ValueError("single experts are traced at the last position of a causal model only")
     L, E, S = model.n_layers, model.n_experts, noise.shape[0]
@@ -74,20 +94,34 @@ def trace_experts(model: Any, input_ids: torch.Tensor, position: int, answer: in
     cells = [(i, layer, e) for i in range(len(pos)) for layer in model.moe_layers for e in range(E) if ran[i, layer, e]]
     per_batch = max(1, batch_size // S)
     device = model.embed_module.weight.device
-    for start in range(0, len(cells), per_batch):
-        chunk = cells[start:start + per_batch]
-        with torch.no_grad(), Hooks(model) as h:
-            h.add("embed", noise.repeat(len(chunk), 1, 1), positions=subj)
-            for k, (i, layer, e) in enumerate(chunk):
-                delta = (clean[0, i, layer, e][None] - corrupt[:, i, layer, e]).to(device)  # [S, d]
-                h.add(site(layer, "mlp.out"), delta[:, None, :], rows=list(range(k * S, (k + 1) * S)), positions=[pos[i]])
-            n = len(chunk) * S
-            logits = model.forward(input_ids=input_ids.repeat(n, 1), attention_mask=torch.ones_like(input_ids).repeat(n, 1))
-        probs = logits[:, -1].float().softmax(-1)[:, answer].cpu().view(len(chunk), S)
-        for k, (i, layer, e) in enumerate(chunk):
-            samples[i, layer, e] = probs[k]
-        if progress is not None:
-            progress(min(1.0, (start + len(chunk)) / len(cells)), "experts")
+    done = 0
+    for i, t in enumerate(pos):
+        prefix = _corrupted_prefix(model, input_ids, t, noise, subj) if suffix else None
+        first = t if prefix is not None else 0
+        kept = [k for k, q in enumerate(subj) if q >= first]  # subject positions the rows feed
+        mine = [c for c in cells if c[0] == i]
+        for start in range(0, len(mine), per_batch):
+            chunk = mine[start:start + per_batch]
+            n = len(chunk) * S  # row s * len(chunk) + k: noise sample s, cell k (the cache's row order)
+            cache = None
+            if prefix is not None:
+                cache = copy.deepcopy(prefix)
+                cache.batch_repeat_interleave(len(chunk))
+            with torch.no_grad(), Hooks(model) as h:
+                if kept:
+                    h.add("embed", noise[:, kept].repeat_interleave(len(chunk), 0), positions=[subj[k] - first for k in kept])
+                for k, (_, layer, e) in enumerate(chunk):
+                    delta = (clean[0, i, layer, e][None] - corrupt[:, i, layer, e]).to(device)  # [S, d]
+                    h.add(site(layer, "mlp.out"), delta[:, None, :], rows=[s * len(chunk) + k for s in range(S)],
+                          positions=[t - first])
+                out = model.run(input_ids=input_ids[:, first:].repeat(n, 1),
+                                attention_mask=torch.ones_like(input_ids).repeat(n, 1), cache=cache, keep=1)
+            probs = out.logits[:, -1].float().softmax(-1)[:, answer].cpu().view(S, len(chunk))
+            for k, (_, layer, e) in enumerate(chunk):
+                samples[i, layer, e] = probs[:, k]
+            done += len(chunk)
+            if progress is not None:
+                progress(done / len(cells), "experts")
     return ExpertTrace(positions=pos, grid=samples.mean(-1), samples=samples, clean_routed=clean_routed, low=low)
 
 

@@ -137,3 +137,20 @@ def test_planted_moe_is_found(planted):
     assert any(s["kind"] == "expert" and s["site"] == expert_site(layer, expert, "out") for s in tracing["sites"])
     routing = report.results["moe_routing"].findings["routing"][layer]
     assert routing["last"][0]["expert"] == expert and routing["last"][0]["routed"]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_expert_trace_over_the_prefix_cache_equals_whole_prompts(family):
+    from knowmri.methods.expert_tracing import trace_experts
+    from knowmri.methods.tracing_engine import subject_noise
+
+    model = tiny_model(family)
+    enc = model.encode(PROMPT, " Paris")
+    ids = enc.input_ids[:, : enc.prompt_len]
+    span = model.token_span(PROMPT, "Eiffel Tower")
+    noise = subject_noise(model, 3, len(span), 0.3, 1)
+    at = [span.stop - 1, enc.pred_pos]
+    fast = trace_experts(model, ids, enc.pred_pos, enc.target_ids[0], span, noise, at, batch_size=8)
+    slow = trace_experts(model, ids, enc.pred_pos, enc.target_ids[0], span, noise, at, batch_size=8, suffix=False)
+    assert torch.allclose(fast.samples, slow.samples, atol=1e-5)
+    assert (fast.grid != fast.low).any()
