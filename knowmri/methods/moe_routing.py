@@ -80,11 +80,14 @@ class MoeRouting(Method):
         def names(entry: dict[str, Any], role: str) -> str:
             return ", ".join(f"E{e['expert']}" for e in entry[role] if e["routed"])
 
-        first = routing[0] if routing else None
         text = f"Each token goes to {model.experts_per_token} of {model.n_experts} experts per layer."
-        if first is not None:
-            text += " " + "; ".join(f"the {role} token ({prep.tokens[p]!r}) to {names(first, role)}"
-                                    for role, p in tokens.items()) + f" in layer {first['layer']}"
+        if routing:  # per token, the layer whose router is most decided (its top expert's probability)
+            parts = []
+            for role, p in tokens.items():
+                best = max(routing, key=lambda r, role=role: r[role][0]["prob"])
+                parts.append(f"the {role} token ({prep.tokens[p]!r}) most decidedly to E{best[role][0]['expert']} "
+                             f"(p={best[role][0]['prob']:.2f}, with {names(best, role)}) in layer {best['layer']}")
+            text += " The router sends " + "; ".join(parts)
         if "subject" in tokens:
             text += f"; subject and last token share an expert in {len(shared)} of {len(routing)} MoE layers."
         result.summary = text + ("" if text.endswith(".") else ".")
