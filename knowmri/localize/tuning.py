@@ -54,6 +54,9 @@ def neuron_list(neurons: Any, model: Any) -> list[tuple[int, int]]:
         if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (layer, unit)):
             raise ValueError(f"a neuron is a (layer, unit) pair of integers, got {n!r}")
         layer, unit = int(layer), int(unit)
+        if layer in getattr(model, "moe_layers", ()):
+            raise ValueError(f"layer {layer} is a mixture of experts: enhancing expert neurons is not supported "
+                             "(only dense MLP neurons can be tuned)")
         if not (0 <= layer < model.n_layers and 0 <= unit < model.d_mlp):
             raise ValueError(f"neuron ({layer}, {unit}) is out of range: {model.n_layers} layers of {model.d_mlp} neurons")
         if (layer, unit) not in out:

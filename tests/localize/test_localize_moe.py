@@ -31,3 +31,11 @@ def test_finds_the_planted_expert_neuron() -> None:
     loc = localize(data, planted.model, top_k=1, subsets=1, progress=False)
     best = loc.neurons[0]
     assert (best["layer"], best["expert"], best["unit"]) == planted.expert
+
+
+def test_enhance_refuses_expert_neurons() -> None:
+    from knowmri.localize import enhance
+
+    model = tiny_model("mixtral")
+    with pytest.raises(ValueError, match="mixture of experts"):
+        enhance(capitals(4), model, [{"layer": 0, "expert": 1, "unit": 2}], progress=False)
