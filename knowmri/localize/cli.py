@@ -72,7 +72,8 @@ def run_localize(args: argparse.Namespace) -> int:
         return 0
     print(loc.summary)
     print()
-    print(_table([[i + 1, n["layer"], n["unit"], n["score"]] for i, n in enumerate(loc.neurons[:15])],
+    print(_table([[i + 1, n["layer"], n["unit"] if "expert" not in n else f"E{n['expert']}.U{n['unit']}", n["score"]]
+                  for i, n in enumerate(loc.neurons[:15])],
                  ["rank", "layer", "unit", "score"]))
     if loc.stability:
         print()
