@@ -139,6 +139,13 @@ class CausalTracing(Method):
                         rows = S * len(cells[i:i + per])
                         passes.append(Pass(rows=rows, tokens=T, blocks=L - starts[kind][layer], context=T, readout=rows,
                                            model_call=False))
+        if model.moe_layers and "mlp" in p.kinds and model.kind == "causal":  # single experts (`expert_tracing`)
+            passes += [Pass(tokens=T, readout=1), Pass(rows=S, tokens=T, readout=S)]  # clean and corrupted reads
+            cells, per = len(model.moe_layers) * model.n_experts, max(1, p.batch_size // S)
+            for t in sorted({T - 1, (shape.subject[1] - 1) if shape.subject is not None else T - 1}):
+                passes.append(Pass(rows=S, tokens=t, readout=S, cache=True, count=1 if t else 0))  # corrupted prefix
+                passes += [Pass(rows=S * min(per, cells - i), tokens=T - t, context=T, readout=S * min(per, cells - i),
+                                cache=bool(t)) for i in range(0, cells, per)]
         std = elementwise_seconds(model, dims.vocab * dims.d * (dims.bytes + 16))  # the embedding's std, in float64
         kept = (n_run * T * dims.vocab * dims.bytes + (n_run * T * 2 * dims.kv * dims.bytes * L if suffix else 0)
                 + (len(p.kinds) + S + 1) * (L + 1) * T * dims.d * dims.bytes)  # corrupted logits and cache, states
