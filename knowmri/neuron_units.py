@@ -103,9 +103,9 @@ class Units:
 
     @property
     def value(self) -> torch.Tensor:
-        if len(self.parts) == 1 and self.router is None:
-            return self.parts[0][0].value
         first = self.parts[0][0].value
+        if len(self.parts) == 1 and self.router is None and first.shape[-1] == width(self.model):
+            return first
         out = first.new_zeros(*first.shape[:-1], width(self.model))
         weights = None
         if self.weighted and self.router is not None:

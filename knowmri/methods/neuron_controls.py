@@ -198,7 +198,8 @@ def random_units(model: Any, neurons: Sequence[tuple[int, int]], gen: torch.Gene
     out: list[tuple[int, int]] = []
     for layer, located in neurons:
         expert, _ = neuron_units.split(model, layer, located)
-        low, span = (0, model.d_mlp) if expert is None else (expert * model.d_expert, model.d_expert)
+        low, span = (0, neuron_units.layer_width(model, layer)) if expert is None else (expert * model.d_expert,
+                                                                                       model.d_expert)
         while True:
             unit = low + int(torch.randint(span, (1,), generator=gen))
             if (int(layer), unit) not in taken:

@@ -154,3 +154,26 @@ def test_expert_trace_over_the_prefix_cache_equals_whole_prompts(family):
     slow = trace_experts(model, ids, enc.pred_pos, enc.target_ids[0], span, noise, at, batch_size=8, suffix=False)
     assert torch.allclose(fast.samples, slow.samples, atol=1e-5)
     assert (fast.grid != fast.low).any()
+
+
+def test_dense_layers_of_a_moe_model_keep_their_mlp_neurons():
+    """Qwen2-MoE with `mlp_only_layers`: dense layers' neurons have no expert, MoE layers' have one."""
+    import copy
+
+    import transformers as T
+
+    base = tiny_model("qwen2_moe")
+    config = copy.deepcopy(base.config)
+    config.mlp_only_layers = [0]
+    torch.manual_seed(0)
+    hf = T.Qwen2MoeForCausalLM(config).eval()
+    hf.config._name_or_path = "tiny-qwen2_moe-mixed"
+    model = km.load_model(hf, tokenizer=base.tokenizer)
+    assert model.moe_layers == (1, 2) and units.layer_width(model, 0) == config.intermediate_size
+    report = km.diagnose(km.Sample(FACT), model, methods=["knowledge_neurons", "fine", "embedding_projection"],
+                         params={"knowledge_neurons": {"steps": 2, "controls": 2}, "fine": {"controls": 2}},
+                         progress=False, consensus=False)
+    for name, result in report.results.items():
+        assert result.status == "ok", (name, result.error)
+        for n in result.findings["neurons"]:
+            assert ("expert" in n) == (n["layer"] in model.moe_layers), (name, n)
