@@ -68,7 +68,7 @@ def verify_expert(model: Any, fact: nc.Prompt, controls: list[nc.Prompt], layer:
     checks = [(-control, 0.0)] if control_effects else []
     checks += [(-random_mean, random_std)] if random_effects else []
     warnings = [] if control_effects else ["no unrelated control facts: dropping the expert is not compared with other facts"]
-    return {"located": f"expert {expert} of layer {layer} (dropped / forced by the router)", "kind": "expert",
+    return {"located": f"expert {expert} of layer {layer}", "kind": "expert",
             "layer": layer, "expert": expert, "base_prob": base, "ablated": probs[1], "amplified": probs[2],
             "own": own, "own_amplified": nc.relative(probs[2], base), "drop": own,
             "control": control, "control_spread": nc.spread(control_effects), "n_controls": len(control_effects),

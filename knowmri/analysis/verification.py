@@ -157,7 +157,8 @@ def verification_verdict(verification: dict[str, Any]) -> str:
         else:
             against = (f"the same window at other tokens {c['random']:+.0%} ± {c['random_std']:.0%}, other layers "
                        f"{c['layer_control']:+.0%} ± {c['layer_control_std']:.0%}")
-        parts.append(f"{n} ({c['located']}) {c['own']:+.0%} when ablated vs {against}: "
+        how = "when the router drops it" if c["kind"] == "expert" else "when ablated"
+        parts.append(f"{n} ({c['located']}) {c['own']:+.0%} {how} vs {against}: "
                      + ("holds up" if c["holds"] else "does not hold up"))
     caveats = list(verification.get("warnings") or []) + [w for c in verification["methods"].values() for w in c.get("warnings") or []]
     return "Causal check: " + "; ".join(parts) + "." + "".join(f" Caveat: {w}." for w in caveats)
