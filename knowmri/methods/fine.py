@@ -85,12 +85,13 @@ class Fine(Method):
         p = params if isinstance(params, FineParams) else FineParams()
         shape = sample_shape(model, sample, max_answer_tokens=p.max_answer_tokens)
         dims = Dims.of(model)
-        per_layer = matmul_seconds(model, 2 * dims.d_mlp * dims.d * shape.answer, dims.d_mlp)
+        width = neuron_units.width(model)  # a mixture-of-experts layer: every expert's neurons
+        per_layer = matmul_seconds(model, 2 * width * dims.d * shape.answer, width)
         passes = [*prepare_passes(model, shape), *clean_pass_passes(model, shape, shape.answer + 1), readout_pass(p.top_k)]
         if p.controls and p.screen:  # the generic-neuron screen: one row per (candidate or none) x prompt
             rows = (p.screen + 1) * (p.controls + 1)
             passes.append(Pass(rows=rows, tokens=shape.prompt, readout=rows))
-        buffers = clean_pass_bytes(model, shape, shape.answer + 1) + 4 * 3 * shape.answer * dims.layers * dims.d_mlp
+        buffers = clean_pass_bytes(model, shape, shape.answer + 1) + 4 * 3 * shape.answer * dims.layers * width
         if dims.bytes < 4:  # `neuron_top_tokens`: low-precision scores, their slack and the shortlist, and the
             buffers += 3 * 4 * p.top_k * dims.vocab + 4 * dims.vocab * dims.d  # row norms' float32 copy (first use)
         return work_estimate(model, passes, seconds=dims.layers * per_layer, memory=buffers)

@@ -160,7 +160,7 @@ class KnowledgeNeurons(Method):
                                        context=prefix + fed, readout=rows, backward=True, cache=bool(prefix),
                                        model_call=False))
         passes.append(readout_pass(2 * p.top_k))
-        buffers = 4 * 3 * L * dims.d_mlp * max(1, len(prompts))  # attributions, their means
+        buffers = 4 * 3 * L * neuron_units.width(model) * max(1, len(prompts))  # attributions, their means
         return work_estimate(model, passes, memory=buffers)
 
     def run(self, model: Any, sample: Sample, params: KnowledgeNeuronsParams, ctx: RunContext) -> MethodResult:
