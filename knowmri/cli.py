@@ -177,14 +177,13 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         _check_out(args.out)
     procs = _dataset_processes(args) if dataset_level else None
     model = km.load_model(args.model, device=procs.model_device(args.device) if procs else args.device, dtype=args.dtype)
-    first = sample[0] if dataset_level else sample
     if methods and not dataset_level:
         blocked = [m for m in km.match(sample, model) if m.name in methods and not m.eligible]
         if blocked:
             raise ValueError("; ".join(f"{m.name} cannot run: {', '.join(m.reasons)}" for m in blocked))
     progress = not args.json and sys.stderr.isatty() or args.progress
-    if procs is None or procs.main:
-        _say_estimate(model, first, methods, params, min(args.samples, len(sample)) if dataset_level else 1)
+    if procs is None:  # a dataset run prints its own estimate: every record's, and each process's share
+        _say_estimate(model, sample, methods, params)
     if procs is not None:
         from knowmri.diagnosis import diagnose_dataset
 
@@ -206,17 +205,15 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 1 if failed and len(failed) == len(report.results) else 0
 
 
-def _say_estimate(model: Any, sample: Any, methods: list[str] | None, params: dict[str, dict[str, Any]],
-                  samples: int) -> None:
+def _say_estimate(model: Any, sample: Any, methods: list[str] | None, params: dict[str, dict[str, Any]]) -> None:
     """Print the run's estimated time on stderr before a long run (so a mistaken one is stopped early)."""
     import knowmri as km
     from knowmri.run_cost import estimate_run, format_bytes, format_seconds
 
     names = methods if methods is not None else [m.name for m in km.match(sample, model) if m.eligible]
-    cost = estimate_run(model, sample, names, params).scaled(samples)
+    cost = estimate_run(model, sample, names, params)
     if cost.seconds >= LONG_RUN_SECONDS:
-        per = f" ({samples} samples)" if samples > 1 else ""
-        print(f"knowmri: this run is estimated to take {format_seconds(cost.seconds)}{per} and up to "
+        print(f"knowmri: this run is estimated to take {format_seconds(cost.seconds)} and up to "
               f"{format_bytes(cost.memory_bytes)} of memory; slowest: {cost.slowest()} (Ctrl+C stops it)",
               file=sys.stderr, flush=True)
 

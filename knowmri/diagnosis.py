@@ -12,10 +12,11 @@ from typing import Any
 import torch
 
 from knowmri.analysis import build_consensus
-from knowmri.matching import estimate_dataset, match
+from knowmri.matching import match
 from knowmri.methods.base import MethodResult, RunContext, get_method
 from knowmri.parallel import processes
 from knowmri.report.report import Report
+from knowmri.run_cost import estimate_dataset
 from knowmri.runtime import reuse_freed_memory
 from knowmri.sample import as_sample
 from knowmri.study import DatasetRun

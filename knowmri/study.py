@@ -41,6 +41,7 @@ from typing import Any
 from knowmri.analysis import Aggregator
 from knowmri.parallel import Processes, processes
 from knowmri.report.report import Report
+from knowmri.run_cost import RunCost
 from knowmri.sample import as_sample
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,8 @@ _MODEL_KEYS = ("name", "architecture", "n_layers", "d_model", "vocab_size", "dty
 
 #: One sample's work: (index, sample) -> its report as a dict (report.json's structure plus `index`).
 RunOne = Callable[[int, Any], dict[str, Any]]
-#: The cost of some samples: indices -> {"seconds", "per_sample": [seconds...], "memory_bytes", ...}.
-Estimate = Callable[[list[int]], dict[str, Any]]
+#: The cost of some samples: indices -> their RunCost (with each sample's seconds in `per_sample`).
+Estimate = Callable[[list[int]], RunCost]
 Progress = Callable[[str, float, str], None]
 
 
@@ -388,15 +389,13 @@ class DatasetRun:
         except Exception as err:  # an estimate never stops a run
             log.debug("no estimate: %s", err)
             return
-        per = cost.get("per_sample") or []
         world = self.procs.world
         what = f"{len(plan.pending)} remaining samples" if plan.found_done else f"{len(plan.pending)} samples"
-        line = f"estimate for {what}: {duration(cost['seconds'])} of compute"
-        if world > 1 and len(per) == len(plan.pending):
-            slowest = max(sum(per[r::world]) for r in range(world))
-            line += f", {duration(slowest)} per process on {world} processes"
-        if cost.get("memory_bytes", 0) >= 2**20:
-            line += f" (peak extra memory {cost['memory_bytes'] / 2**20:.0f} MiB per process)"
+        line = f"estimate for {what}: {duration(cost.seconds)} of compute"
+        if world > 1 and len(cost.per_sample) == len(plan.pending):
+            line += f", {duration(cost.per_process(world))} per process on {world} processes"
+        if cost.memory_bytes >= 2**20:
+            line += f" (peak extra memory {cost.memory_bytes / 2**20:.0f} MiB per process)"
         self._say(line)
 
     def _say(self, line: str) -> None:
