@@ -166,6 +166,10 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     if args.samples is not None and args.samples < 1:
         raise ValueError("--samples must be at least 1")
     dataset_level = args.dataset is not None and args.samples is not None and not args.index_given
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    if args.batch_size > 1 and not dataset_level:
+        raise ValueError("--batch-size is for dataset runs: give --dataset NAME --samples N")
     if args.resume and not (dataset_level and args.out):
         raise ValueError("--resume continues a dataset run: give --dataset NAME --samples N --out DIR")
     if dataset_level and any(v is not None for v in (args.prompt, args.text, args.subject, args.target)):
@@ -188,7 +192,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         from knowmri.diagnosis import diagnose_dataset
 
         report = diagnose_dataset(sample, model, methods=methods, params=params, samples=args.samples, progress=progress,
-                                  out=args.out, resume=args.resume, echo=True)  # saves into --out as it goes
+                                  out=args.out, resume=args.resume, echo=True,
+                                  batch_size=args.batch_size)  # saves into --out as it goes
         if not procs.main:
             return 0
     else:
@@ -287,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="directory for report.json and index.html (dataset runs: and each sample's result "
                                   "under samples/ as it finishes)")
     sp.add_argument("--resume", action="store_true", help="continue a dataset run saved in --out, skipping its finished samples")
+    sp.add_argument("--batch-size", type=int, default=1, help="dataset runs: records run at once by the methods that can "
+                                                               "(the light methods' clean pass, attention weights, "
+                                                               "integrated gradients); the same results")
     sp.add_argument("--device", choices=["cpu", "cuda"], default=None)
     sp.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
     sp.add_argument("--json", action="store_true", help="print report.json to stdout")
