@@ -3,6 +3,7 @@ each record's own report, caps and validation."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +78,29 @@ def test_a_dataset_run_over_the_time_cap_is_refused(home: Path, tiny_gpt2: Any) 
         assert "fewer samples" in response.json()["error"]
         assert "3 samples" in c.post("/api/estimate", json=dataset_body()).json()["refusal"]
         assert c.get("/api/runs").json()["total"] == 0
+
+
+def test_cancel_a_running_dataset_run(client: TestClient, home: Path, tiny_gpt2: Any) -> None:
+    from knowmri.methods.base import register_method, unregister_method
+    from tests.server.test_limits import SLOW, SlowProbe, hooks, wait_for
+
+    before = hooks(tiny_gpt2)
+    register_method(SlowProbe)
+    try:
+        body = dataset_body(methods=[SLOW], params={SLOW: {"report": False}})
+        run_id = client.post("/api/runs", json=body).json()["id"]
+        running = wait_for(client, run_id, ("running",))
+        while "samples" not in running["progress"]:
+            time.sleep(0.02)
+            running = client.get(f"/api/runs/{run_id}?report=false").json()
+        assert running["progress"]["samples"] == 3 and running["progress"]["eta_seconds"] is not None
+        time.sleep(0.3)  # inside the first record's forward passes
+        assert client.post(f"/api/runs/{run_id}/cancel").json()["status"] == "cancelled"
+        after = client.post("/api/runs", json=dataset_body(samples=2)).json()["id"]
+        assert wait_done(client, after, timeout=30)["status"] == "done"  # the worker moved on
+        run = client.get(f"/api/runs/{run_id}").json()
+        assert run["status"] == "cancelled" and "report" not in run
+        assert not list((home / "runs" / run_id / "samples").glob("*.json"))  # no record finished
+        assert hooks(tiny_gpt2) == before
+    finally:
+        unregister_method(SLOW)
