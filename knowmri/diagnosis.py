@@ -28,12 +28,12 @@ Progress = Callable[[str, float, str], None]
 
 def diagnose(sample: Any, model: Any, methods: list[str] | str | None = None, params: dict[str, dict] | None = None,
              progress: bool | Progress = True, seed: int = 0, consensus: bool = True, samples: int | None = 20,
-             out: str | os.PathLike[str] | None = None, resume: bool = False) -> Report:
+             out: str | os.PathLike[str] | None = None, resume: bool = False, batch_size: int = 1) -> Report:
     """Run methods on one sample (all eligible ones when `methods` is None) and return a Report.
 
     Given a Dataset instead of a sample, it runs on its first `samples` records and aggregates;
     with `out`, each sample's result is saved as it finishes and `resume=True` continues an
-    interrupted run (see `diagnose_dataset`).
+    interrupted run; `batch_size` records run at once where a method can (see `diagnose_dataset`).
 
     `params` maps a method name to overrides of its hyper-parameters. A method that fails yields a
     result with status "error" and its message; the others still run. `progress` is True (a bar
@@ -42,13 +42,14 @@ def diagnose(sample: Any, model: Any, methods: list[str] | str | None = None, pa
     from knowmri.models.loading import load_model
 
     dataset = _is_dataset(sample)
-    if not dataset and (out is not None or resume):
-        raise ValueError("out= and resume= are for dataset runs; save one sample's report with report.save(DIR)")
+    if not dataset and (out is not None or resume or batch_size != 1):
+        raise ValueError("out=, resume= and batch_size= are for dataset runs; save one sample's report with "
+                         "report.save(DIR)")
     if isinstance(model, str):
         model = load_model(model, device=processes().model_device(None) if dataset else None)
     if dataset:
         return diagnose_dataset(sample, model, methods=methods, params=params, progress=progress, seed=seed,
-                                samples=samples, out=out, resume=resume)
+                                samples=samples, out=out, resume=resume, batch_size=batch_size)
     with reuse_freed_memory():  # big buffers are reused across methods instead of mapped afresh
         return _diagnose(sample, model, methods, params, progress, seed, consensus)
 

@@ -258,3 +258,7 @@ def test_a_batch_of_samples_gives_each_sample_its_one_at_a_time_results(facts, t
         agree(alone[name].findings, batched[name].findings, name)
     with pytest.raises(ValueError, match="batch_size"):
         diagnose_dataset(facts, model, methods=methods, samples=2, progress=False, batch_size=0)
+    with pytest.raises(ValueError, match="for dataset runs"):
+        km.diagnose(facts[0], model, batch_size=2)
+    again = km.diagnose(facts, model, methods=["logit_lens"], samples=2, progress=False, batch_size=2)
+    assert again.meta["provenance"]["batch"] == 2 and again.meta["n_samples"] == 2
