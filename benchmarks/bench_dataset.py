@@ -10,10 +10,17 @@ whole command (wall clock, start-up included). The two reports must be identical
 
 The commands alternate (one, two; two, one; ...) over `--repeats` rounds; medians are reported.
 
+With `--batch B`, it measures batching across samples instead, in one process: the same dataset run
+(`diagnose_dataset`, the model loaded once) one record at a time and `B` records at a time (the
+methods' batched forms: the light methods' shared clean pass, integrated gradients' rows), alternated
+over `--repeats` rounds; the sample loops are timed and every record's findings must agree (to float
+rounding: 1e-4 relative).
+
     python benchmarks/bench_dataset.py [--quick] [--samples 16] [--methods logit_lens,attention_weights]
     python benchmarks/bench_dataset.py --skip-smollm2      # the tiny test model (seconds; shows the plumbing only)
+    python benchmarks/bench_dataset.py --batch 8 --samples 32 --repeats 3
 
-Writes benchmarks/results/dataset.json.
+Writes benchmarks/results/dataset.json (with --batch: dataset_batching.json).
 """
 
 from __future__ import annotations
@@ -84,14 +91,103 @@ def comparable(data: dict[str, Any]) -> dict[str, Any]:
     return {k: data[k] for k in ("model", "sample", "results", "consensus", "samples", "n_samples")}
 
 
+def differences(a: Any, b: Any, where: str = "", rtol: float = 1e-4, atol: float = 1e-4) -> Any:
+    """(where, a, b) for each value of two JSON trees that differs beyond float rounding (`atol` + `rtol`)."""
+    if isinstance(a, dict) and isinstance(b, dict) and set(a) == set(b):
+        for key in a:
+            yield from differences(a[key], b[key], f"{where}/{key}", rtol, atol)
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            yield from differences(x, y, f"{where}[{i}]", rtol, atol)
+    elif isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        if abs(a - b) > atol + rtol * abs(b):
+            yield (where, a, b)
+    elif a != b:
+        yield (where, a, b)
+
+
+def unordered(data: Any) -> Any:
+    """`data` with every list of heads or neurons sorted by place, so two of equal score may come in either order."""
+    if isinstance(data, dict):
+        return {k: unordered(v) for k, v in data.items()}
+    if isinstance(data, list):
+        items = [unordered(v) for v in data]
+        for keys in (("layer", "head"), ("layer", "unit")):
+            if items and all(isinstance(v, dict) and all(k in v for k in keys) for v in items):
+                return sorted(items, key=lambda v: tuple(v[k] for k in keys))
+        return items
+    return data
+
+
+def batching(args: Any) -> None:
+    """One record at a time vs `args.batch` at a time, in one process, alternated; medians of the sample loop."""
+    import knowmri as km
+    from knowmri.diagnosis import diagnose_dataset
+
+    model = H.load_smollm2(args) if not args.skip_smollm2 else __import__("knowmri.testing").testing.tiny_model("llama")
+    name = "tiny llama" if args.skip_smollm2 else ("smollm2-135m" if not args.shape else f"random {args.shape}")
+    dataset = km.load_dataset("known_1000")
+    methods = [m for m in args.methods.split(",") if m]
+    print(f"{args.samples} samples of known_1000, methods {args.methods}, batch {args.batch} vs 1, {args.threads} "
+          f"thread(s); load average {os.getloadavg()[0]:.1f}", flush=True)
+    scratch = Path(tempfile.mkdtemp(prefix="knowmri-bench-batching-"))
+    loads: dict[int, list[dict[str, Any]]] = {}
+    try:
+        def run(batch: int) -> dict[str, Any]:
+            out = scratch / f"b{batch}-{len(loads.get(batch, []))}"
+            report = diagnose_dataset(dataset, model, methods=methods, samples=args.samples, progress=False, out=out,
+                                      batch_size=batch)
+            files = {f.name: json.loads(f.read_text()) for f in sorted((out / "samples").glob("*.json"))}
+            loads.setdefault(batch, []).append(files)
+            shutil.rmtree(out, ignore_errors=True)
+            return report.meta["provenance"]["compute_seconds"]
+
+        times: dict[int, list[float]] = {1: [], args.batch: []}
+        run(1)  # warm-up (kernels, caches)
+        for r in range(max(1, args.repeats)):
+            for batch in ((1, args.batch) if r % 2 == 0 else (args.batch, 1)):
+                times[batch].append(run(batch))
+                print(f"  batch {batch}: {times[batch][-1]:.1f} s sample loop "
+                      f"({60 * args.samples / times[batch][-1]:.1f} samples/min)", flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    reference = loads[1][0]
+    found = [(f"{f} {where}", x, y) for runs in loads.values() for files in runs for f in sorted(files)
+             for where, x, y in differences(unordered({m: r["findings"] for m, r in files[f]["results"].items()}),
+                                            unordered({m: r["findings"] for m, r in reference[f]["results"].items()}))]
+    ties = [d for d in found if isinstance(d[1], int) and isinstance(d[2], int) and abs(d[1] - d[2]) == 1]
+    agree = len(found) == len(ties)
+    med = {b: statistics.median(t) for b, t in times.items()}
+    speedup = med[1] / med[args.batch]
+    per_method = {}
+    for b in (1, args.batch):
+        last = loads[b][-1]
+        per_method[str(b)] = {m: round(sum(f["results"][m]["seconds"] for f in last.values()), 3) for m in methods}
+    detail = (f"{args.samples} samples x ({args.methods}) on {name}, {args.threads} thread(s): "
+              f"{60 * args.samples / med[1]:.1f} samples/min one at a time, {60 * args.samples / med[args.batch]:.1f} "
+              f"{args.batch} at a time ({speedup:.2f}x, median of {len(times[1])}); findings agree to float rounding: "
+              f"{agree} ({len(found)} values differ beyond 1e-4, {len(ties)} of them a rank moved by one at a "
+              f"near-tie of two logits); seconds per method (last round) {per_method}")
+    rows = [H.row(f"diagnose_dataset, batch_size {args.batch}", "batch_size 1 (one record at a time)", med[args.batch],
+                  med[1], agree, detail, kind="compare", times_s={str(b): t for b, t in times.items()},
+                  method_seconds=per_method, differences=[list(d) for d in found[:20]], near_ties=len(ties))]
+    H.print_rows(rows)
+    path = H.write_result("dataset_batching", rows, model=name, args=args, speedup=speedup)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     p = H.parser(__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=None, help="records of known_1000 (default 24, --quick 8)")
     p.add_argument("--methods", default=LIGHT, help=f"methods run on each sample (default {LIGHT})")
+    p.add_argument("--batch", type=int, default=None, help="measure batching across samples (B at a time vs 1) instead")
     p.set_defaults(threads=1, repeats=2)
     args = p.parse_args()
     H.setup(args)
     args.samples = args.samples or (8 if args.quick else 24)
+    if args.batch:
+        batching(args)
+        return
     scratch = Path(tempfile.mkdtemp(prefix="knowmri-bench-dataset-"))
     try:
         model = model_spec(args, scratch)

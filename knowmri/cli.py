@@ -166,6 +166,10 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     if args.samples is not None and args.samples < 1:
         raise ValueError("--samples must be at least 1")
     dataset_level = args.dataset is not None and args.samples is not None and not args.index_given
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    if args.batch_size > 1 and not dataset_level:
+        raise ValueError("--batch-size is for dataset runs: give --dataset NAME --samples N")
     if args.resume and not (dataset_level and args.out):
         raise ValueError("--resume continues a dataset run: give --dataset NAME --samples N --out DIR")
     if dataset_level and any(v is not None for v in (args.prompt, args.text, args.subject, args.target)):
@@ -177,19 +181,19 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         _check_out(args.out)
     procs = _dataset_processes(args) if dataset_level else None
     model = km.load_model(args.model, device=procs.model_device(args.device) if procs else args.device, dtype=args.dtype)
-    first = sample[0] if dataset_level else sample
     if methods and not dataset_level:
         blocked = [m for m in km.match(sample, model) if m.name in methods and not m.eligible]
         if blocked:
             raise ValueError("; ".join(f"{m.name} cannot run: {', '.join(m.reasons)}" for m in blocked))
     progress = not args.json and sys.stderr.isatty() or args.progress
-    if procs is None or procs.main:
-        _say_estimate(model, first, methods, params, min(args.samples, len(sample)) if dataset_level else 1)
+    if procs is None:  # a dataset run prints its own estimate: every record's, and each process's share
+        _say_estimate(model, sample, methods, params)
     if procs is not None:
         from knowmri.diagnosis import diagnose_dataset
 
         report = diagnose_dataset(sample, model, methods=methods, params=params, samples=args.samples, progress=progress,
-                                  out=args.out, resume=args.resume, echo=True)  # saves into --out as it goes
+                                  out=args.out, resume=args.resume, echo=True,
+                                  batch_size=args.batch_size)  # saves into --out as it goes
         if not procs.main:
             return 0
     else:
@@ -206,17 +210,15 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 1 if failed and len(failed) == len(report.results) else 0
 
 
-def _say_estimate(model: Any, sample: Any, methods: list[str] | None, params: dict[str, dict[str, Any]],
-                  samples: int) -> None:
+def _say_estimate(model: Any, sample: Any, methods: list[str] | None, params: dict[str, dict[str, Any]]) -> None:
     """Print the run's estimated time on stderr before a long run (so a mistaken one is stopped early)."""
     import knowmri as km
     from knowmri.run_cost import estimate_run, format_bytes, format_seconds
 
     names = methods if methods is not None else [m.name for m in km.match(sample, model) if m.eligible]
-    cost = estimate_run(model, sample, names, params).scaled(samples)
+    cost = estimate_run(model, sample, names, params)
     if cost.seconds >= LONG_RUN_SECONDS:
-        per = f" ({samples} samples)" if samples > 1 else ""
-        print(f"knowmri: this run is estimated to take {format_seconds(cost.seconds)}{per} and up to "
+        print(f"knowmri: this run is estimated to take {format_seconds(cost.seconds)} and up to "
               f"{format_bytes(cost.memory_bytes)} of memory; slowest: {cost.slowest()} (Ctrl+C stops it)",
               file=sys.stderr, flush=True)
 
@@ -290,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="directory for report.json and index.html (dataset runs: and each sample's result "
                                   "under samples/ as it finishes)")
     sp.add_argument("--resume", action="store_true", help="continue a dataset run saved in --out, skipping its finished samples")
+    sp.add_argument("--batch-size", type=int, default=1, help="dataset runs: records run at once by the methods that can "
+                                                               "(the light methods' clean pass, attention weights, "
+                                                               "integrated gradients); the same results")
     sp.add_argument("--device", choices=["cpu", "cuda"], default=None)
     sp.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
     sp.add_argument("--json", action="store_true", help="print report.json to stdout")

@@ -12,10 +12,11 @@ from typing import Any
 import torch
 
 from knowmri.analysis import build_consensus
-from knowmri.matching import estimate_dataset, match
-from knowmri.methods.base import MethodResult, RunContext, get_method
+from knowmri.matching import match
+from knowmri.methods.base import Method, MethodResult, RunContext, get_method
 from knowmri.parallel import processes
 from knowmri.report.report import Report
+from knowmri.run_cost import estimate_dataset
 from knowmri.runtime import reuse_freed_memory
 from knowmri.sample import as_sample
 from knowmri.study import DatasetRun
@@ -27,12 +28,12 @@ Progress = Callable[[str, float, str], None]
 
 def diagnose(sample: Any, model: Any, methods: list[str] | str | None = None, params: dict[str, dict] | None = None,
              progress: bool | Progress = True, seed: int = 0, consensus: bool = True, samples: int | None = 20,
-             out: str | os.PathLike[str] | None = None, resume: bool = False) -> Report:
+             out: str | os.PathLike[str] | None = None, resume: bool = False, batch_size: int = 1) -> Report:
     """Run methods on one sample (all eligible ones when `methods` is None) and return a Report.
 
     Given a Dataset instead of a sample, it runs on its first `samples` records and aggregates;
     with `out`, each sample's result is saved as it finishes and `resume=True` continues an
-    interrupted run (see `diagnose_dataset`).
+    interrupted run; `batch_size` records run at once where a method can (see `diagnose_dataset`).
 
     `params` maps a method name to overrides of its hyper-parameters. A method that fails yields a
     result with status "error" and its message; the others still run. `progress` is True (a bar
@@ -41,19 +42,22 @@ def diagnose(sample: Any, model: Any, methods: list[str] | str | None = None, pa
     from knowmri.models.loading import load_model
 
     dataset = _is_dataset(sample)
-    if not dataset and (out is not None or resume):
-        raise ValueError("out= and resume= are for dataset runs; save one sample's report with report.save(DIR)")
+    if not dataset and (out is not None or resume or batch_size != 1):
+        raise ValueError("out=, resume= and batch_size= are for dataset runs; save one sample's report with "
+                         "report.save(DIR)")
     if isinstance(model, str):
         model = load_model(model, device=processes().model_device(None) if dataset else None)
     if dataset:
         return diagnose_dataset(sample, model, methods=methods, params=params, progress=progress, seed=seed,
-                                samples=samples, out=out, resume=resume)
+                                samples=samples, out=out, resume=resume, batch_size=batch_size)
     with reuse_freed_memory():  # big buffers are reused across methods instead of mapped afresh
         return _diagnose(sample, model, methods, params, progress, seed, consensus)
 
 
 def _diagnose(sample: Any, model: Any, methods: list[str] | str | None, params: dict[str, dict] | None,
-              progress: bool | Progress, seed: int, consensus: bool) -> Report:
+              progress: bool | Progress, seed: int, consensus: bool, done: dict[str, MethodResult] | None = None,
+              cache: dict | None = None) -> Report:
+    """One sample's report; `done` holds results already computed (a batch of samples), `cache` its shared cache."""
     sample = as_sample(sample)
     if sample.get("prompt"):
         model.encode(sample["prompt"], sample.get("ground_truth"))  # bad input (too long, odd answer) fails here, once
@@ -69,7 +73,8 @@ def _diagnose(sample: Any, model: Any, methods: list[str] | str | None, params: 
             raise ValueError(f"parameters given for unknown method(s): {', '.join(sorted(unknown))}")
     selected = methods if methods is not None else [n for n, m in matches.items() if m.eligible]
     report = Report(model=model.info(), sample=sample.to_dict())
-    cache: dict = {}
+    cache = {} if cache is None else cache
+    done = done or {}
     bar = _progress_bar(len(selected)) if progress is True else None
     callback = progress if callable(progress) else None
     for i, name in enumerate(selected):
@@ -89,7 +94,10 @@ def _diagnose(sample: Any, model: Any, methods: list[str] | str | None, params: 
                 bar.n = _i + fraction
                 bar.refresh()
 
-        report.results[name] = run_method(method, model, sample, params.get(name), RunContext(step, cache, seed), seed)
+        if name in done:
+            report.results[name] = done[name]
+        else:
+            report.results[name] = run_method(method, model, sample, params.get(name), RunContext(step, cache, seed), seed)
         step(1.0, "done")
     if bar is not None:
         bar.close()
@@ -104,7 +112,8 @@ def _is_dataset(obj: Any) -> bool:
 
 def diagnose_dataset(dataset: Any, model: Any, methods: list[str] | str | None = None, params: dict[str, dict] | None = None,
                      progress: bool | Progress = True, seed: int = 0, samples: int | None = 20,
-                     out: str | os.PathLike[str] | None = None, resume: bool = False, echo: bool | None = None) -> Report:
+                     out: str | os.PathLike[str] | None = None, resume: bool = False, echo: bool | None = None,
+                     batch_size: int = 1) -> Report:
     """Run methods on the first `samples` records of a dataset and aggregate them into one Report.
 
     Per-sample results are reduced in sample order (token importance by role, mean layer scores,
@@ -114,21 +123,28 @@ def diagnose_dataset(dataset: Any, model: Any, methods: list[str] | str | None =
     the samples already there; under `accelerate launch` the samples are dealt over the processes
     (see `knowmri.study`). A record that does not suit the model is noted in the table, not fatal.
     The cost estimate and resumption are printed on stderr when `echo` (default: unless `progress` is False).
+    With `batch_size` above 1, methods that have a batched form (`Method.run_batch`) run that many
+    records at once, with the same results; the others still run one record at a time.
     """
     n = len(dataset) if samples is None else min(samples, len(dataset))
     if n < 1:
         raise ValueError("the dataset is empty")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     params = {name: dict(values) for name, values in (params or {}).items()}
     for name in [*(methods or []), *params]:
         get_method(name).Params.from_dict(params.get(name))  # unknown methods and bad values fail before any work
     run = DatasetRun(dataset, model, n, {"methods": methods, "params": params, "seed": seed}, out=out, resume=resume,
-                     progress=progress, echo=echo)
+                     progress=progress, echo=echo, batch=batch_size)
 
-    def one(index: int, sample: Any) -> dict[str, Any]:
+    def one(index: int, sample: Any, done: dict[str, MethodResult] | None = None, cache: dict | None = None) -> dict[str, Any]:
         try:
-            report = diagnose(sample, model, methods=methods, params=params, progress=False, seed=seed, consensus=False)
+            if done is None:
+                report = diagnose(sample, model, methods=methods, params=params, progress=False, seed=seed, consensus=False)
+            else:  # part of a batch: some results are in, and the sample's cache holds its batched clean pass
+                report = _diagnose(sample, model, methods, params, False, seed, False, done, cache)
         except ValueError as err:  # this record does not suit the model (too long, odd answer): noted, the run goes on
             report = Report(model=model.info(), sample=as_sample(sample).to_dict())
             report.meta["error"] = str(err)
@@ -137,13 +153,78 @@ def diagnose_dataset(dataset: Any, model: Any, methods: list[str] | str | None =
         report.meta["index"] = index
         return report.to_dict()
 
+    def many(indices: list[int], records: list[Any]) -> list[dict[str, Any]]:
+        caches: list[dict] = [{} for _ in records]
+        done = run_batched(model, [as_sample(r) for r in records], methods, params, caches, seed)
+        return [one(i, r, d, c) for i, r, d, c in zip(indices, records, done, caches)]
+
     with reuse_freed_memory():
-        report = run.run(one, lambda indices: estimate_dataset([dataset[i] for i in indices], model, methods, params))
+        report = run.run(one, lambda indices: estimate_dataset([dataset[i] for i in indices], model, methods, params),
+                         run_many=many)
     for name, result in report.results.items():
         result.path = list(get_method(name).path)
     report.consensus = {"verdict": " ".join(r.summary for r in report.results.values() if r.findings.get("subject_share") is not None)[:2000]}
     run.save(report)
     return report
+
+
+def run_batched(model: Any, samples: list[Any], methods: list[str] | None, params: dict[str, dict],
+                caches: list[dict], seed: int = 0) -> list[dict[str, MethodResult]]:
+    """The results of the methods that have a batched form (`Method.run_batch`), per sample: each method runs
+    once on the samples it applies to (and that suit the model). A method whose batch fails, or that
+    declines this model, is left out: the samples then run it one at a time. Before, the clean forward
+    pass the light methods share (`Method.reads_clean_pass`) runs once for the batch, into each sample's
+    cache."""
+    from knowmri.methods.common import clean_passes, prepare
+
+    done: list[dict[str, MethodResult]] = [{} for _ in samples]
+    usable = []
+    for k, sample in enumerate(samples):
+        try:
+            if sample.get("prompt"):
+                model.encode(sample["prompt"], sample.get("ground_truth"))
+            usable.append(k)
+        except ValueError:  # the sample's own run reports it
+            continue
+    eligible = {k: {m.name for m in match(samples[k], model) if m.eligible} for k in usable}
+    names = dict.fromkeys(n for k in usable for n in (eligible[k] if methods is None else methods))
+    readers = {n for n in names if get_method(n).reads_clean_pass}
+    encs, contexts = [], []
+    for k in usable:
+        if readers & eligible[k]:
+            try:
+                encs.append(prepare(model, samples[k]).enc)
+            except ValueError:  # the methods say why on this sample
+                continue
+            contexts.append(RunContext(None, caches[k], seed))
+    try:
+        clean_passes(model, encs, contexts)
+    except Exception as err:  # the methods then run their own clean passes
+        log.debug("batched clean passes failed: %s", err)
+    for name in names:
+        method = get_method(name)
+        if type(method).run_batch is Method.run_batch:
+            continue
+        group = [k for k in usable if name in eligible[k]]
+        if len(group) < 2:
+            continue
+        start = time.perf_counter()
+        try:
+            p = method.Params.from_dict(params.get(name))
+            torch.manual_seed(seed)
+            results = method.run_batch(model, [samples[k] for k in group], p,
+                                       [RunContext(None, caches[k], seed) for k in group])
+        except Exception as err:  # any failure: the samples run this method one at a time
+            log.debug("batched %s failed, running it per sample: %s", name, err)
+            continue
+        if results is None:
+            continue
+        seconds = round((time.perf_counter() - start) / len(group), 4)
+        for k, result in zip(group, results, strict=True):
+            result.params = p.to_dict()
+            result.seconds = seconds
+            done[k][name] = result
+    return done
 
 
 def _answer(model: Any, sample: Any) -> dict[str, Any] | None:

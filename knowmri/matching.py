@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,33 +67,3 @@ def match(target: Any, model: Any = None, *, estimate: bool = False) -> list[Mat
         out.append(m)
     return out
 
-
-def estimate_dataset(samples: Iterable[Any], model: Any, methods: list[str] | None = None,
-                     params: dict[str, dict] | None = None) -> dict[str, Any]:
-    """The predicted cost of diagnosing several samples: the sum of each sample's method estimates.
-
-    On each sample, the chosen `methods` (every eligible one when None) that apply to it count, with
-    their `params`. Returns the total `seconds`, `per_sample` seconds (in order, for dealing them over
-    processes), the largest `memory_bytes`, and `methods` (seconds per method)."""
-    from knowmri.methods.base import get_method
-
-    params = params or {}
-    per_sample: list[float] = []
-    per_method: dict[str, float] = {}
-    memory = 0
-    for sample in samples:
-        seconds = 0.0
-        for m in match(sample, model):
-            if not m.eligible or (methods is not None and m.name not in methods):
-                continue
-            method = get_method(m.name)
-            try:
-                cost = method.estimate(model, as_sample(sample), method.Params.from_dict(params.get(m.name)))
-            except Exception as err:  # a method without an estimate for this sample adds nothing
-                log.debug("no estimate of %s: %s", m.name, err)
-                continue
-            seconds += cost.seconds
-            per_method[m.name] = per_method.get(m.name, 0.0) + cost.seconds
-            memory = max(memory, int(cost.memory_bytes))
-        per_sample.append(seconds)
-    return {"seconds": sum(per_sample), "per_sample": per_sample, "memory_bytes": memory, "methods": per_method}

@@ -9,7 +9,6 @@ environment (single node or multi-node); a plain `python` run is rank 0 of 1 and
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -70,7 +69,7 @@ def processes(cpu: bool = False) -> Processes:
     import torch.distributed as dist
 
     if world <= 1 and not (dist.is_available() and dist.is_initialized()):
-        _warn_single_cpu_launch()
+        _refuse_single_cpu_launch()
         return Processes()
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
@@ -80,13 +79,15 @@ def processes(cpu: bool = False) -> Processes:
     return Processes(rank=state.process_index, world=state.num_processes, device=state.device)
 
 
-def _warn_single_cpu_launch() -> None:
-    """Say so when `accelerate launch --cpu --num_processes N` started this one process only.
+def _refuse_single_cpu_launch() -> None:
+    """Stop when `accelerate launch --cpu --num_processes N` (N > 1) started this one process only.
 
     Accelerate's launcher starts several CPU processes only through MPI (`--mpirun_hostfile`);
-    otherwise it starts one (it still sets MASTER_ADDR, which marks a multi-process request)."""
+    otherwise it starts one, which would silently do N processes' work alone. It still sets
+    MASTER_ADDR (the mark of a multi-process request) but never says N, so the launch cannot be
+    completed here: the error names the commands that start N CPU processes."""
     if os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes", "on") and os.environ.get("MASTER_ADDR") and "WORLD_SIZE" not in os.environ:
-        warnings.warn("accelerate launch --cpu started one process: Accelerate starts several CPU processes only with an "
-                      "MPI host file. For N CPU processes use `accelerate launch --multi_gpu --num_processes N` on a "
-                      "machine without GPUs, or `torchrun --nproc_per_node N` (with --device cpu where GPUs are present)",
-                      RuntimeWarning, stacklevel=3)
+        raise ValueError("`accelerate launch --cpu --num_processes N` starts one process, not N (Accelerate starts several "
+                         "CPU processes only with an MPI host file). For N CPU processes run `accelerate launch --multi_gpu "
+                         "--num_processes N -m knowmri ... --device cpu` or `torchrun --nproc_per_node N -m knowmri ... "
+                         "--device cpu`; for one process, leave out --num_processes")

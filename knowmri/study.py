@@ -33,7 +33,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from typing import Any
 from knowmri.analysis import Aggregator
 from knowmri.parallel import Processes, processes
 from knowmri.report.report import Report
+from knowmri.run_cost import RunCost
 from knowmri.sample import as_sample
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,10 @@ _MODEL_KEYS = ("name", "architecture", "n_layers", "d_model", "vocab_size", "dty
 
 #: One sample's work: (index, sample) -> its report as a dict (report.json's structure plus `index`).
 RunOne = Callable[[int, Any], dict[str, Any]]
-#: The cost of some samples: indices -> {"seconds", "per_sample": [seconds...], "memory_bytes", ...}.
-Estimate = Callable[[list[int]], dict[str, Any]]
+#: Several samples' work at once: (indices, samples) -> their reports, in order (each as `RunOne` gives it).
+RunMany = Callable[[list[int], list[Any]], list[dict[str, Any]]]
+#: The cost of some samples: indices -> their RunCost (with each sample's seconds in `per_sample`).
+Estimate = Callable[[list[int]], RunCost]
 Progress = Callable[[str, float, str], None]
 
 
@@ -247,8 +250,9 @@ class DatasetRun:
     """Runs `run_one` over the first `n` samples of a dataset: resumable and data-parallel with `out`, in memory without."""
 
     def __init__(self, dataset: Any, model: Any, n: int, arguments: dict[str, Any], *, out: str | os.PathLike[str] | None = None,
-                 resume: bool = False, progress: bool | Progress = True, echo: bool | None = None) -> None:
+                 resume: bool = False, progress: bool | Progress = True, echo: bool | None = None, batch: int = 1) -> None:
         self.dataset = dataset
+        self.batch = batch
         self.model = model
         self.n = n
         self.arguments = arguments
@@ -260,15 +264,17 @@ class DatasetRun:
         self.info = {"dataset": getattr(dataset, "name", "dataset"), "samples": n}
 
     # ------------------------------------------------------------------ the run
-    def run(self, run_one: RunOne, estimate: Estimate | None = None) -> Report:
-        """Run every pending sample (this process's share of them), then the aggregate over all samples."""
+    def run(self, run_one: RunOne, estimate: Estimate | None = None, run_many: RunMany | None = None) -> Report:
+        """Run every pending sample (this process's share of them), then the aggregate over all samples.
+
+        With `run_many` and `batch` above 1, the samples go `batch` at a time through `run_many`."""
         if self.dir is None:
             if self.resume:
                 raise ValueError("resume continues a run saved in an output directory: give out=DIR (--out DIR)")
             if processes().world > 1:
                 raise ValueError("a data-parallel dataset run needs an output directory every process writes to "
                                  "(--out DIR / out=DIR)")
-            return self._in_memory(run_one, estimate)
+            return self._in_memory(run_one, estimate, run_many)
         self.procs = processes()
         plan = self.procs.broadcast(self._plan(estimate) if self.procs.main else None)
         if plan.error:
@@ -281,8 +287,8 @@ class DatasetRun:
         start = time.monotonic()
         mine = self.procs.shard(plan.pending)
         ticker = _Ticker(self, plan)
-        for k, index in enumerate(mine):
-            self.dir.write_sample(index, finite(run_one(index, self.dataset[index])))
+        for k, (index, data) in enumerate(self._results(mine, run_one, run_many)):
+            self.dir.write_sample(index, finite(data))
             if k == 0 and self.procs.main:
                 self.dir.warn_if_short_of_space(index, len(plan.pending) - 1)
             ticker.tick()
@@ -294,8 +300,19 @@ class DatasetRun:
         ticker.close()
         report = self.aggregate(range(self.n))
         report.meta["provenance"] = {"world_size": self.procs.world, "samples_found_done": plan.found_done,
-                                     "compute_seconds": round(time.monotonic() - start, 3), "out": str(self.dir)}
+                                     "compute_seconds": round(time.monotonic() - start, 3), "out": str(self.dir),
+                                     "batch": self.batch}
         return report
+
+    def _results(self, indices: list[int], run_one: RunOne, run_many: RunMany | None) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(index, result) of each of `indices` in order, as each finishes (`batch` at a time through `run_many`)."""
+        if run_many is None or self.batch <= 1:
+            for index in indices:
+                yield index, run_one(index, self.dataset[index])
+            return
+        for start in range(0, len(indices), self.batch):
+            chunk = list(indices[start:start + self.batch])
+            yield from zip(chunk, run_many(chunk, [self.dataset[i] for i in chunk]), strict=True)
 
     def save(self, report: Report) -> None:
         """Write report.json and index.html into the run directory (the main process only)."""
@@ -317,20 +334,21 @@ class DatasetRun:
         agg.report(report)
         return report
 
-    def _in_memory(self, run_one: RunOne, estimate: Estimate | None) -> Report:
+    def _in_memory(self, run_one: RunOne, estimate: Estimate | None, run_many: RunMany | None) -> Report:
         plan = Plan(pending=list(range(self.n)), found_done=0)
         self._announce_estimate(plan, estimate)
         agg = Aggregator(self.model)
         ticker = _Ticker(self, plan)
         start = time.monotonic()
-        for index in plan.pending:
-            data = json.loads(json.dumps(finite(run_one(index, self.dataset[index]))))  # as if saved and read back
+        for index, result in self._results(plan.pending, run_one, run_many):
+            data = json.loads(json.dumps(finite(result)))  # as if saved and read back
             agg.add_saved(data, **_table_entries(data))
             ticker.tick(done=index + 1)
         ticker.close()
         report = Report(model=self.model.info(), sample=dict(self.info))
         agg.report(report)
-        report.meta["provenance"] = {"world_size": 1, "compute_seconds": round(time.monotonic() - start, 3)}
+        report.meta["provenance"] = {"world_size": 1, "compute_seconds": round(time.monotonic() - start, 3),
+                                     "batch": self.batch}
         return report
 
     # ------------------------------------------------------------------ planning (main process)
@@ -388,15 +406,13 @@ class DatasetRun:
         except Exception as err:  # an estimate never stops a run
             log.debug("no estimate: %s", err)
             return
-        per = cost.get("per_sample") or []
         world = self.procs.world
         what = f"{len(plan.pending)} remaining samples" if plan.found_done else f"{len(plan.pending)} samples"
-        line = f"estimate for {what}: {duration(cost['seconds'])} of compute"
-        if world > 1 and len(per) == len(plan.pending):
-            slowest = max(sum(per[r::world]) for r in range(world))
-            line += f", {duration(slowest)} per process on {world} processes"
-        if cost.get("memory_bytes", 0) >= 2**20:
-            line += f" (peak extra memory {cost['memory_bytes'] / 2**20:.0f} MiB per process)"
+        line = f"estimate for {what}: {duration(cost.seconds)} of compute"
+        if world > 1 and len(cost.per_sample) == len(plan.pending):
+            line += f", {duration(cost.per_process(world))} per process on {world} processes"
+        if cost.memory_bytes >= 2**20:
+            line += f" (peak extra memory {cost.memory_bytes / 2**20:.0f} MiB per process)"
         self._say(line)
 
     def _say(self, line: str) -> None:

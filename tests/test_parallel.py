@@ -27,9 +27,11 @@ def test_each_gpu_process_loads_onto_its_own_gpu():
     assert procs.model_device(None) == "cuda:1" and procs.model_device("cpu") == "cpu"
 
 
-def test_a_cpu_launch_that_started_one_process_is_named(monkeypatch):
+def test_a_cpu_launch_that_started_one_process_stops_and_names_the_command_that_works(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    with pytest.warns(RuntimeWarning, match="--multi_gpu --num_processes N"):
-        assert processes().world == 1
+    with pytest.raises(ValueError, match="--multi_gpu --num_processes N"):
+        processes()
+    monkeypatch.delenv("MASTER_ADDR")  # `accelerate launch --cpu` with one process: fine
+    assert processes().world == 1

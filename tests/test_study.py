@@ -208,3 +208,57 @@ def test_differences_finite_values_and_durations():
     assert study.differences(old, dict(old)) == []
     assert study.finite({"a": [float("inf"), 1.5, float("nan")]}) == {"a": [None, 1.5, None]}
     assert [study.duration(s) for s in (0.2, 40, 600, 9000)] == ["under 1 s", "about 40 s", "about 10 min", "about 2.5 h"]
+
+
+def agree(a: Any, b: Any, where: str = "") -> None:
+    """Two JSON values are the same up to float rounding (1e-5 relative)."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), where
+        for key in a:
+            agree(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            agree(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and not isinstance(b, bool):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-7), where
+    else:
+        assert a == b, where
+
+
+def test_a_batch_of_samples_gives_each_sample_its_one_at_a_time_results(facts, tmp_path, monkeypatch):
+    """batch_size 3: the light methods' shared clean pass, attention weights' forward and integrated gradients'
+    rows run for several records at once; every record's findings are those it gets alone."""
+    from knowmri.methods import attention_weights, common, integrated_gradients
+
+    methods = ["logit_lens", "attention_weights", "embedding_projection", "integrated_gradients"]
+    params = {"integrated_gradients": {"steps": 4, "max_steps": 16}}
+    model = tiny_model("llama")
+    alone = diagnose_dataset(facts, model, methods=methods, params=params, samples=N, progress=False, out=tmp_path / "a")
+    single = {"clean pass": 0, "IG": 0, "attention": 0}
+    for module, name, key in ((common, "_run_clean_pass", "clean pass"), (integrated_gradients, "integrated_gradients", "IG"),
+                              (attention_weights, "attention_patterns", "attention")):
+        def counted(*args: Any, _f: Any = getattr(module, name), _k: str = key, **kwargs: Any) -> Any:
+            single[_k] += 1
+            return _f(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    batched = diagnose_dataset(facts, model, methods=methods, params=params, samples=N, progress=False,
+                               out=tmp_path / "b", batch_size=3)
+    assert single == {"clean pass": 0, "IG": 0, "attention": 0}  # nothing ran one sample at a time
+    assert batched.meta["provenance"]["batch"] == 3 and alone.meta["provenance"]["batch"] == 1
+    for i in range(N):
+        a = json.loads((tmp_path / "a" / study.RunDir(tmp_path).relative(i)).read_text())
+        b = json.loads((tmp_path / "b" / study.RunDir(tmp_path).relative(i)).read_text())
+        assert list(a["results"]) == list(b["results"]) == methods
+        for name in methods:
+            assert b["results"][name]["status"] == a["results"][name]["status"] == "ok"
+            agree(a["results"][name]["findings"], b["results"][name]["findings"], f"sample {i} {name}")
+    for name in methods:
+        agree(alone[name].findings, batched[name].findings, name)
+    with pytest.raises(ValueError, match="batch_size"):
+        diagnose_dataset(facts, model, methods=methods, samples=2, progress=False, batch_size=0)
+    with pytest.raises(ValueError, match="for dataset runs"):
+        km.diagnose(facts[0], model, batch_size=2)
+    again = km.diagnose(facts, model, methods=["logit_lens"], samples=2, progress=False, batch_size=2)
+    assert again.meta["provenance"]["batch"] == 2 and again.meta["n_samples"] == 2

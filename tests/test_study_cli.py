@@ -130,7 +130,38 @@ def test_bad_dataset_runs_are_one_line_errors(model_dir, one_process, tmp_path, 
         ([*arguments(model_dir, one_process, "--resume"), "--param", "logit_lens.top_k=2"],
          'params {} (now {"logit_lens": {"top_k": 2}})'),
     ]
+    cases += [([*arguments(model_dir, tmp_path / "b"), "--batch-size", "0"], "--batch-size must be at least 1"),
+              (["diagnose", "--model", str(model_dir), "--prompt", "Hello", "--batch-size", "2"], "for dataset runs")]
     for args, message in cases:
         assert main(args) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert err and err[-1].startswith("knowmri: error") and message in err[-1], (args, err)
+
+
+def test_a_batched_run_resumes_a_one_at_a_time_run(model_dir, one_process, tmp_path, capsys):
+    """--batch-size changes how records are computed, not what: it may resume a run made one at a time."""
+    out = tmp_path / "run"
+    assert main(arguments(model_dir, out)) == 0
+    for name in ("report.json", "samples/000001.json", "samples/000003.json", "samples/000004.json"):
+        (out / name).unlink()  # as if stopped: three records to go
+    capsys.readouterr()
+    assert main(arguments(model_dir, out, "--resume", "--batch-size", "3", "--json")) == 0
+    data = json.loads((out / "report.json").read_text())
+    assert data["provenance"]["batch"] == 3 and data["provenance"]["samples_found_done"] == 2
+    assert_same(comparable(out), comparable(one_process))
+
+
+def assert_same(a: Any, b: Any, where: str = "") -> None:
+    """The same JSON data up to float rounding (a batch's forward may round differently from one alone)."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-7), where
+    else:
+        assert a == b, where

@@ -111,6 +111,24 @@ def attention_patterns(model: Any, inputs: dict[str, torch.Tensor]) -> list[torc
     return [a[0].float().cpu() for a in atts]
 
 
+def batch_patterns(model: Any, prompts: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """`attention_patterns` of several prompts of a causal model ([1, T] ids each) in one forward.
+
+    The prompts are padded on the right: a causal query never attends to a later key, so each prompt's
+    own queries and keys hold the weights its own forward gives (up to float rounding)."""
+    lengths = [int(ids.shape[1]) for ids in prompts]
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(prompts), max(lengths)), pad, dtype=prompts[0].dtype, device=prompts[0].device)
+    for i, prompt in enumerate(prompts):
+        ids[i, :lengths[i]] = prompt[0]
+    with eager_attention(model.hf_model):
+        out = model.run(input_ids=ids, attention_mask=torch.ones_like(ids), output_attentions=True, keep=1)
+    atts = out.attentions
+    if not atts or any(a is None for a in atts) or len(atts) != model.n_layers:
+        raise ValueError(f"{model.architecture} did not return attention weights")
+    return [[a[i, :, :n, :n].float().cpu() for a in atts] for i, n in enumerate(lengths)]
+
+
 @register_method
 class AttentionWeights(Method):
     name = "attention_weights"
@@ -138,16 +156,36 @@ class AttentionWeights(Method):
     @torch.inference_mode()
     def run(self, model: Any, sample: Sample, params: AttentionWeightsParams, ctx: RunContext) -> MethodResult:
         prep = prepare(model, sample, ctx=ctx)
-        enc, span = prep.enc, prep.subject
+        inputs, n_tok = self._inputs(model, prep)
+        return self._result(model, sample, params, prep, inputs, n_tok, attention_patterns(model, inputs))
+
+    @torch.inference_mode()
+    def run_batch(self, model: Any, samples: list[Sample], params: AttentionWeightsParams,
+                  contexts: list[RunContext]) -> list[MethodResult] | None:
+        """Several samples' patterns from one forward of their prompts, padded on the right (causal models)."""
+        if model.kind != "causal" or len(samples) < 2:
+            return None
+        preps = [prepare(model, sample, ctx=ctx) for sample, ctx in zip(samples, contexts)]
+        inputs = [self._inputs(model, prep) for prep in preps]
+        patterns = batch_patterns(model, [i["input_ids"] for i, _ in inputs])
+        return [self._result(model, sample, params, prep, i, n_tok, pats)
+                for sample, prep, (i, n_tok), pats in zip(samples, preps, inputs, patterns)]
+
+    @staticmethod
+    def _inputs(model: Any, prep: Any) -> tuple[dict[str, torch.Tensor], int]:
+        """The forward's inputs (a causal model's: the prompt without the answer) and their token count."""
+        enc = prep.enc
         if model.kind == "causal":
             n_tok = enc.prompt_len
-            inputs = {"input_ids": enc.input_ids[:, :n_tok], "attention_mask": enc.attention_mask[:, :n_tok]}
-        else:
-            n_tok = enc.input_ids.shape[1]
-            inputs = enc.inputs()
+            return {"input_ids": enc.input_ids[:, :n_tok], "attention_mask": enc.attention_mask[:, :n_tok]}, n_tok
+        return enc.inputs(), enc.input_ids.shape[1]
+
+    def _result(self, model: Any, sample: Sample, params: AttentionWeightsParams, prep: Any,
+                inputs: dict[str, torch.Tensor], n_tok: int, patterns: list[torch.Tensor]) -> MethodResult:
+        """One sample's result from its attention patterns."""
+        enc, span = prep.enc, prep.subject
         pos = enc.pred_pos
         tokens = prep.tokens[:n_tok]
-        patterns = attention_patterns(model, inputs)
         per_head = torch.stack([p[:, pos, :n_tok] for p in patterns])  # [L, H, T]
         L, H = per_head.shape[:2]
         ids = inputs["input_ids"][0].tolist()

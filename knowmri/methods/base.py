@@ -102,6 +102,9 @@ class Method:
     requires_keys: ClassVar[tuple[str, ...]] = ("prompt",)
     requires_capabilities: ClassVar[tuple[str, ...]] = ()
     Params: ClassVar[type[Params]] = Params
+    #: The method reads the sample's shared clean forward pass (`common.clean_pass`), so a dataset run may
+    #: compute that pass for several samples in one batch beforehand (`common.clean_passes`).
+    reads_clean_pass: ClassVar[bool] = False
 
     def check(self, model: Any, sample: Sample) -> list[str]:
         """Extra reasons this method cannot run on this model and sample (empty: it can)."""
@@ -115,6 +118,13 @@ class Method:
 
     def run(self, model: Any, sample: Sample, params: Params, ctx: RunContext) -> MethodResult:
         raise NotImplementedError
+
+    def run_batch(self, model: Any, samples: list[Sample], params: Params,
+                  contexts: list[RunContext]) -> list[MethodResult] | None:
+        """`run` on several samples at once (one context each), sharing forward passes across them; or None
+        where this method, or this model, has no batched form (a dataset run then runs them one by one).
+        Each result must be the one `run` gives that sample alone, up to float rounding."""
+        return None
 
     def new_result(self, params: Params) -> MethodResult:
         return MethodResult(method=self.name, path=list(self.path), params=params.to_dict())

@@ -129,8 +129,7 @@ def clean_pass(model: Any, enc: Encoded, ctx: RunContext | None = None, *, posit
     """
     length = int(enc.read_ids.shape[1])
     wanted = {p % length for p in (*enc.target_positions, enc.pred_pos, *positions)}
-    key = ("knowmri.clean_pass", id(model), _tensor_key(enc.input_ids), _tensor_key(enc.attention_mask),
-           None if enc.decoder_input_ids is None else _tensor_key(enc.decoder_input_ids))
+    key = _cache_key(model, enc)
     state = _model_state(model)
     entry = ctx.cache.get(key) if ctx is not None else None
     if entry is not None and (entry.model() is not model or entry.state != state):
@@ -148,6 +147,54 @@ def clean_pass(model: Any, enc: Encoded, ctx: RunContext | None = None, *, posit
     return value
 
 
+def clean_passes(model: Any, encs: list[Encoded], contexts: list[RunContext]) -> None:
+    """The clean passes of several inputs of a causal model as one forward, each kept in its context's cache.
+
+    The inputs are padded on the right: a causal model's position never attends to a later one, so each
+    input's own positions hold what its own pass gives (up to float rounding). Each entry covers every
+    position, with the heads where they can be read, so `clean_pass` on it afterwards runs nothing. A
+    batch's forward reads the weights once for all its inputs (a small input's pass is bound by that)."""
+    if model.kind != "causal" or len(encs) < 2 or any(not bool(e.attention_mask.all()) for e in encs):
+        return
+    lengths = [int(e.input_ids.shape[1]) for e in encs]
+    width = max(lengths)
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(encs), width), pad, dtype=encs[0].input_ids.dtype, device=encs[0].input_ids.device)
+    for i, enc in enumerate(encs):
+        ids[i, :lengths[i]] = enc.input_ids[0]
+    read_heads = _heads_readable(model)
+    readout_device = model.unembedding.device
+    with torch.inference_mode(), Hooks(model) as h:
+        resid = [h.read(site(layer, "resid_post")) for layer in range(model.n_layers)]
+        neurons = [h.read(site(layer, "mlp.neurons")) for layer in range(model.n_layers)]
+        heads = [h.read(site(layer, "attn.heads")) for layer in range(model.n_layers)] if read_heads else []
+        logits = model.run(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        state = _model_state(model)
+        for i, (enc, ctx) in enumerate(zip(encs, contexts)):
+            n = lengths[i]
+
+            def stack(caps: list, i: int = i, n: int = n) -> torch.Tensor:
+                return torch.stack([c.value[i, :n].to(readout_device) for c in caps])
+
+            value = CleanPass(positions=list(range(n)), resid=stack(resid), neurons=stack(neurons),
+                              heads=stack(heads) if read_heads else None, logits=logits[i, :n].to(readout_device))
+            ctx.cache[_cache_key(model, enc)] = _CleanEntry(weakref.ref(model), state, value)
+
+
+def _cache_key(model: Any, enc: Encoded) -> tuple:
+    return ("knowmri.clean_pass", id(model), _tensor_key(enc.input_ids), _tensor_key(enc.attention_mask),
+            None if enc.decoder_input_ids is None else _tensor_key(enc.decoder_input_ids))
+
+
+def _heads_readable(model: Any) -> bool:
+    try:
+        for layer in range(model.n_layers):
+            model.component(layer, "attn_o")
+        return True
+    except ValueError:
+        return False
+
+
 def _tensor_key(t: torch.Tensor) -> tuple:
     return (tuple(t.shape), tuple(t.flatten().tolist()))
 
@@ -159,12 +206,7 @@ def _model_state(model: Any) -> tuple:
 
 def _run_clean_pass(model: Any, enc: Encoded, positions: list[int]) -> CleanPass:
     readout_device = model.unembedding.device
-    try:
-        for layer in range(model.n_layers):
-            model.component(layer, "attn_o")
-        read_heads = True
-    except ValueError:
-        read_heads = False
+    read_heads = _heads_readable(model)
     inputs = enc.inputs()
     with torch.inference_mode(), Hooks(model) as h:
         resid = [h.read(site(layer, "resid_post")) for layer in range(model.n_layers)]

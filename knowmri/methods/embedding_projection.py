@@ -114,6 +114,7 @@ class EmbeddingProjection(Method):
     requires_keys = ("prompt",)
     requires_capabilities = ()
     Params = EmbeddingProjectionParams
+    reads_clean_pass = True
 
     def check(self, model: Any, sample: Sample) -> list[str]:
         return [] if model.spec.qkv else [f"{model.architecture} has no q/k/v map (archs.toml `qkv`)"]

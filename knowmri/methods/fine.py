@@ -65,6 +65,7 @@ class Fine(Method):
     requires_keys = ("prompt",)
     requires_capabilities = ()
     Params = FineParams
+    reads_clean_pass = True
 
     def estimate(self, model: Any, sample: Sample, params: Params | None = None) -> Estimate:
         """The clean pass, each layer's value vectors dotted with the answer tokens' unembeddings, the

@@ -9,13 +9,16 @@ tokens run as one batch (chunked by `internal_batch_size`); one backward per chu
 
 The steps double until the attributions are complete (their sum within `tolerance` of f(input) -
 f(baseline)) or `max_steps` is reached; the default right Riemann rule's points at 2n steps hold those
-at n, so each doubling computes only the new half. The subject's share of the attribution is reported
+at n, so each doubling computes only the new half. In a dataset run, the rows of inputs of one length
+share batches (`integrated_gradients_many`, causal models): a row's gradient depends on its own input
+only, so the results are those of one input at a time (up to float rounding). The subject's share of the attribution is reported
 next to its share of the tokens (`subject_dominance` is their ratio): a subject of 4 tokens out of 9
 "carrying 45%" carries about its share.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,6 +177,10 @@ class PathIntegral:
             for row, value in zip(range(start, start + dots.shape[0]), dots):
                 self.points.setdefault(todo[row // n], torch.zeros(n, x.shape[0]))[int(ans_rows[row])] = value
 
+    def store(self, alpha: float, answer: int, value: torch.Tensor) -> None:
+        """Keep one computed point (gradient . delta of `answer` at `alpha`, [T])."""
+        self.points.setdefault(self.key(alpha), torch.zeros(self.n_ans, self.x.shape[0]))[answer] = value
+
     def attributions(self, method: str, steps: int) -> torch.Tensor:
         """[n_answer, T]: the rule's weighted sum of the points (computing the missing ones)."""
         sizes, alphas = quadrature(method, steps)
@@ -221,6 +228,81 @@ def integrated_gradients(model: Any, enc: Encoded, *, steps: int = 20, baseline:
             "points": len(path.points), "history": history}
 
 
+def compute_together(model: Any, paths: list[PathIntegral], alphas: list[list[float]], batch: int) -> None:
+    """`PathIntegral.compute` of several inputs of a causal model, their rows in shared batches.
+
+    Rows are (input, alpha, answer token), each input's in the order its own `compute` uses. Shorter
+    inputs are padded on the right with zero embeddings: a causal model's position never attends to a
+    later one, so the padding changes no logit or gradient of the input's own positions. Logits are
+    computed at the union of the inputs' answer positions."""
+    rows = []
+    for k, (path, wanted) in enumerate(zip(paths, alphas)):
+        todo = list(dict.fromkeys(a for a in map(path.key, wanted) if a not in path.points))
+        rows += [(k, alpha, answer) for alpha in todo for answer in range(path.n_ans)]
+    length = max(path.x.shape[0] for path in paths)
+    padded = [(torch.nn.functional.pad(path.x0, (0, 0, 0, length - path.x.shape[0])),
+               torch.nn.functional.pad(path.x, (0, 0, 0, length - path.x.shape[0]))) for path in paths]
+    keep = sorted({p for path in paths for p in path.enc.target_positions})
+    first = paths[0]
+    for start in range(0, len(rows), batch):
+        chunk = rows[start:start + batch]
+        alpha = torch.tensor([a for _, a, _ in chunk], dtype=torch.float32).to(device=first.x.device, dtype=first.x.dtype)
+        x0 = torch.stack([padded[k][0] for k, _, _ in chunk])
+        x = torch.stack([padded[k][1] for k, _, _ in chunk])
+        points = (x0 + alpha[:, None, None] * (x - x0)).detach().requires_grad_(True)
+        at = torch.tensor([keep.index(paths[k].enc.target_positions[a]) for k, _, a in chunk], dtype=torch.long)
+        ids = torch.tensor([paths[k].enc.target_ids[a] for k, _, a in chunk], dtype=torch.long)
+        mask = torch.ones(points.shape[:2], dtype=first.enc.attention_mask.dtype, device=first.enc.attention_mask.device)
+        with torch.enable_grad():
+            logits = model.run(inputs_embeds=points, attention_mask=mask, keep=keep).logits
+            f = _objective(logits, at, ids, first.objective)
+            (grad,) = torch.autograd.grad(f.sum(), points)
+        grad = grad.float()
+        for row, (k, a, answer) in enumerate(chunk):
+            n = paths[k].x.shape[0]
+            paths[k].store(a, answer, (grad[row, :n] * paths[k].delta).sum(-1).cpu())
+
+
+def integrated_gradients_many(model: Any, encs: list[Encoded], *, steps: int = 20, baseline: str = "zero",
+                              method: str = "gausslegendre", objective: str = "prob", internal_batch_size: int = 64,
+                              max_steps: int | None = None, tolerance: float = 0.05) -> list[dict[str, Any]]:
+    """`integrated_gradients` of several inputs, each as if alone, their gradients computed in shared batches.
+
+    On a causal model, the rows of inputs with the same number of tokens share batches
+    (`compute_together`; padding would only add work, as IG's large passes are bound by compute, not
+    by reading the weights); each input's steps double on its own gap as in `integrated_gradients`.
+    Other models compute one input at a time."""
+    options = {"baseline": baseline, "objective": objective, "internal_batch_size": internal_batch_size}
+    if model.kind != "causal":
+        return [integrated_gradients(model, enc, steps=steps, method=method, max_steps=max_steps, tolerance=tolerance,
+                                     **options) for enc in encs]
+    paths = [PathIntegral(model, enc, **options) for enc in encs]
+    ends = [path.endpoints() for path in paths]
+    counts = [steps] * len(paths)
+    history: list[list[tuple[int, float]]] = [[] for _ in paths]
+    attributions: list[torch.Tensor | None] = [None] * len(paths)
+    active = list(range(len(paths)))
+    while active:
+        by_length: dict[int, list[int]] = defaultdict(list)  # no padding: IG's passes are compute-bound
+        for i in active:
+            by_length[paths[i].x.shape[0]].append(i)
+        for group in by_length.values():
+            compute_together(model, [paths[i] for i in group], [quadrature(method, counts[i])[1] for i in group],
+                             internal_batch_size)
+        going = []
+        for i in active:
+            attributions[i] = paths[i].attributions(method, counts[i])
+            history[i].append((counts[i], relative_gap(attributions[i], *ends[i])))
+            gap = history[i][-1][1]
+            if max_steps is None or not np.isfinite(gap) or gap <= tolerance or 2 * counts[i] > max_steps:
+                continue
+            counts[i] *= 2
+            going.append(i)
+        active = going
+    return [{"attributions": attributions[i], "f_baseline": ends[i][0], "f_input": ends[i][1], "steps": counts[i],
+             "points": len(paths[i].points), "history": history[i]} for i in range(len(paths))]
+
+
 @register_method
 class IntegratedGradients(Method):
     name = "integrated_gradients"
@@ -255,11 +337,26 @@ class IntegratedGradients(Method):
     @uses_short_attention(torch.bfloat16)
     def run(self, model: Any, sample: Sample, params: IntegratedGradientsParams, ctx: RunContext) -> MethodResult:
         prep = prepare(model, sample)
-        enc = prep.enc
         ctx.progress(0.05, "integrating gradients")
-        out = integrated_gradients(model, enc, steps=params.steps, baseline=params.baseline, method=params.method,
-                                   objective=params.objective, internal_batch_size=params.internal_batch_size,
-                                   max_steps=params.max_steps, tolerance=params.tolerance)
+        out = integrated_gradients(model, prep.enc, **_options(params))
+        return self._result(model, prep, out, params, ctx)
+
+    @uses_short_attention(torch.bfloat16)
+    def run_batch(self, model: Any, samples: list[Sample], params: IntegratedGradientsParams,
+                  contexts: list[RunContext]) -> list[MethodResult] | None:
+        """Several samples' IG with the rows of same-length inputs in shared batches (causal models)."""
+        if model.kind != "causal" or len(samples) < 2:
+            return None
+        preps = [prepare(model, sample) for sample in samples]
+        for ctx in contexts:
+            ctx.progress(0.05, "integrating gradients")
+        outs = integrated_gradients_many(model, [prep.enc for prep in preps], **_options(params))
+        return [self._result(model, prep, out, params, ctx) for prep, out, ctx in zip(preps, outs, contexts)]
+
+    def _result(self, model: Any, prep: Any, out: dict[str, Any], params: IntegratedGradientsParams,
+                ctx: RunContext) -> MethodResult:
+        """The result of one sample's IG run (`out` from `integrated_gradients`)."""
+        enc = prep.enc
         ctx.progress(0.9, "summarising")
         attr = out["attributions"]  # [n_answer, T]
         deltas = out["f_input"] - out["f_baseline"]
@@ -356,3 +453,9 @@ class IntegratedGradients(Method):
                          [[answer_tokens[a], round(result.findings["f_input"][a], 6), round(result.findings["f_baseline"][a], 6),
                            round(float(attr[a].sum()), 6), round(result.findings["completeness_gaps"][a], 6)]
                           for a in range(len(answer_tokens))])
+
+
+def _options(params: IntegratedGradientsParams) -> dict[str, Any]:
+    """The keyword arguments of `integrated_gradients` from the method's parameters."""
+    return {"steps": params.steps, "baseline": params.baseline, "method": params.method, "objective": params.objective,
+            "internal_batch_size": params.internal_batch_size, "max_steps": params.max_steps, "tolerance": params.tolerance}

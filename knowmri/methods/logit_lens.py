@@ -37,6 +37,7 @@ class LogitLens(Method):
     requires_keys = ("prompt",)
     requires_capabilities = ()
     Params = LogitLensParams
+    reads_clean_pass = True
 
     def estimate(self, model: Any, sample: Sample, params: Params | None = None) -> Estimate:
         """The clean pass, then every layer's states at the read positions through the final norm and the

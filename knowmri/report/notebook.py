@@ -99,7 +99,8 @@ def notebook_html(data: dict[str, Any], *, include_plotly: bool | None = None) -
     parts.append(f"<style>{scoped_css()}\n.{SCOPE} {{ background: transparent; padding: .2rem 0; }}</style>")
     parts.append(f'<div class="{SCOPE}" id="{element}"><noscript>This report is drawn by JavaScript.</noscript></div>')
     parts.append(f'<script type="module">\n{inline_asset("render.js")}\n{_WAIT_FOR_PLOTLY}\n'
-                 f'renderReport(document.getElementById("{element}"), {script_json(data)}, {{plotly: knowmriPlotly}});\n'
+                 f'renderReport(document.getElementById("{element}"), {script_json(data)}, '
+                 f'{{plotly: knowmriPlotly, sampleHref: () => null}});\n'
                  f"</script>")
     return "\n".join(parts)
 

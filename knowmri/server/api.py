@@ -4,6 +4,8 @@ Every input is checked before it reaches the library: bodies by pydantic (`schem
 by the catalog, method names by the registry, hyper-parameters by each method's `Params`, dataset
 names and indices against the built-ins. Bad input is a 4xx with a message; unknown ids a 404.
 A run whose estimated time or memory is over the server's caps is refused (400) before it is queued.
+A dataset run (`dataset` with `samples`) diagnoses a built-in dataset's first records one after
+another; its estimate is every record's, added up, and each record's result is kept beside the store.
 """
 
 from __future__ import annotations
@@ -12,18 +14,20 @@ import asyncio
 import hmac
 import json
 import re
+import shutil
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path as FilePath
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from knowmri.server.errors import ApiError, bad_request, not_found
 from knowmri.server.limits import RunLimits
 from knowmri.server.modelspec import ModelCache, ModelCatalog, ModelRef
-from knowmri.server.schemas import MAX_TEXT, InputBody, MatchBody, ParseBody, RunBody
+from knowmri.server.schemas import MAX_SAMPLES, MAX_TEXT, InputBody, MatchBody, ParseBody, RunBody
 from knowmri.server.store import RunStore
 from knowmri.server.worker import LiveState, Worker
 
@@ -43,6 +47,7 @@ class ServerState:
     worker: Worker | None
     token: str | None = None
     limits: RunLimits = field(default_factory=RunLimits)
+    runs_dir: FilePath | None = None  # dataset runs keep their per-sample results in runs_dir/<id>/samples
     _datasets: dict[str, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -262,23 +267,67 @@ def match(request: Request, body: MatchBody) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- runs
-@router.post("/runs", status_code=201)
-def create_run(request: Request, body: RunBody) -> dict[str, Any]:
+def _dataset_samples(state: ServerState, body: RunBody) -> tuple[Any, list[Any]]:
+    """A dataset run's built-in dataset and its first `samples` records (fewer when it has fewer)."""
+    ds = state.dataset(body.dataset or "")
+    n = min(int(body.samples or 0), len(ds))
+    if n < 1:
+        raise bad_request(f"the dataset {ds.name} is empty")
+    return ds, [ds[i] for i in range(n)]
+
+
+def _check_methods(target: Any, methods: list[str] | None) -> None:
+    """Unknown methods, and chosen methods that do not apply to the input (or to every record of a dataset), are 400s."""
     import knowmri as km
     from knowmri.methods.base import get_method
 
-    state = state_of(request)
-    ref = state.catalog.resolve(body.model)
-    sample, extra = _sample_of(state, body)
-    if body.methods is not None:
-        for name in body.methods:
-            _user_error(get_method, name)
-        reasons = {m.name: m.reasons for m in km.match(sample) if m.name in body.methods and not m.eligible}
-        if reasons:
-            raise bad_request("; ".join(f"{n} does not apply: {', '.join(r)}" for n, r in reasons.items()))
-    params = _check_params(body.methods, body.params)
+    if methods is None:
+        return
+    for name in methods:
+        _user_error(get_method, name)
+    reasons = {m.name: m.reasons for m in km.match(target) if m.name in methods and not m.eligible}
+    if reasons:
+        raise bad_request("; ".join(f"{n} does not apply: {', '.join(r)}" for n, r in reasons.items()))
+
+
+def _check_queue(state: ServerState) -> None:
     if state.worker is not None and state.worker.pending() >= MAX_QUEUED:
         raise ApiError(429, f"{MAX_QUEUED} runs are already waiting; try again when some have finished")
+
+
+def _create_dataset_run(state: ServerState, ref: ModelRef, body: RunBody) -> dict[str, Any]:
+    from knowmri.run_cost import estimate_dataset
+
+    ds, samples = _dataset_samples(state, body)
+    _check_methods(ds, body.methods)
+    params = _check_params(body.methods, body.params)
+    _check_queue(state)
+    estimate = None
+    model = state.model_at_hand(ref)
+    if model is not None:  # else the worker estimates and checks it once it has loaded the model
+        cost = _user_error(estimate_dataset, samples, model, body.methods, params)
+        refusal = state.limits.refusal(cost)
+        if refusal:
+            raise bad_request(refusal)
+        estimate = cost.to_dict()
+    given = {"dataset": ds.name, "samples": len(samples)}
+    run_id = state.store.create(model=body.model.strip(), methods=body.methods, params=params, input=given,
+                                sample=dict(given))
+    if state.worker is not None:
+        state.worker.submit(run_id)
+    return {"id": run_id, "status": "queued", "samples": len(samples), **({"estimate": estimate} if estimate else {})}
+
+
+@router.post("/runs", status_code=201)
+def create_run(request: Request, body: RunBody) -> dict[str, Any]:
+    state = state_of(request)
+    ref = state.catalog.resolve(body.model)
+    if body.samples is not None:
+        return _create_dataset_run(state, ref, body)
+    sample, extra = _sample_of(state, body)
+    _check_methods(sample, body.methods)
+    params = _check_params(body.methods, body.params)
+    _check_queue(state)
     _check_limits(state, ref, sample, body.methods, params)
     given = {k: v for k, v in (("text", body.text), ("sample", body.sample), ("dataset", body.dataset)) if v is not None}
     if "index" in extra:
@@ -308,6 +357,28 @@ def _check_limits(state: ServerState, ref: ModelRef, sample: Any, methods: list[
         raise bad_request(refusal)
 
 
+@router.post("/estimate")
+def estimate(request: Request, body: RunBody) -> dict[str, Any]:
+    """The predicted cost of a run before it is started: a dataset run's is every record's estimate, added up."""
+    import knowmri as km
+    from knowmri.run_cost import estimate_dataset, estimate_run
+
+    state = state_of(request)
+    model = state.load_model(body.model)
+    if body.samples is not None:
+        ds, samples = _dataset_samples(state, body)
+        _check_methods(ds, body.methods)
+        params = _check_params(body.methods, body.params)
+        cost = _user_error(estimate_dataset, samples, model, body.methods, params)
+    else:
+        sample, _ = _sample_of(state, body)
+        _check_methods(sample, body.methods)
+        params = _check_params(body.methods, body.params)
+        methods = body.methods or [m.name for m in km.match(sample, model) if m.eligible]
+        cost = _user_error(estimate_run, model, sample, methods, params)
+    return {"model": body.model, **cost.to_dict(), "refusal": state.limits.refusal(cost)}
+
+
 @router.get("/runs")
 def list_runs(request: Request, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=10_000_000),
               status: str | None = Query(None, pattern="^(queued|running|done|error|cancelled)$")) -> dict[str, Any]:
@@ -330,7 +401,22 @@ def delete_run(request: Request, run_id: str) -> dict[str, Any]:
     if run["status"] not in TERMINAL:
         raise ApiError(409, f"run {run_id} is {run['status']}; only finished runs can be deleted")
     state.store.delete(run_id)
+    if state.runs_dir is not None:
+        shutil.rmtree(state.runs_dir / run_id, ignore_errors=True)
     return {"id": run_id, "deleted": True}
+
+
+@router.get("/runs/{run_id}/samples/{index}")
+def run_sample(request: Request, run_id: str, index: int = Path(..., ge=0, le=MAX_SAMPLES)) -> Response:
+    """One record's own report (report.json's structure, with its `index` and the model's `answer`) from a dataset run."""
+    from knowmri.study import RunDir
+
+    state = state_of(request)
+    state.run_state(run_id, report=False)  # 404 for an unknown run
+    file = RunDir(state.runs_dir / run_id).sample_file(index) if state.runs_dir is not None else None
+    if file is None or not file.is_file():
+        raise not_found(f"run {run_id} has no saved sample {index}")
+    return Response(file.read_text(encoding="utf-8"), media_type="application/json")
 
 
 @router.post("/runs/{run_id}/cancel")

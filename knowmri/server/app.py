@@ -48,7 +48,7 @@ def create_app(home: str | Path | None = None, token: str | None = None, worker:
                max_run_seconds: float | None = DEFAULT_MAX_SECONDS, max_run_memory: int | None = None) -> FastAPI:
     """The ASGI app.
 
-    `home` holds `runs.sqlite` and the default model root (`$KNOWMRI_HOME`, default ~/.knowmri).
+    `home` holds `runs.sqlite`, dataset runs' per-sample results (`runs/<id>/`) and the default model root (`$KNOWMRI_HOME`, default ~/.knowmri).
     `token`, when set, must come with every API call. `worker=False` queues runs without running
     them (API tests). `model_roots` are the folders local models may be loaded from (besides
     `home/models`). `models` registers in-process models by name (an embedding and test hook).
@@ -72,9 +72,10 @@ def create_app(home: str | Path | None = None, token: str | None = None, worker:
     catalog = ModelCatalog(registered, [*(Path(r) for r in model_roots or []), root / "models"])
     cache_ = ModelCache(catalog, size=cache_size, device=device)
     live = LiveState()
-    runner = Worker(store, cache_, live, limits) if worker else None
+    runs_dir = root / "runs"
+    runner = Worker(store, cache_, live, limits, runs_dir=runs_dir) if worker else None
     state = ServerState(store=store, catalog=catalog, models=cache_, live=live, worker=runner, token=token or None,
-                        limits=limits)
+                        limits=limits, runs_dir=runs_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:

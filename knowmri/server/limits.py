@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from knowmri.run_cost import RunCost, estimate_run, format_bytes, format_seconds
+from knowmri.run_cost import RunCost, estimate_dataset, estimate_run, format_bytes, format_seconds
 
 DEFAULT_MAX_SECONDS = 3600.0  # estimates are per device already, so one hour suits any machine
 MEMORY_SHARE = 0.75           # of the machine's RAM (or the GPU's memory) that one run may add
@@ -26,13 +26,16 @@ class RunLimits:
 
     def refusal(self, cost: RunCost) -> str | None:
         """Why a run of this cost is refused (naming the estimate and the cap), or None."""
+        what, fewer = "this run", ""
+        if len(cost.per_sample) > 1:
+            what, fewer = f"this run of {len(cost.per_sample)} samples", ", fewer samples"
         if self.max_seconds is not None and cost.seconds > self.max_seconds:
-            return (f"this run is estimated to take {format_seconds(cost.seconds)} ({cost.slowest()}), more than this "
+            return (f"{what} is estimated to take {format_seconds(cost.seconds)} ({cost.slowest()}), more than this "
                     f"server's cap of {format_seconds(self.max_seconds)} per run (knowmri serve --max-run-seconds); "
-                    "choose fewer methods or smaller parameters")
+                    f"choose fewer methods{fewer} or smaller parameters")
         if self.max_memory_bytes is not None and cost.memory_bytes > self.max_memory_bytes:
             biggest = max(cost.methods.items(), key=lambda kv: kv[1].memory_bytes)[0]
-            return (f"this run is estimated to need {format_bytes(cost.memory_bytes)} of memory ({biggest}), more than "
+            return (f"{what} is estimated to need {format_bytes(cost.memory_bytes)} of memory ({biggest}), more than "
                     f"this server's cap of {format_bytes(self.max_memory_bytes)} per run (knowmri serve "
                     "--max-run-memory); choose smaller parameters")
         return None
@@ -42,6 +45,13 @@ class RunLimits:
         if self.max_seconds is None and self.max_memory_bytes is None:
             return None
         return self.refusal(estimate_run(model, sample, methods, params))
+
+    def check_dataset(self, model: Any, samples: list[Any], methods: list[str] | None,
+                      params: dict[str, dict[str, Any]] | None) -> str | None:
+        """The refusal for a dataset run over `samples` (its cost: every sample's, added), or None."""
+        if self.max_seconds is None and self.max_memory_bytes is None:
+            return None
+        return self.refusal(estimate_dataset(samples, model, methods, params))
 
     def to_dict(self) -> dict[str, Any]:
         return {"max_run_seconds": self.max_seconds, "max_run_memory_bytes": self.max_memory_bytes}

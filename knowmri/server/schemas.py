@@ -12,6 +12,7 @@ MAX_LONG_TEXT = 8000     # characters in a worked solution (`reasoning`)
 MAX_KEYS = 32            # keys in a sample; methods in a run; parameters per method
 MAX_LIST = 32            # items in a list-valued sample key or parameter
 MAX_INDEX = 10_000_000
+MAX_SAMPLES = 500        # records in one dataset run (its estimate must fit the time cap too)
 KEY = re.compile(r"^[a-z_][a-z0-9_]{0,63}$")
 
 SampleValue = str | list[str]
@@ -94,11 +95,18 @@ class MatchBody(InputBody):
 
 
 class RunBody(InputBody):
-    """POST /api/runs: queue a diagnosis of one input on one model."""
+    """POST /api/runs: queue a diagnosis of one input on one model, or of a dataset's first `samples` records."""
 
     model: str = Field(..., min_length=1, max_length=512)
     methods: list[str] | None = Field(None, max_length=MAX_KEYS)
     params: dict[str, dict[str, ParamValue]] | None = None
+    samples: int | None = Field(None, ge=1, le=MAX_SAMPLES)
+
+    @model_validator(mode="after")
+    def _dataset_run(self) -> RunBody:
+        if self.samples is not None and (self.dataset is None or self.index is not None):
+            raise ValueError("'samples' makes a dataset run: give it with 'dataset' and without 'index'")
+        return self
 
     @field_validator("methods")
     @classmethod

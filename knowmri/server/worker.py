@@ -1,6 +1,8 @@
 """The model worker: one thread that runs queued diagnoses one at a time.
 
-Only this thread runs methods, so no two methods ever hook the same model at once. Live
+Only this thread runs methods, so no two methods ever hook the same model at once. A dataset run
+diagnoses its records one after another (`diagnose_dataset`, saving each record's result under
+`runs_dir/<id>/`), with the records done and the time left in its progress. Live
 progress is kept in memory (read by the SSE stream and GET /api/runs/{id}) and written to the
 store at most about once a second, and always at the end.
 
@@ -23,6 +25,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from knowmri.server.limits import RunLimits
@@ -78,8 +81,10 @@ class LiveState:
 class Worker:
     """Runs queued runs in one background thread; `submit` enqueues a run id."""
 
-    def __init__(self, store: RunStore, models: ModelCache, live: LiveState, limits: RunLimits | None = None) -> None:
+    def __init__(self, store: RunStore, models: ModelCache, live: LiveState, limits: RunLimits | None = None,
+                 runs_dir: Path | None = None) -> None:
         self.store = store
+        self.runs_dir = runs_dir
         self.models = models
         self.live = live
         self.limits = limits or RunLimits(None, None)
@@ -183,6 +188,9 @@ class Worker:
             message = getattr(err, "message", None) or str(err) or type(err).__name__
             self._fail(run_id, f"could not load the model {run['model']!r}: {message}")
             return
+        if "samples" in (run["input"] or {}):
+            self._run_dataset(run_id, run, model, progress)
+            return
         sample = Sample(run["sample"])
         methods = run["methods"]
         if methods is None:
@@ -230,6 +238,59 @@ class Worker:
         data = _finite(report.to_dict())
         data["run_id"] = run_id
         progress.update(stage="done", fraction=1.0, message="done")
+        self.store.finish(run_id, data, progress)
+        self.live.set(run_id, "done", progress)
+
+    def _run_dataset(self, run_id: str, run: dict[str, Any], model: Any, progress: dict[str, Any]) -> None:
+        """Diagnose a dataset's first records; progress counts records, with the time left (the estimate until
+        one has finished, then the pace so far); the report is the dataset report with its per-sample table."""
+        from knowmri.data import load_dataset
+        from knowmri.diagnosis import diagnose_dataset
+        from knowmri.run_cost import estimate_dataset
+
+        dataset = load_dataset(run["input"]["dataset"])
+        n = min(int(run["input"]["samples"]), len(dataset))
+        params = run["params"] or {}
+        try:
+            cost = estimate_dataset([dataset[i] for i in range(n)], model, run["methods"], params)
+        except ValueError as err:  # bad parameters: the run itself fails with the reason below
+            log.debug("no estimate for run %s: %s", run_id, err)
+            cost = None
+        refusal = self.limits.refusal(cost) if cost is not None else None
+        if refusal:
+            self._fail(run_id, refusal)
+            return
+        self.check(run_id)
+        estimate = cost.seconds if cost is not None else None
+        progress.update(stage="running", samples=n, samples_done=0, estimate_seconds=estimate, eta_seconds=estimate,
+                        message=f"sample 0/{n}")
+        self._publish(run_id, progress, force=True)
+        started = time.monotonic()
+        last_save = [started]
+
+        def step(name: str, fraction: float, message: str) -> None:
+            self.check(run_id)
+            elapsed = time.monotonic() - started
+            progress.update(fraction=round(fraction * 0.98, 4), samples_done=round(fraction * n), message=message,
+                            eta_seconds=round(elapsed / fraction * (1 - fraction), 1) if fraction > 0 else estimate)
+            force = time.monotonic() - last_save[0] > _SAVE_EVERY
+            if force:
+                last_save[0] = time.monotonic()
+            self._publish(run_id, progress, force=force)
+
+        out = self.runs_dir / run_id if self.runs_dir is not None else None
+        try:
+            with self._cancellable(model, run_id):
+                report = diagnose_dataset(dataset, model, methods=run["methods"], params=params, progress=step,
+                                          samples=n, out=out, echo=False)
+        except ValueError as err:  # bad input for this model or an unwritable run directory: the user's error
+            self._fail(run_id, str(err))
+            return
+        self.check(run_id)
+        progress["methods"] = {name: result.status for name, result in report.results.items()}
+        data = _finite(report.to_dict())
+        data["run_id"] = run_id
+        progress.update(stage="done", fraction=1.0, samples_done=n, eta_seconds=0.0, message="done")
         self.store.finish(run_id, data, progress)
         self.live.set(run_id, "done", progress)
 

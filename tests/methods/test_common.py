@@ -147,3 +147,25 @@ def test_weight_derived_values_follow_in_place_edits():
         weight.mul_(2.0)
     torch.testing.assert_close(weight_derived(weight, "norms", norms), 2 * first)
     assert len(calls) == 2
+
+
+def test_clean_passes_of_a_batch_fill_each_sample_cache_with_its_own_pass():
+    """A dataset run's batched clean pass: afterwards `clean_pass` reads each input's own pass from its cache."""
+    from knowmri.methods.common import clean_passes
+
+    model = tiny_model("gpt2")
+    facts = km.load_dataset("known_1000")
+    encs = [prepare(model, facts[i]).enc for i in (0, 1, 2)]
+    assert len({e.input_ids.shape[1] for e in encs}) > 1  # padded on the right
+    contexts = [RunContext() for _ in encs]
+    clean_passes(model, encs, contexts)
+    for enc, ctx in zip(encs, contexts):
+        assert len(ctx.cache) == 1
+        cached = clean_pass(model, enc, ctx, heads=True)
+        fresh = clean_pass(model, enc, heads=True)
+        rows = cached.rows(fresh.positions)
+        torch.testing.assert_close(cached.resid, fresh.resid, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(cached.neurons[:, rows], fresh.neurons, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(cached.heads[:, rows], fresh.heads, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(cached.logits[rows], fresh.logits, rtol=1e-5, atol=1e-5)
+        assert clean_pass(model, enc, ctx, positions=range(enc.input_ids.shape[1])) is cached

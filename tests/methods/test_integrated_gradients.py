@@ -180,3 +180,29 @@ def test_smollm2_eiffel_subject_dominates(smollm2):
     assert f["ranking"][0] in range(*f["subject_span"])
     assert f["subject_share"] > 0.4
     assert "subject" in result.summary
+
+
+def test_several_inputs_together_equal_one_at_a_time():
+    """`integrated_gradients_many` (a dataset run's batches): each input's steps, points and attributions are its own."""
+    from knowmri.methods.common import prepare
+    from knowmri.methods.integrated_gradients import PathIntegral, compute_together, integrated_gradients_many
+
+    model = tiny_model("llama")
+    facts = km.load_dataset("known_1000")
+    encs = [prepare(model, facts[i]).enc for i in range(6)]
+    lengths = [e.input_ids.shape[1] for e in encs]
+    assert 1 in [lengths.count(n) for n in lengths] and max(lengths.count(n) for n in lengths) > 1  # some share a batch
+    options = {"steps": 4, "method": "riemann_right", "max_steps": 32, "tolerance": 0.01}
+    for enc, together in zip(encs, integrated_gradients_many(model, encs, **options)):
+        alone = integrated_gradients(model, enc, **options)
+        assert together["steps"] == alone["steps"] and together["points"] == alone["points"]
+        torch.testing.assert_close(together["attributions"], alone["attributions"], rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(together["f_input"], alone["f_input"])
+    short, long = encs[lengths.index(min(lengths))], encs[lengths.index(max(lengths))]
+    paths = [PathIntegral(model, e) for e in (short, long)]
+    compute_together(model, paths, [[0.5, 1.0], [0.5, 1.0]], batch=3)  # the shorter input padded on the right
+    for path, enc in zip(paths, (short, long)):
+        own = PathIntegral(model, enc)
+        own.compute([0.5, 1.0])
+        for alpha in (0.5, 1.0):
+            torch.testing.assert_close(path.points[path.key(alpha)], own.points[own.key(alpha)], rtol=1e-5, atol=1e-8)

@@ -167,3 +167,65 @@ def test_cancel_a_queued_run(page: Any, tmp_path: Path, tiny_gpt2: Any) -> None:
         open_page(page, server.url + "#/runs")
         page.wait_for_selector(f'#runs-table tr[data-run="{run_id}"] .badge:text("cancelled")')
         assert page.locator(f'#runs-table tr[data-run="{run_id}"] button:text("Delete")').count() == 1
+
+
+def test_a_dataset_run_shows_its_estimate_progress_and_a_sortable_table_of_records(page: Any, tmp_path: Path,
+                                                                                     tiny_gpt2: Any) -> None:
+    with BackgroundServer(create_app(home=tmp_path, models={MODEL: tiny_gpt2})) as server:
+        open_page(page, server.url)
+        page.click("#tab-dataset")
+        page.wait_for_selector("#record-0:checked")
+        page.check("#scope-samples")
+        page.fill("#samples-input", "3")
+        choose_methods(page, ["logit_lens"])
+        page.wait_for_selector("#run-estimate:has-text('3 records')")
+        assert "≈" in page.inner_text("#run-estimate") and page.inner_text("#run-btn") == "Run on 3 records"
+        page.click("#run-btn")
+        page.wait_for_url(re.compile(r"#/run/[0-9a-f]{16}$"))
+        run_id = page.url.rsplit("/", 1)[-1]
+        page.wait_for_selector("#run-report .samples-table tbody tr >> nth=2")
+        assert page.inner_text("#run-status") == "done"
+        assert page.locator("#run-report .samples-table tbody tr").count() == 3
+        probs = page.locator("#run-report .samples-table th[data-column=answer_prob] button")
+        probs.click()
+        assert page.get_attribute("#run-report .samples-table th[data-column=answer_prob]", "aria-sort") == "ascending"
+        column = [page.locator("#run-report .samples-table th").all_inner_texts().index("P(answer)")]
+
+        def shown() -> list[float]:
+            rows = page.locator("#run-report .samples-table tbody tr")
+            return [float(rows.nth(i).locator("td").nth(column[0]).inner_text()) for i in range(rows.count())]
+
+        assert shown() == sorted(shown())
+        probs.click()
+        assert page.get_attribute("#run-report .samples-table th[data-column=answer_prob]", "aria-sort") == "descending"
+        assert shown() == sorted(shown(), reverse=True)
+        page.click('#run-report .samples-table tr[data-index="1"] td:first-child a')
+        page.wait_for_url(re.compile(rf"#/run/{run_id}/sample/1$"))
+        page.wait_for_selector('#run-report [data-method="logit_lens"] .js-plotly-plot')
+        assert "record 1" in page.inner_text("#run-title")
+        page.click("#run-status a")
+        page.wait_for_selector("#run-report .samples-table")
+        open_page(page, server.url + "#/runs")
+        assert "known_1000, first 3 records" in page.inner_text(f'#runs-table tr[data-run="{run_id}"]')
+        with httpx_client(server.url) as api:
+            progress = api.get(f"/api/runs/{run_id}").json()["progress"]
+        assert progress["samples_done"] == 3 and progress["estimate_seconds"] > 0
+
+
+def test_the_saved_dataset_report_links_each_record(page: Any, tmp_path: Path, tiny_gpt2: Any) -> None:
+    """A dataset run's index.html (file://): the samples table sorts, and each row links its saved file."""
+    import knowmri as km
+
+    km.diagnose(km.load_dataset("known_1000"), tiny_gpt2, methods=["logit_lens"], samples=3, out=tmp_path,
+                progress=False)
+    page.goto((tmp_path / "index.html").as_uri())
+    page.wait_for_selector("#report .samples-table tbody tr >> nth=2")
+    assert page.get_attribute('#report .samples-table tr[data-index="2"] td:first-child a', "href") == "samples/000002.json"
+    page.click("#report .samples-table th[data-column=index] button")
+    assert page.locator("#report .samples-table tbody tr").first.get_attribute("data-index") == "2"
+
+
+def httpx_client(url: str) -> Any:
+    import httpx
+
+    return httpx.Client(base_url=url, timeout=30)

@@ -69,7 +69,9 @@ export function dataTable(table, limit = 25) {
 /**
  * Render `report` (report.json's structure) into `container`, replacing its content, then draw the figures.
  * options.run: the web UI's run record (its id and times are shown); options.plotly: a function giving
- * a promise of Plotly (default: the page's window.Plotly).
+ * a promise of Plotly (default: the page's window.Plotly); options.sampleHref: for a dataset report, a
+ * function giving the link that opens one record's own report from its row of the samples table (default:
+ * the record's saved file, `samples/000007.json`, relative to the run directory's index.html).
  */
 export function renderReport(container, report, options = {}) {
   container.replaceChildren();
@@ -81,7 +83,8 @@ export function renderReport(container, report, options = {}) {
   const cards = Object.entries(results).map(([name, r]) => [name, r, renderResult(name, r)]);
   const hasConsensus = Object.keys(consensus).length > 0;
   const consensusCard = hasConsensus ? renderConsensus(consensus, results) : null;
-  const samplesCard = Array.isArray(report.samples) && report.samples.length ? renderSamples(report.samples, Object.keys(results)) : null;
+  const sampleHref = options.sampleHref || ((s) => s.file || null);
+  const samplesCard = Array.isArray(report.samples) && report.samples.length ? renderSamples(report.samples, Object.keys(results), sampleHref) : null;
   const notes = [];
   if (run) notes.push(`Run ${run.id}, ${fmtTime(run.created)}` + (run.finished && run.started ? `, took ${fmtSeconds(run.finished - run.started)}` : ""));
   if (report.knowmri_version) notes.push(`knowmri ${report.knowmri_version}`);
@@ -173,12 +176,61 @@ function renderResult(name, r) {
   return card;
 }
 
-/** A dataset run's samples: each record's prompt, answer and every method's status on it. */
-function renderSamples(records, methods) {
-  const rows = records.map((s) => [s.index, s.prompt, s.ground_truth, ...methods.map((m) => (s.status || {})[m] || "")]);
+/** Order two cells: numbers by value, text alphabetically; empty cells last whichever the direction. */
+function compareCells(a, b, ascending) {
+  const empty = (v) => v === undefined || v === null || v === "";
+  if (empty(a) || empty(b)) return empty(a) === empty(b) ? 0 : (empty(a) ? 1 : -1);
+  const order = typeof a === "number" && typeof b === "number" ? a - b : String(a).localeCompare(String(b), undefined, {numeric: true});
+  return ascending ? order : -order;
+}
+
+/**
+ * A dataset run's samples: one row per record (its prompt, the model's answer and its probability, every
+ * method's status, the time, an input error), sortable by any column (click its header, again to reverse),
+ * each row opening that record's own report when `sampleHref(record)` gives a link.
+ */
+function renderSamples(records, methods, sampleHref) {
+  const has = (value) => records.some((s) => { const v = value(s); return v !== undefined && v !== null && v !== ""; });
+  const columns = [
+    {key: "index", label: "#", value: (s) => s.index},
+    {key: "prompt", label: "prompt", value: (s) => s.prompt},
+    {key: "ground_truth", label: "ground truth", value: (s) => s.ground_truth},
+    {key: "answer", label: "answer", value: (s) => s.answer},
+    {key: "answer_prob", label: "P(answer)", value: (s) => s.answer_prob},
+    ...methods.map((m) => ({key: "status:" + m, label: m, value: (s) => (s.status || {})[m] || "", status: true})),
+    {key: "seconds", label: "seconds", value: (s) => s.seconds},
+    {key: "error", label: "error", value: (s) => s.error},
+  ].filter((c) => c.key === "index" || c.status || has(c.value));
+  const state = {key: "index", ascending: true, shown: 100};
+  const body = h("tbody");
+  const heads = columns.map((c) => h("th", {scope: "col", dataset: {column: c.key}},
+    h("button", {type: "button", class: "sort", title: `Sort by ${c.label}`, onclick: () => sortBy(c.key)}, c.label)));
+  const more = h("button", {type: "button", class: "link", onclick: () => { state.shown = records.length; fill(); }}, `Show all ${records.length} rows`);
+  const cell = (c, s) => {
+    const v = c.value(s);
+    const href = (c.key === "index" || c.key === "prompt") ? sampleHref(s) : null;
+    const content = c.status ? (v ? badge(v) : "") : fmtCell(v);
+    return h("td", {class: typeof v === "number" ? "num" : (c.key === "prompt" ? "prompt" : null)},
+      href ? h("a", {href, title: `Open record ${s.index}'s own report`}, content) : content);
+  };
+  function fill() {
+    const column = columns.find((c) => c.key === state.key);
+    const sorted = records.slice().sort((a, b) => compareCells(column.value(a), column.value(b), state.ascending) || a.index - b.index);
+    body.replaceChildren(...sorted.slice(0, state.shown).map((s) => h("tr", {dataset: {index: s.index}}, columns.map((c) => cell(c, s)))));
+    heads.forEach((th, i) => th.setAttribute("aria-sort", columns[i].key === state.key ? (state.ascending ? "ascending" : "descending") : "none"));
+    more.hidden = records.length <= state.shown;
+  }
+  function sortBy(key) {
+    state.ascending = state.key === key ? !state.ascending : true;
+    state.key = key;
+    fill();
+  }
+  fill();
   return h("section", {class: "card samples", "aria-labelledby": "samples-title"},
     h("h2", {id: "samples-title"}, `Samples (${records.length})`),
-    dataTable({name: "", columns: ["index", "prompt", "ground truth", ...methods], rows}));
+    h("p", {class: "hint"}, "Click a column's header to sort by it" + (records.some((s) => sampleHref(s)) ? "; a record's number or prompt opens its own report." : ".")),
+    h("div", {class: "table-block"}, h("div", {class: "table-wrap"}, h("table", {class: "data samples-table", "aria-label": "Per-sample results"},
+      h("thead", {}, h("tr", {}, heads)), body)), more));
 }
 
 /** Rows and columns of the largest heatmap in a figure (0 when it has none), to size it. */

@@ -11,7 +11,7 @@ import {api, withToken} from "./api.js";
 import {initDiagnose} from "./diagnose.js";
 import {openCompare} from "./compare.js";
 import {badge, fmtTime, h} from "./report/render.js";
-import {cancelRun, openRun, stopFollowing} from "./run.js";
+import {cancelRun, openRun, openSample, stopFollowing} from "./run.js";
 import {$, $$, health, shortText, toast} from "./ui.js";
 
 let runsTimer = null;
@@ -26,7 +26,8 @@ function route() {
   for (const link of $$(".topbar nav a")) link.removeAttribute("aria-current");
   const nav = {diagnose: "diagnose", run: "runs", runs: "runs", compare: "compare"}[view] || "diagnose";
   $("#nav-" + nav).setAttribute("aria-current", "page");
-  if (view === "run" && parts[1]) { $("#view-run").hidden = false; openRun(parts[1]); }
+  if (view === "run" && parts[1] && parts[2] === "sample" && parts[3] !== undefined) { $("#view-run").hidden = false; openSample(parts[1], parts[3]); }
+  else if (view === "run" && parts[1]) { $("#view-run").hidden = false; openRun(parts[1]); }
   else if (view === "runs") { $("#view-runs").hidden = false; loadRuns(); }
   else if (view === "compare") { $("#view-compare").hidden = false; openCompare(parts[1], parts[2]); }
   else { $("#view-diagnose").hidden = false; }
@@ -44,9 +45,10 @@ async function loadRuns() {
     const box = h("input", {type: "checkbox", value: r.id, id: "pick-" + r.id, disabled: !done, checked: checked.has(r.id),
       "aria-label": "Select run " + r.id + " for comparison", onchange: updateCompareButton});
     const input = r.input || {};
-    const what = input.dataset ? `${input.dataset} #${input.index}: ` : "";
+    const what = input.samples ? `${input.dataset}, first ${input.samples} records` : input.dataset ? `${input.dataset} #${input.index}: ` : "";
     return h("tr", {dataset: {run: r.id}},
-      h("td", {}, box), h("td", {}, badge(r.status), r.status === "running" && r.progress ? ` ${Math.round((r.progress.fraction || 0) * 100)}%` : ""),
+      h("td", {}, box), h("td", {}, badge(r.status), r.status === "running" && r.progress ? ` ${Math.round((r.progress.fraction || 0) * 100)}%` : "",
+        r.status === "running" && r.progress && r.progress.samples ? ` (${r.progress.samples_done || 0}/${r.progress.samples})` : ""),
       h("td", {}, fmtTime(r.created)), h("td", {}, r.model), h("td", {class: "prompt"}, what + shortText((r.sample || {}).prompt, 70)),
       h("td", {}, (r.methods || ["all eligible"]).join(", ")),
       h("td", {class: "actions"},

@@ -1,5 +1,6 @@
 /* The Diagnose view: choose a model, type free text or pick a dataset record, see which methods apply
- * (grouped by the taxonomy, with the reasons others do not, and the estimated time), start a run. */
+ * (grouped by the taxonomy, with the reasons others do not, and the estimated time), start a run; or run
+ * the methods on a dataset's first N records (a dataset run, with its estimate: every record's, added). */
 
 import {api} from "./api.js";
 import {fmtSeconds, h} from "./report/render.js";
@@ -17,6 +18,7 @@ const state = {
   mode: "text",         // "text" | "dataset"
   sample: {},           // the editable keys (text mode)
   dataset: null,        // {name, index} (dataset mode)
+  scope: "record",      // dataset mode: "record" (the chosen one) | "samples" (the first N, a dataset run)
   recordsOffset: 0,
   matches: [],
   selected: new Set(),
@@ -167,15 +169,31 @@ function setMode(mode) {
 }
 
 // ------------------------------------------------------------------ matching
+function datasetRun() {
+  return state.mode === "dataset" && state.scope === "samples" && state.dataset !== null;
+}
+
+function sampleCount() {
+  const n = parseInt($("#samples-input").value, 10);
+  return Number.isFinite(n) && n >= 1 ? Math.min(n, 500) : null;
+}
+
+/** The input of a run: free text's keys, one record, or (a dataset run) the dataset's first N records. */
 function inputBody() {
+  if (datasetRun()) { const n = sampleCount(); return n ? {dataset: state.dataset.name, samples: n} : null; }
   if (state.mode === "dataset") return state.dataset ? {dataset: state.dataset.name, index: state.dataset.index} : null;
   const sample = textSample();
   return sample.prompt ? {sample} : null;
 }
 
+/** What the methods are matched against: for a dataset run, the keys every record of the dataset has. */
+function matchBody() {
+  return datasetRun() ? {dataset: state.dataset.name} : inputBody();
+}
+
 let matchSeq = 0;
 const requestMatch = debounce(async () => {
-  const body = inputBody();
+  const body = matchBody();
   const seq = ++matchSeq;
   if (!body) {
     state.matches = [];
@@ -291,8 +309,38 @@ function updateEstimate() {
   for (const m of state.matches) {
     if (state.selected.has(m.name) && m.estimate && m.estimate.seconds !== undefined) { total += m.estimate.seconds; any = true; }
   }
+  const n = sampleCount();
+  $("#run-btn").textContent = datasetRun() ? `Run on ${n || "?"} records` : "Run selected methods";
+  $("#run-btn").disabled = state.selected.size === 0 || (datasetRun() && !n);
+  if (datasetRun()) { $("#run-estimate").textContent = state.selected.size ? `${state.selected.size} selected, estimating…` : ""; estimateDataset(); return; }
   $("#run-estimate").textContent = state.selected.size ? `${state.selected.size} selected` + (any ? `, ≈ ${fmtSeconds(total)}` : "") : "";
-  $("#run-btn").disabled = state.selected.size === 0;
+}
+
+function selectedMethods() {
+  return state.matches.filter((m) => m.eligible && state.selected.has(m.name)).map((m) => m.name);
+}
+
+let estimateSeq = 0;
+/** A dataset run's estimate from the server: every record's estimates of the chosen methods, added up. */
+const estimateDataset = debounce(async () => {
+  const body = inputBody();
+  const methods = selectedMethods();
+  const model = modelSpec();
+  const seq = ++estimateSeq;
+  if (!datasetRun() || !body || !methods.length || !model) return;
+  try {
+    const cost = await api("/api/estimate", {method: "POST", body: Object.assign({model, methods, params: collectParams(methods)}, body)});
+    if (seq !== estimateSeq) return;
+    $("#run-estimate").textContent = `${methods.length} selected, ${cost.samples} records, ≈ ${fmtSeconds(cost.seconds)} in all` +
+      (cost.memory_bytes ? `, ${fmtBytes(cost.memory_bytes)} at most` : "") + (cost.refusal ? ` — over this server's cap: ${cost.refusal}` : "");
+  } catch (err) {
+    if (seq === estimateSeq) $("#run-estimate").textContent = err.message;
+  }
+}, 300);
+
+function setScope(scope) {
+  state.scope = scope;
+  requestMatch();
 }
 
 async function startRun() {
@@ -300,7 +348,7 @@ async function startRun() {
   if (!body) { toast(state.mode === "text" ? "Type an input first." : "Choose a record first."); return; }
   const model = modelSpec();
   if (!model) { toast("Choose a model first."); return; }
-  const methods = state.matches.filter((m) => m.eligible && state.selected.has(m.name)).map((m) => m.name);
+  const methods = selectedMethods();
   if (!methods.length) { toast("Select at least one method."); return; }
   const button = $("#run-btn");
   button.disabled = true;
@@ -330,6 +378,9 @@ export async function initDiagnose() {
   $("#select-all-btn").addEventListener("click", () => { state.userTouched = true; state.selected = new Set(state.matches.filter((m) => m.eligible).map((m) => m.name)); renderMethods(); });
   $("#select-none-btn").addEventListener("click", () => { state.userTouched = true; state.selected = new Set(); renderMethods(); });
   $("#run-btn").addEventListener("click", startRun);
+  $("#scope-record").addEventListener("change", () => setScope("record"));
+  $("#scope-samples").addEventListener("change", () => setScope("samples"));
+  $("#samples-input").addEventListener("input", () => { if (datasetRun()) updateEstimate(); });
   renderKeys();
   updateEstimate();
   const [methods] = await Promise.all([api("/api/methods"), loadModels(), loadDatasets()]);

@@ -1,8 +1,9 @@
-/* The Run view: one run's live progress (server-sent events, polling as a fallback), a Cancel button
- * while it is queued or running, then its report. */
+/* The Run view: one run's live progress (server-sent events, polling as a fallback; a dataset run's records
+ * done and time left), a Cancel button while it is queued or running, then its report; and one record's own
+ * report from a dataset run (#/run/<id>/sample/<index>). */
 
 import {api, withToken} from "./api.js";
-import {badge, h, renderReport} from "./report/render.js";
+import {badge, fmtSeconds, h, renderReport} from "./report/render.js";
 import {$, health, loadPlotly, runLabel, toast} from "./ui.js";
 
 const ACTIVE = new Set(["queued", "running"]);
@@ -16,9 +17,9 @@ export function stopFollowing() {
   if (pollTimer) { clearTimeout(pollTimer); pollTimer = null; }
 }
 
-export async function openRun(id) {
+function resetRunView(id, title) {
   current = id;
-  $("#run-title").textContent = "Run " + id;
+  $("#run-title").textContent = title;
   $("#run-report").replaceChildren();
   $("#run-error").hidden = true;
   $("#run-note").hidden = true;
@@ -27,6 +28,10 @@ export async function openRun(id) {
   $("#cancel-run").onclick = () => cancelShown(id);
   $("#export-html").href = withToken(`/api/runs/${id}/report.html?download=1`);
   $("#export-json").href = withToken(`/api/runs/${id}/report.json?download=1`);
+}
+
+export async function openRun(id) {
+  resetRunView(id, "Run " + id);
   let run;
   try {
     run = await api(`/api/runs/${id}`);
@@ -38,6 +43,23 @@ export async function openRun(id) {
   fillCompareWith(id);
   showRun(run);
   if (ACTIVE.has(run.status)) follow(id);
+}
+
+/** One record's own report from a dataset run, with a link back to the run's aggregate. */
+export async function openSample(id, index) {
+  resetRunView(id, `Run ${id}, record ${index}`);
+  let data;
+  try {
+    data = await api(`/api/runs/${id}/samples/${encodeURIComponent(index)}`);
+  } catch (err) {
+    $("#run-status").replaceChildren();
+    showRunError(err.message);
+    return;
+  }
+  $("#run-status").replaceChildren(h("a", {href: "#/run/" + id, class: "button small secondary"}, "‹ All records"));
+  for (const el of [$("#export-html"), $("#export-json")]) el.classList.add("disabled");
+  if (data.error) showRunError(`This record does not suit the model: ${data.error}`);
+  renderReport($("#run-report"), data, {plotly: loadPlotly});
 }
 
 function showRunError(message) {
@@ -62,7 +84,8 @@ function showRun(run) {
   if (!ACTIVE.has(run.status)) health();
   if (run.report && (done || run.status === "cancelled")) {
     $("#progress-card").hidden = true;
-    renderReport($("#run-report"), run.report, {run, plotly: loadPlotly});
+    renderReport($("#run-report"), run.report, {run, plotly: loadPlotly,
+      sampleHref: (s) => (s.file ? `#/run/${run.id}/sample/${s.index}` : null)});
   }
 }
 
@@ -72,7 +95,12 @@ function showProgress(run) {
   $("#run-status").replaceChildren(badge(run.status));
   $("#run-progress").value = p.fraction || 0;
   $("#progress-message").textContent = run.status === "queued" ? "Queued: waiting for the model worker…"
+    : p.samples ? `${p.samples_done || 0} of ${p.samples} records done`
     : [p.method, p.message].filter(Boolean).join(": ") || p.stage || "";
+  const eta = [];
+  if (p.eta_seconds !== undefined && p.eta_seconds !== null && run.status === "running") eta.push(`about ${fmtSeconds(p.eta_seconds)} left`);
+  if (p.estimate_seconds !== undefined && p.estimate_seconds !== null) eta.push(`estimated ${fmtSeconds(p.estimate_seconds)} in all`);
+  $("#progress-eta").textContent = eta.join(" · ");
   const list = $("#progress-methods");
   list.replaceChildren(...Object.entries(p.methods || {}).map(([name, status]) =>
     h("li", {class: "status-" + status}, badge(status), " ", name)));

@@ -34,7 +34,9 @@ export function shortText(s, n = 80) {
 
 /** A run in a list of choices: when, which model, which prompt. */
 export function runLabel(r) {
-  return `${fmtTime(r.created)} · ${r.model} · ${shortText((r.sample || {}).prompt, 40)}`;
+  const input = r.input || {};
+  const what = input.samples ? `${input.dataset}, ${input.samples} records` : shortText((r.sample || {}).prompt, 40);
+  return `${fmtTime(r.created)} · ${r.model} · ${what}`;
 }
 
 /** The status line in the top bar: version, runs stored, what the worker is doing. */
