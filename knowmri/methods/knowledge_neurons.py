@@ -111,7 +111,8 @@ class KnowledgeNeurons(Method):
         `kn_engine.row_chunks` batches them (forward and backward; the largest batch's activations and
         key/value copies are the peak); then the listed neurons' value vectors in the vocabulary. Paraphrases
         (when built) count as prompts like the first, after one pass checking them; the screen is one pass
-        of (candidates + 1) x (controls + 1) rows."""
+        of (candidates + 1) x (controls + 1) rows, and one more for the refined set's top 5 (screened
+        where they were not among the candidates)."""
         from knowmri.methods.costs import Dims, Pass, prepare_passes, readout_pass, sample_shape, work_estimate
 
         p = params if isinstance(params, KnowledgeNeuronsParams) else KnowledgeNeuronsParams()
@@ -126,9 +127,10 @@ class KnowledgeNeurons(Method):
         if built:  # the paraphrases' check, then (at most) `paraphrases` more prompts like the first
             passes.append(Pass(rows=len(built), tokens=first.prompt + 2, readout=len(built)))
             prompts = prompts + prompts[:1] * min(p.paraphrases, len(built))
-        if p.controls and p.screen:  # the generic-neuron screen: one row per (candidate or none) x prompt
-            rows = (p.screen + 1) * (p.controls + 1)
-            passes.append(Pass(rows=rows, tokens=first.prompt, readout=rows))
+        if p.controls and p.screen:  # the generic-neuron screen: one row per (candidate or none) x prompt,
+            rows = (p.screen + 1) * (p.controls + 1)  # then the refined set's top 5 where not screened yet
+            passes += [Pass(rows=rows, tokens=first.prompt, readout=rows),
+                       Pass(rows=6 * (p.controls + 1), tokens=first.prompt, readout=6 * (p.controls + 1))]
         for j, prompt in enumerate(prompts):
             shape = first if j == 0 or prompt == prompts[0] else sample_shape(model, sample.replace(prompt=prompt),
                                                                               p.max_answer_tokens)
