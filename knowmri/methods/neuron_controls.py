@@ -17,7 +17,8 @@ Effects are relative changes of P(first answer token): (P_edited - P_clean) / P_
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,6 +158,73 @@ def relative(p: float, base: float) -> float:
     return (p - base) / base if base > 0 else 0.0
 
 
+@contextmanager
+def _blocks_given(model: Any, output: Any, upto: int, copies: int) -> Iterator[None]:
+    """Inside, blocks 0..upto-1 compute nothing: block upto-1 returns `output` (a block's recorded output for
+    the unedited rows) repeated `copies` times over the batch, the ones before it pass their input on."""
+    def given(*args: Any, **kwargs: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden.repeat(copies, *[1] * (hidden.dim() - 1))
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    def passed_on(*args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    blocks = list(model.layers)[:upto]
+    for j, block in enumerate(blocks):
+        block.forward = given if j == upto - 1 else passed_on
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
+
+
+@torch.inference_mode()
+def screen_probs(model: Any, prompts: Sequence[Prompt], neurons: Sequence[tuple[int, int]],
+                  batch_tokens: int = 2048) -> list[float] | None:
+    """`answer_probs` of the screen's rows (every prompt unedited, then under each neuron's ablation), on a
+    causal model with the blocks before a neuron's layer not re-run: they compute the same states as the
+    unedited rows, whose block outputs are recorded once (so a neuron of layer l costs blocks l..L-1 only).
+    None where a block returns more than its hidden states (those could not be given back as recorded)."""
+    n = len(prompts)
+    inputs, reads = _batch(model, prompts, list(range(n)))
+    keep = sorted(set(reads))
+    at = torch.tensor([keep.index(p) for p in reads])
+    ids = torch.tensor([p.enc.target_ids[0] for p in prompts])
+
+    def probs(logits: torch.Tensor, copies: int) -> list[float]:
+        picked = logits[torch.arange(n * copies, device=logits.device), at.repeat(copies).to(logits.device)]
+        return picked.float().log_softmax(-1).gather(-1, ids.repeat(copies)[:, None].to(logits.device))[:, 0].exp().tolist()
+
+    layers = sorted({int(layer) for layer, _ in neurons})
+    outputs: dict[int, Any] = {}
+    handles = [model.layers[layer - 1].register_forward_hook(
+        lambda module, args, out, layer=layer: outputs.__setitem__(layer, out)) for layer in layers if layer > 0]
+    try:
+        base = probs(model.run(keep=keep, **inputs).logits, 1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if any(isinstance(out, tuple) and any(isinstance(x, torch.Tensor) for x in out[1:]) for out in outputs.values()):
+        return None
+    width = inputs["input_ids"].shape[1]
+    per = max(1, batch_tokens // max(1, n * width))
+    by_neuron: dict[tuple[int, int], list[float]] = {}
+    for layer in layers:
+        units = [(int(lay), int(u)) for lay, u in neurons if int(lay) == layer]
+        for start in range(0, len(units), per):
+            chunk = units[start:start + per]
+            batch = {k: v.repeat(len(chunk), 1) for k, v in inputs.items()}
+            with Hooks(model) as h, _blocks_given(model, outputs.get(layer), layer, len(chunk)) if layer else nullcontext():
+                _apply(h, [neuron_edit([key], 0.0) for key in chunk for _ in range(n)])
+                got = probs(model.run(keep=keep, **batch).logits, len(chunk))
+            for k, key in enumerate(chunk):
+                by_neuron[key] = got[k * n:(k + 1) * n]
+    return base + [p for layer, unit in neurons for p in by_neuron[int(layer), int(unit)]]
+
+
 def screen(model: Any, fact: Prompt, controls: Sequence[Prompt], neurons: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:
     """Each neuron ablated alone on the fact and on the control facts (one batch row per neuron and prompt).
 
@@ -164,11 +232,14 @@ def screen(model: Any, fact: Prompt, controls: Sequence[Prompt], neurons: Sequen
     over the controls) and `generic`: the controls drop by at least GENERIC_RATIO of the fact's drop,
     and by GENERIC_FLOOR or more. Without controls nothing is flagged."""
     prompts = [fact, *controls]
-    rows: list[Row] = [(i, {}) for i in range(len(prompts))]
-    for layer, unit in neurons:
-        rows += [(i, neuron_edit([(layer, unit)], 0.0)) for i in range(len(prompts))]
-    probs = answer_probs(model, prompts, rows)
     n = len(prompts)
+    neurons = [(int(layer), int(unit)) for layer, unit in neurons]
+    probs = screen_probs(model, prompts, neurons) if model.kind == "causal" and not model.moe_layers else None
+    if probs is None:
+        rows: list[Row] = [(i, {}) for i in range(n)]
+        for layer, unit in neurons:
+            rows += [(i, neuron_edit([(layer, unit)], 0.0)) for i in range(n)]
+        probs = answer_probs(model, prompts, rows)
     base = probs[:n]
     out = []
     for k, (layer, unit) in enumerate(neurons):
