@@ -132,10 +132,18 @@ def _apply(h: Hooks, edits: Sequence[NeuronEdit]) -> None:
 
 
 @torch.inference_mode()
-def answer_probs(model: Any, prompts: Sequence[Prompt], rows: Sequence[Row], batch_tokens: int = 2048) -> list[float]:
-    """P(first answer token) of each row (a prompt under a neuron edit), rows batched by token count."""
+def answer_probs(model: Any, prompts: Sequence[Prompt], rows: Sequence[Row], batch_tokens: int = 2048,
+                 replay: bool = True) -> list[float]:
+    """P(first answer token) of each row (a prompt under a neuron edit), rows batched by token count.
+
+    With `replay`, on a causal model, an edit whose first layer is l re-runs blocks l..L-1 only
+    (`replayed_probs`); without, every row is a whole forward."""
     if not rows:
         return []
+    if replay and model.kind == "causal" and not model.moe_layers:
+        fast = replayed_probs(model, prompts, rows, batch_tokens)
+        if fast is not None:
+            return fast
     out: list[float] = []
     width = max(p.enc.input_ids.shape[1] for p in prompts)
     per = max(1, batch_tokens // max(1, width))
@@ -153,18 +161,13 @@ def answer_probs(model: Any, prompts: Sequence[Prompt], rows: Sequence[Row], bat
     return out
 
 
-def relative(p: float, base: float) -> float:
-    """(p - base) / base: the relative change of a probability (0 when base is 0)."""
-    return (p - base) / base if base > 0 else 0.0
-
-
 @contextmanager
-def _blocks_given(model: Any, output: Any, upto: int, copies: int) -> Iterator[None]:
-    """Inside, blocks 0..upto-1 compute nothing: block upto-1 returns `output` (a block's recorded output for
-    the unedited rows) repeated `copies` times over the batch, the ones before it pass their input on."""
+def _blocks_given(model: Any, output: Any, upto: int, select: torch.Tensor) -> Iterator[None]:
+    """Inside, blocks 0..upto-1 compute nothing: block upto-1 returns the rows `select` of `output` (its
+    recorded output for every prompt unedited), the ones before it pass their input on."""
     def given(*args: Any, **kwargs: Any) -> Any:
         hidden = output[0] if isinstance(output, tuple) else output
-        hidden = hidden.repeat(copies, *[1] * (hidden.dim() - 1))
+        hidden = hidden.index_select(0, select.to(hidden.device))
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     def passed_on(*args: Any, **kwargs: Any) -> Any:
@@ -181,48 +184,53 @@ def _blocks_given(model: Any, output: Any, upto: int, copies: int) -> Iterator[N
             del block.forward
 
 
-@torch.inference_mode()
-def screen_probs(model: Any, prompts: Sequence[Prompt], neurons: Sequence[tuple[int, int]],
-                  batch_tokens: int = 2048) -> list[float] | None:
-    """`answer_probs` of the screen's rows (every prompt unedited, then under each neuron's ablation), on a
-    causal model with the blocks before a neuron's layer not re-run: they compute the same states as the
-    unedited rows, whose block outputs are recorded once (so a neuron of layer l costs blocks l..L-1 only).
-    None where a block returns more than its hidden states (those could not be given back as recorded)."""
+def replayed_probs(model: Any, prompts: Sequence[Prompt], rows: Sequence[Row], batch_tokens: int = 2048) -> list[float] | None:
+    """`answer_probs` on a causal model without re-running what an edit cannot change: one forward of every
+    prompt unedited records each block's output (and gives the unedited rows), then the rows whose edit
+    starts at layer l run blocks l..L-1 only, from the recorded output of block l-1 (a screened neuron
+    of layer 28 of 30 costs 2 blocks, not 30). None where a block returns more than its hidden states."""
     n = len(prompts)
     inputs, reads = _batch(model, prompts, list(range(n)))
     keep = sorted(set(reads))
     at = torch.tensor([keep.index(p) for p in reads])
     ids = torch.tensor([p.enc.target_ids[0] for p in prompts])
 
-    def probs(logits: torch.Tensor, copies: int) -> list[float]:
-        picked = logits[torch.arange(n * copies, device=logits.device), at.repeat(copies).to(logits.device)]
-        return picked.float().log_softmax(-1).gather(-1, ids.repeat(copies)[:, None].to(logits.device))[:, 0].exp().tolist()
+    def probs(logits: torch.Tensor, order: torch.Tensor) -> list[float]:
+        picked = logits[torch.arange(len(order), device=logits.device), at[order].to(logits.device)].float()
+        return picked.log_softmax(-1).gather(-1, ids[order][:, None].to(logits.device))[:, 0].exp().tolist()
 
-    layers = sorted({int(layer) for layer, _ in neurons})
+    starts = [min(edit) if edit else None for _, edit in rows]
+    layers = sorted({s for s in starts if s})
     outputs: dict[int, Any] = {}
     handles = [model.layers[layer - 1].register_forward_hook(
-        lambda module, args, out, layer=layer: outputs.__setitem__(layer, out)) for layer in layers if layer > 0]
+        lambda module, args, out, layer=layer: outputs.__setitem__(layer, out)) for layer in layers]
     try:
-        base = probs(model.run(keep=keep, **inputs).logits, 1)
+        base = probs(model.run(keep=keep, **inputs).logits, torch.arange(n))
     finally:
         for handle in handles:
             handle.remove()
     if any(isinstance(out, tuple) and any(isinstance(x, torch.Tensor) for x in out[1:]) for out in outputs.values()):
         return None
-    width = inputs["input_ids"].shape[1]
-    per = max(1, batch_tokens // max(1, n * width))
-    by_neuron: dict[tuple[int, int], list[float]] = {}
-    for layer in layers:
-        units = [(int(lay), int(u)) for lay, u in neurons if int(lay) == layer]
-        for start in range(0, len(units), per):
-            chunk = units[start:start + per]
-            batch = {k: v.repeat(len(chunk), 1) for k, v in inputs.items()}
-            with Hooks(model) as h, _blocks_given(model, outputs.get(layer), layer, len(chunk)) if layer else nullcontext():
-                _apply(h, [neuron_edit([key], 0.0) for key in chunk for _ in range(n)])
-                got = probs(model.run(keep=keep, **batch).logits, len(chunk))
-            for k, key in enumerate(chunk):
-                by_neuron[key] = got[k * n:(k + 1) * n]
-    return base + [p for layer, unit in neurons for p in by_neuron[int(layer), int(unit)]]
+    out = [base[i] if start is None else 0.0 for (i, _), start in zip(rows, starts)]
+    per = max(1, batch_tokens // max(1, inputs["input_ids"].shape[1]))
+    for start in sorted({s for s in starts if s is not None}):
+        index = [r for r, s in enumerate(starts) if s == start]
+        for first in range(0, len(index), per):
+            chunk = index[first:first + per]
+            order = torch.tensor([rows[r][0] for r in chunk])
+            batch = {k: v.index_select(0, order.to(v.device)) for k, v in inputs.items()}
+            given = _blocks_given(model, outputs[start], start, order) if start else nullcontext()
+            with Hooks(model) as h, given:
+                _apply(h, [rows[r][1] for r in chunk])
+                got = probs(model.run(keep=keep, **batch).logits, order)
+            for r, p in zip(chunk, got):
+                out[r] = p
+    return out
+
+
+def relative(p: float, base: float) -> float:
+    """(p - base) / base: the relative change of a probability (0 when base is 0)."""
+    return (p - base) / base if base > 0 else 0.0
 
 
 def screen(model: Any, fact: Prompt, controls: Sequence[Prompt], neurons: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:
@@ -233,13 +241,10 @@ def screen(model: Any, fact: Prompt, controls: Sequence[Prompt], neurons: Sequen
     and by GENERIC_FLOOR or more. Without controls nothing is flagged."""
     prompts = [fact, *controls]
     n = len(prompts)
-    neurons = [(int(layer), int(unit)) for layer, unit in neurons]
-    probs = screen_probs(model, prompts, neurons) if model.kind == "causal" and not model.moe_layers else None
-    if probs is None:
-        rows: list[Row] = [(i, {}) for i in range(n)]
-        for layer, unit in neurons:
-            rows += [(i, neuron_edit([(layer, unit)], 0.0)) for i in range(n)]
-        probs = answer_probs(model, prompts, rows)
+    rows: list[Row] = [(i, {}) for i in range(n)]
+    for layer, unit in neurons:
+        rows += [(i, neuron_edit([(layer, unit)], 0.0)) for i in range(n)]
+    probs = answer_probs(model, prompts, rows)
     base = probs[:n]
     out = []
     for k, (layer, unit) in enumerate(neurons):

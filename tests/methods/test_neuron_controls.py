@@ -49,20 +49,20 @@ def test_the_generic_neuron_matters_to_every_fact_the_fact_neuron_to_its_own(gen
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "falcon"])
-def test_screen_skipping_the_blocks_before_a_neuron_equals_whole_forwards(family) -> None:
+def test_edits_replayed_from_their_first_layer_equal_whole_forwards(family) -> None:
     from knowmri.testing import tiny_model
 
     model = tiny_model(family)
     sample = Sample(prompt="The Eiffel Tower is located in the city of", ground_truth=" Paris")
     fact = nc.encode_prompt(model, sample["prompt"], " Paris")
     prompts = [fact, *nc.control_prompts(model, sample, 3)]
-    neurons = [(model.n_layers - 1, 3), (0, 5), (1, 2), (model.n_layers - 1, 7), (1, 2)]
-    rows = [(i, {}) for i in range(len(prompts))]
-    rows += [(i, nc.neuron_edit([key], 0.0)) for key in neurons for i in range(len(prompts))]
-    fast = nc.screen_probs(model, prompts, neurons)
-    if fast is None:
-        pytest.skip("blocks return more than their hidden states")
-    assert fast == pytest.approx(nc.answer_probs(model, prompts, rows), rel=1e-4, abs=1e-7)
+    last = model.n_layers - 1
+    edits = [nc.neuron_edit([(last, 3)], 0.0), nc.neuron_edit([(0, 5)], 0.0), nc.neuron_edit([(1, 2), (last, 7)], 2.0), {}]
+    rows = [(i, edit) for edit in edits for i in range(len(prompts))][::-1]  # mixed order, unedited rows included
+    whole = nc.answer_probs(model, prompts, rows, replay=False)
+    assert nc.answer_probs(model, prompts, rows) == pytest.approx(whole, rel=1e-4, abs=1e-7)
+    replayed = nc.replayed_probs(model, prompts, rows)
+    assert replayed is None or replayed == pytest.approx(whole, rel=1e-4, abs=1e-7)
 
 def test_knowledge_neurons_rank_the_fact_neuron_and_flag_the_generic_one(generic) -> None:
     result = run("knowledge_neurons", generic.model, generic.sample, steps=8)
