@@ -353,6 +353,24 @@ def control_warnings(base_prob: float, n_controls: int, wanted: int) -> list[str
     return out
 
 
+#: The share of the blocks a screened neuron's rows re-run, for estimates (`replayed_probs` starts them at
+#: the neuron's layer): on SmolLM2 the candidates lie in the upper half (knowledge neurons mostly in layers
+#: 20-29 of 30, FiNE's in 28-29).
+SCREEN_BLOCKS = 0.5
+
+
+def screen_passes(model: Any, neurons: int, controls: int, tokens: int) -> list[Any]:
+    """The passes of `screen` for `neurons` candidates and `controls` control facts of about `tokens` tokens,
+    for `estimate()`: the unedited prompts once, then a row per (neuron, prompt), on a causal model from
+    the neuron's layer on (`SCREEN_BLOCKS` of the blocks on average)."""
+    from knowmri.methods.costs import Pass
+
+    prompts = controls + 1
+    rows = neurons * prompts
+    blocks = max(1.0, SCREEN_BLOCKS * model.n_layers) if model.kind == "causal" and not model.moe_layers else None
+    return [Pass(rows=prompts, tokens=tokens, readout=prompts), Pass(rows=rows, tokens=tokens, blocks=blocks, readout=rows)]
+
+
 def screen_cached(model: Any, fact: Prompt, controls: Sequence[Prompt], neurons: Sequence[tuple[int, int]],
                   cache: dict | None = None) -> dict[tuple[int, int], dict[str, Any]]:
     """`screen`, keeping each neuron's entry in `cache` (a run's per-sample cache), so that methods
