@@ -1,7 +1,7 @@
 """Benchmark: the whole `km.diagnose` of every method on the Eiffel fact, on SmolLM2 (goal: < 60 s on CPU).
 
 Runs `knowmri.diagnose` with every eligible method at its default parameters (docs/API.md's: causal
-tracing with 10 noise samples, KN and IG with 20 steps, ...), as a user would, with a fresh $KNOWMRI_HOME (so SPINE trains instead of loading its cached weights: the cold,
+tracing with 10 noise samples and the depth-scaled window, KN and IG with 20 steps, the controls, ...), as a user would, with a fresh $KNOWMRI_HOME (so SPINE trains instead of loading its cached weights: the cold,
 first-run case) and `torch.set_num_threads(2)`, `--repeats` times (3; the machine is shared and
 noisy, so the median of the cold runs is reported, with their spread and the matmul rate the machine
 gave just before each, which shows how fast the shared machine was at that moment). A warm run (SPINE cached) is
@@ -11,7 +11,8 @@ Then the same cold runs with the model in `--also-dtype` (default `auto`: bfloat
 multiplies bfloat16 natively, `knowmri.models.loading.fast_dtype`; `none` skips it), and how far its
 findings agree with the first dtype's (`agreement`: the causal-tracing grids' correlation, max
 difference and peak cells, the top knowledge neurons, the circuit's edges, IG's top token, each
-method's token and layer scores, ...). Writes benchmarks/results/diagnose.json.
+method's token and layer scores, ...). Each run keeps the consensus's causal verification table (the
+README's). Writes benchmarks/results/diagnose.json.
 
     python benchmarks/bench_diagnose.py [--quick] [--also-dtype bfloat16|none] [--device cuda --dtype bfloat16]
 """
@@ -27,6 +28,7 @@ import _harness as H
 import torch
 from bench_floor import Dims, matmul_rate
 
+from knowmri.analysis.verification import verification_table
 from knowmri.methods import weight_cache
 
 GOAL_S = 60.0
@@ -60,8 +62,12 @@ def one_run(model: Any, label: str, params: dict[str, dict] | None = None) -> di
         c = f"{v['cpu_s']:7.2f}" if v["cpu_s"] is not None else "      –"
         print(f"  {name:22s} {v['seconds']:7.2f} s  CPU {c} s  {v['status']}"
               f"{'  ' + (v['error'] or '')[:120] if v['error'] else ''}", flush=True)
+    checked = (report.consensus or {}).get("verification") or {}
+    verification = {"base_prob": checked.get("base_prob"), "controls": checked.get("controls"),
+                    "table": verification_table(checked)} if checked.get("methods") else checked or None
     return {"label": label, "total_s": total, "total_cpu_s": total_cpu, "methods_s": methods_s,
-            "consensus_s": total - methods_s, "methods": per, "findings": {n: r.findings for n, r in report.results.items()}}
+            "consensus_s": total - methods_s, "methods": per, "verification": verification,
+            "findings": {n: r.findings for n, r in report.results.items()}}
 
 
 def _corr(a: list[float], b: list[float]) -> float | None:

@@ -36,10 +36,15 @@ from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunCont
 from knowmri.methods.common import clean_pass, prepare
 from knowmri.methods.projection_engine import (
     PROJECT_CHUNK_BYTES,
+    RankTables,
+    TokenNames,
     VocabularyReader,
+    answer_ranks,
     head_output_norms,
+    head_table,
+    neighbour_map,
     ov_outputs,
-    pca_coords,
+    prompt_token_ids,
     top_neurons,
 )
 from knowmri.models.model import Encoded
@@ -185,9 +190,9 @@ class EmbeddingProjection(Method):
         model_top = int(clean.logits[row].argmax())
         neuron_rows = [{"layer": layer, **neuron_units.fields(model, layer, unit), "score": score, "activation": act, "tokens": names(ids)}
                        for (layer, unit, score, act), ids in zip(neurons.picked, read.neuron_ids)]
-        head_rows = _head_rows(chosen, head_norms, token_ids, read.ov_ids, names)
+        head_rows = head_table(chosen, head_norms, token_ids, read.ov_ids, names)
         neighbours = {names.one(t): names(ids) for t, ids in zip(token_ids, read.neighbour_ids)}
-        map_fig = _neighbour_map(reader.emb, reader.row_norms, token_ids, read.neighbour_ids, model.tokenizer,
+        map_fig = neighbour_map(reader.emb, reader.row_norms, token_ids, read.neighbour_ids, model.tokenizer,
                                  params.map_dims)
         result = self.new_result(params)
         result.findings = {
@@ -231,29 +236,6 @@ def read_position(enc: Encoded, position: int) -> int:
     return position % length
 
 
-class TokenNames:
-    """Token texts, each id decoded once."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.decoded: dict[int, str] = {}
-
-    def one(self, i: int) -> str:
-        if i not in self.decoded:
-            self.decoded[i] = self.tokenizer.decode([i])
-        return self.decoded[i]
-
-    def __call__(self, ids: torch.Tensor) -> list[str]:
-        return [self.one(i) for i in ids.tolist()]
-
-
-def prompt_token_ids(model: Any, enc: Encoded) -> list[int]:
-    """The prompt's distinct tokens, in order, special tokens left out (unless there is nothing else)."""
-    ids = enc.input_ids[0, : enc.prompt_len].tolist() if model.kind != "masked" else enc.input_ids[0].tolist()
-    special = set(model.tokenizer.all_special_ids)
-    return list(dict.fromkeys(i for i in ids if i not in special)) or list(dict.fromkeys(ids))
-
-
 def choose_heads(model: Any, params: EmbeddingProjectionParams, head_norms: torch.Tensor) -> list[tuple[int, int]]:
     """The heads read: `params.heads`, else the `top_heads` with the largest output norm."""
     chosen = parse_heads(params.heads)
@@ -266,58 +248,6 @@ def choose_heads(model: Any, params: EmbeddingProjectionParams, head_norms: torc
         order = head_norms.flatten().topk(min(params.top_heads, head_norms.numel())).indices
         chosen = [(int(i) // model.n_heads, int(i) % model.n_heads) for i in order]
     return chosen
-
-
-def answer_ranks(logits: torch.Tensor, target: int) -> list[int]:
-    """The rank (1 = top) of token `target` in each row of `logits` [L, vocab]."""
-    return ((logits > logits[:, target][:, None]).sum(-1, dtype=torch.int32) + 1).tolist()
-
-
-@dataclass
-class RankTables:
-    """The answer's rank and score in every layer's projection, each layer's top tokens, and the rank of the
-    answer and the final layer's top tokens in every layer (`rank_grid` [L, len(shown)])."""
-
-    target: int
-    target_rank: list[int]
-    target_score: list[float]
-    layer_top: torch.Tensor
-    first_top: int | None
-    shown: list[int]
-    rank_grid: list[list[int]]
-
-    @classmethod
-    def of(cls, logits: torch.Tensor, target: int, k: int) -> RankTables:
-        target_score = logits[:, target]
-        target_rank = answer_ranks(logits, target)
-        layer_top = logits.topk(k, dim=-1).indices
-        final_top = logits[-1].topk(k).indices.tolist()
-        shown = [target] + [i for i in final_top if i != target][: max(0, k - 1)]
-        shown_scores = logits[:, torch.tensor(shown, device=logits.device)]  # [L, S]
-        rank_grid = ((logits[:, None, :] > shown_scores[:, :, None]).sum(-1, dtype=torch.int32) + 1).tolist()
-        first_top = next((i for i, r in enumerate(target_rank) if r == 1), None)
-        return cls(target, target_rank, [float(s) for s in target_score], layer_top, first_top, shown, rank_grid)
-
-
-def _head_rows(chosen: list[tuple[int, int]], head_norms: torch.Tensor, token_ids: list[int], ov_ids: torch.Tensor,
-               names: TokenNames) -> list[dict[str, Any]]:
-    """Per chosen head: its output norm, which token it writes for each prompt token, and how many map to themselves."""
-    head_rows = []
-    n_ids = len(token_ids)
-    for j, (layer, head) in enumerate(chosen):
-        rows = ov_ids[j * n_ids: (j + 1) * n_ids]
-        copies = [{"token": names.one(t), "writes": names(row)} for t, row in zip(token_ids, rows)]
-        copying = float(np.mean([t in row.tolist() for t, row in zip(token_ids, rows)]))
-        head_rows.append(
-            {
-                "layer": layer,
-                "head": head,
-                "score": float(head_norms[layer, head]),
-                "copying": copying,
-                "copies": copies,
-            }
-        )
-    return head_rows
 
 
 def how_read(final_norm: bool) -> str:
@@ -432,42 +362,4 @@ def _add_figures_and_tables(result: MethodResult, model: Any, ranks: RankTables,
             [t, " | ".join(f"{n} ({s:.2f})" for n, s in zip(nbs, f["neighbour_similarity"][t]))]
             for t, nbs in f["neighbours"].items()
         ],
-    )
-
-
-def _neighbour_map(
-    emb: torch.Tensor, row_norms: torch.Tensor, ids: list[int], nb_ids: torch.Tensor, tok: Any, dims: int
-) -> Any:
-    """A PCA scatter of the prompt's tokens and their nearest neighbours."""
-    groups = {t: [t] + [int(i) for i in row] for t, row in zip(ids, nb_ids.tolist())}
-    order = list(dict.fromkeys(i for members in groups.values() for i in members))
-    index_t = torch.tensor(order, device=emb.device)
-    points = (emb[index_t].double() / row_norms[index_t, None].double()).cpu()  # unit vectors
-    coords = pca_coords(points - points.mean(0, keepdim=True), dims)
-    if coords.shape[1] < dims:
-        coords = np.pad(coords, ((0, 0), (0, dims - coords.shape[1])))
-    index = {i: n for n, i in enumerate(order)}
-    decoded = {i: tok.decode([i]) for i in order}
-    traces = []
-    for t, members in groups.items():
-        rows = [index[i] for i in members]
-        trace: dict[str, Any] = {
-            "marker": {"size": [14] + [8] * (len(members) - 1)},
-            "mode": "markers+text",
-            "name": repr(decoded[t]),
-            "text": [decoded[i] for i in members],
-            "textposition": "top center",
-            "x": coords[rows, 0].tolist(),
-            "y": coords[rows, 1].tolist(),
-        }
-        if dims == 3:
-            trace["z"] = coords[rows, 2].tolist()
-        trace["type"] = "scatter3d" if dims == 3 else "scatter"
-        traces.append(trace)
-    return figures.figure(
-        traces,
-        title="Prompt tokens (large) and their nearest neighbours in the input embedding space (PCA)",
-        x_title="PC 1",
-        y_title="PC 2",
-        legend={"title": {"text": "token"}},
     )

@@ -69,11 +69,10 @@ class Fine(Method):
 
     def estimate(self, model: Any, sample: Sample, params: Params | None = None) -> Estimate:
         """The clean pass, each layer's value vectors dotted with the answer tokens' unembeddings, the
-        top neurons' value vectors read through the unembedding, and the screen: one pass of
-        (candidates + 1) x (controls + 1) rows."""
+        top neurons' value vectors read through the unembedding, and the screen
+        (`neuron_controls.screen_passes`)."""
         from knowmri.methods.costs import (
             Dims,
-            Pass,
             clean_pass_bytes,
             clean_pass_passes,
             matmul_seconds,
@@ -90,8 +89,7 @@ class Fine(Method):
         per_layer = matmul_seconds(model, 2 * width * dims.d * shape.answer, width)
         passes = [*prepare_passes(model, shape), *clean_pass_passes(model, shape, shape.answer + 1), readout_pass(p.top_k)]
         if p.controls and p.screen:  # the generic-neuron screen: one row per (candidate or none) x prompt
-            rows = (p.screen + 1) * (p.controls + 1)
-            passes.append(Pass(rows=rows, tokens=shape.prompt, readout=rows))
+            passes += nc.screen_passes(model, p.screen, p.controls, shape.prompt)
         buffers = clean_pass_bytes(model, shape, shape.answer + 1) + 4 * 3 * shape.answer * dims.layers * width
         if dims.bytes < 4:  # `neuron_top_tokens`: low-precision scores, their slack and the shortlist, and the
             buffers += 3 * 4 * p.top_k * dims.vocab + 4 * dims.vocab * dims.d  # row norms' float32 copy (first use)

@@ -87,8 +87,10 @@ class KnowledgeCircuits(Method):
         """Scoring the candidate subjects (one batch), then EAP: the corrupted row and one row per
         interpolation step, forward and backward, each layer's per-head gradients (batched over heads
         through the attention core and each head's q/k/v columns), the edge-score product, and the
-        faithfulness passes (circuits of several sizes per batch); the batch's activations and the
-        gradients read at every layer are the peak."""
+        faithfulness passes of `circuits_search.search` (one row per circuit size): its first pass of 16
+        log-spaced sizes, then with `top_n` 0 the refining passes of 8 sizes (2 counted: on 20 known_1000
+        facts it ran 2.95 passes in all on average, docs/validity_circuits.md); the batch's activations and
+        the gradients read at every layer are the peak."""
         from knowmri.methods.costs import (
             Dims,
             Pass,
@@ -107,7 +109,8 @@ class KnowledgeCircuits(Method):
         candidates = 1 if p.corrupt_subject or p.corruption == "noise" else 12  # those of the subject's token length
         passes = [*prepare_passes(model, shape), Pass(rows=candidates, tokens=T, readout=candidates),
                   Pass(rows=rows, tokens=T, readout=rows, backward=True),
-                  Pass(rows=12, tokens=T, readout=12, count=2 if p.faithfulness else 0)]
+                  Pass(rows=16, tokens=T, readout=16, count=1 if p.faithfulness else 0),
+                  Pass(rows=8, tokens=T, readout=8, count=2 if p.faithfulness and not p.top_n else 0)]
         qkv = dims.d + 2 * dims.kv  # q/k/v projection outputs per token
         heads = L * (matmul_seconds(model, 2 * H * rows * T * 3 * dims.d_head * dims.d, rows * T)
                      + matmul_seconds(model, 4 * H * rows * T * T * dims.d, T)

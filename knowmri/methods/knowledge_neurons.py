@@ -111,8 +111,9 @@ class KnowledgeNeurons(Method):
         check) and its IG rows: `steps` rows per layer, rows of layer l over blocks l..L-1, batched as
         `kn_engine.row_chunks` batches them (forward and backward; the largest batch's activations and
         key/value copies are the peak); then the listed neurons' value vectors in the vocabulary. Paraphrases
-        (when built) count as prompts like the first, after one pass checking them; the screen is one pass
-        of (candidates + 1) x (controls + 1) rows."""
+        (when built) count as prompts like the first, after one pass checking them; the screen is
+        `neuron_controls.screen_passes` for the candidates, and again for the refined set's top 5 (screened
+        where they were not among the candidates)."""
         from knowmri.methods.costs import Dims, Pass, prepare_passes, readout_pass, sample_shape, work_estimate
 
         p = params if isinstance(params, KnowledgeNeuronsParams) else KnowledgeNeuronsParams()
@@ -127,9 +128,9 @@ class KnowledgeNeurons(Method):
         if built:  # the paraphrases' check, then (at most) `paraphrases` more prompts like the first
             passes.append(Pass(rows=len(built), tokens=first.prompt + 2, readout=len(built)))
             prompts = prompts + prompts[:1] * min(p.paraphrases, len(built))
-        if p.controls and p.screen:  # the generic-neuron screen: one row per (candidate or none) x prompt
-            rows = (p.screen + 1) * (p.controls + 1)
-            passes.append(Pass(rows=rows, tokens=first.prompt, readout=rows))
+        if p.controls and p.screen:  # the generic-neuron screen of the candidates, then of the refined set's
+            passes += nc.screen_passes(model, p.screen, p.controls, first.prompt)  # top 5 not screened yet
+            passes += nc.screen_passes(model, 5, p.controls, first.prompt)
         for j, prompt in enumerate(prompts):
             shape = first if j == 0 or prompt == prompts[0] else sample_shape(model, sample.replace(prompt=prompt),
                                                                               p.max_answer_tokens)

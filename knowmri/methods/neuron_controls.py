@@ -17,7 +17,8 @@ Effects are relative changes of P(first answer token): (P_edited - P_clean) / P_
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,10 +141,18 @@ def _apply(h: Hooks, edits: Sequence[NeuronEdit]) -> None:
 
 
 @torch.inference_mode()
-def answer_probs(model: Any, prompts: Sequence[Prompt], rows: Sequence[Row], batch_tokens: int = 2048) -> list[float]:
-    """P(first answer token) of each row (a prompt under a neuron edit), rows batched by token count."""
+def answer_probs(model: Any, prompts: Sequence[Prompt], rows: Sequence[Row], batch_tokens: int = 2048,
+                 replay: bool = True) -> list[float]:
+    """P(first answer token) of each row (a prompt under a neuron edit), rows batched by token count.
+
+    With `replay`, on a causal model, an edit whose first layer is l re-runs blocks l..L-1 only
+    (`replayed_probs`); without, every row is a whole forward."""
     if not rows:
         return []
+    if replay and model.kind == "causal" and not model.moe_layers:
+        fast = replayed_probs(model, prompts, rows, batch_tokens)
+        if fast is not None:
+            return fast
     out: list[float] = []
     width = max(p.enc.input_ids.shape[1] for p in prompts)
     per = max(1, batch_tokens // max(1, width))
@@ -161,6 +170,73 @@ def answer_probs(model: Any, prompts: Sequence[Prompt], rows: Sequence[Row], bat
     return out
 
 
+@contextmanager
+def _blocks_given(model: Any, output: Any, upto: int, select: torch.Tensor) -> Iterator[None]:
+    """Inside, blocks 0..upto-1 compute nothing: block upto-1 returns the rows `select` of `output` (its
+    recorded output for every prompt unedited), the ones before it pass their input on."""
+    def given(*args: Any, **kwargs: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden.index_select(0, select.to(hidden.device))
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    def passed_on(*args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    blocks = list(model.layers)[:upto]
+    for j, block in enumerate(blocks):
+        block.forward = given if j == upto - 1 else passed_on
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
+
+
+def replayed_probs(model: Any, prompts: Sequence[Prompt], rows: Sequence[Row], batch_tokens: int = 2048) -> list[float] | None:
+    """`answer_probs` on a causal model without re-running what an edit cannot change: one forward of every
+    prompt unedited records each block's output (and gives the unedited rows), then the rows whose edit
+    starts at layer l run blocks l..L-1 only, from the recorded output of block l-1 (a screened neuron
+    of layer 28 of 30 costs 2 blocks, not 30). None where a block returns more than its hidden states."""
+    n = len(prompts)
+    inputs, reads = _batch(model, prompts, list(range(n)))
+    keep = sorted(set(reads))
+    at = torch.tensor([keep.index(p) for p in reads])
+    ids = torch.tensor([p.enc.target_ids[0] for p in prompts])
+
+    def probs(logits: torch.Tensor, order: torch.Tensor) -> list[float]:
+        picked = logits[torch.arange(len(order), device=logits.device), at[order].to(logits.device)].float()
+        return picked.log_softmax(-1).gather(-1, ids[order][:, None].to(logits.device))[:, 0].exp().tolist()
+
+    starts = [min(edit) if edit else None for _, edit in rows]
+    layers = sorted({s for s in starts if s})
+    outputs: dict[int, Any] = {}
+    handles = [model.layers[layer - 1].register_forward_hook(
+        lambda module, args, out, layer=layer: outputs.__setitem__(layer, out)) for layer in layers]
+    try:
+        base = probs(model.run(keep=keep, **inputs).logits, torch.arange(n))
+    finally:
+        for handle in handles:
+            handle.remove()
+    if any(isinstance(out, tuple) and any(isinstance(x, torch.Tensor) for x in out[1:]) for out in outputs.values()):
+        return None
+    out = [base[i] if start is None else 0.0 for (i, _), start in zip(rows, starts)]
+    per = max(1, batch_tokens // max(1, inputs["input_ids"].shape[1]))
+    for start in sorted({s for s in starts if s is not None}):
+        index = [r for r, s in enumerate(starts) if s == start]
+        for first in range(0, len(index), per):
+            chunk = index[first:first + per]
+            order = torch.tensor([rows[r][0] for r in chunk])
+            batch = {k: v.index_select(0, order.to(v.device)) for k, v in inputs.items()}
+            given = _blocks_given(model, outputs[start], start, order) if start else nullcontext()
+            with Hooks(model) as h, given:
+                _apply(h, [rows[r][1] for r in chunk])
+                got = probs(model.run(keep=keep, **batch).logits, order)
+            for r, p in zip(chunk, got):
+                out[r] = p
+    return out
+
+
 def relative(p: float, base: float) -> float:
     """(p - base) / base: the relative change of a probability (0 when base is 0)."""
     return (p - base) / base if base > 0 else 0.0
@@ -173,11 +249,11 @@ def screen(model: Any, fact: Prompt, controls: Sequence[Prompt], neurons: Sequen
     over the controls) and `generic`: the controls drop by at least GENERIC_RATIO of the fact's drop,
     and by GENERIC_FLOOR or more. Without controls nothing is flagged."""
     prompts = [fact, *controls]
-    rows: list[Row] = [(i, {}) for i in range(len(prompts))]
-    for layer, unit in neurons:
-        rows += [(i, neuron_edit([(layer, unit)], 0.0)) for i in range(len(prompts))]
-    probs = answer_probs(model, prompts, rows)
     n = len(prompts)
+    rows: list[Row] = [(i, {}) for i in range(n)]
+    for layer, unit in neurons:
+        rows += [(i, neuron_edit([(layer, unit)], 0.0)) for i in range(n)]
+    probs = answer_probs(model, prompts, rows)
     base = probs[:n]
     out = []
     for k, (layer, unit) in enumerate(neurons):
@@ -288,6 +364,24 @@ def control_warnings(base_prob: float, n_controls: int, wanted: int) -> list[str
         out.append(f"only {n_controls} unrelated control fact(s) (of {wanted} asked for; {MIN_CONTROLS} or more are "
                    "needed): the effect on other facts is a rough estimate")
     return out
+
+
+#: The share of the blocks a screened neuron's rows re-run, for estimates (`replayed_probs` starts them at
+#: the neuron's layer): on SmolLM2 the candidates lie in the upper half (knowledge neurons mostly in layers
+#: 20-29 of 30, FiNE's in 28-29).
+SCREEN_BLOCKS = 0.5
+
+
+def screen_passes(model: Any, neurons: int, controls: int, tokens: int) -> list[Any]:
+    """The passes of `screen` for `neurons` candidates and `controls` control facts of about `tokens` tokens,
+    for `estimate()`: the unedited prompts once, then a row per (neuron, prompt), on a causal model from
+    the neuron's layer on (`SCREEN_BLOCKS` of the blocks on average)."""
+    from knowmri.methods.costs import Pass
+
+    prompts = controls + 1
+    rows = neurons * prompts
+    blocks = max(1.0, SCREEN_BLOCKS * model.n_layers) if model.kind == "causal" and not model.moe_layers else None
+    return [Pass(rows=prompts, tokens=tokens, readout=prompts), Pass(rows=rows, tokens=tokens, blocks=blocks, readout=rows)]
 
 
 def screen_cached(model: Any, fact: Prompt, controls: Sequence[Prompt], neurons: Sequence[tuple[int, int]],

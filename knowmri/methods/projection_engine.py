@@ -7,7 +7,8 @@ there and what their OV circuits write for each prompt token; `VocabularyReader`
 through the final norm and the unembedding (as the model reads its last layer) or the unembedding alone,
 reads the residual stream the other way too (shown beside it), and finds the prompt tokens' nearest
 neighbours among the input embeddings (`embedding_norms`), batching the products with `project_parts`;
-`pca_coords` maps the neighbours.
+`pca_coords` and `neighbour_map` map the neighbours. `RankTables` holds the answer's rank in every
+layer's reading, `head_table` what each chosen head writes, `TokenNames` decodes each token once.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import torch
 from knowmri import neuron_units
 from knowmri.methods.weight_cache import row_norms as weight_row_norms
 from knowmri.methods.weight_cache import weight_derived
+from knowmri.models.model import Encoded
+from knowmri.report import figures
 
 PROJECT_CHUNK_BYTES = 1 << 27  # float32 scores of one batch of projected rows
 
@@ -228,3 +231,116 @@ def pca_coords(centred: torch.Tensor, dims: int) -> np.ndarray:
     coords = vectors[:, top] * values[top].clamp_min(0.0).sqrt()
     flip = coords.gather(0, coords.abs().argmax(0, keepdim=True)).sign()
     return (coords * torch.where(flip == 0, 1.0, flip)).cpu().numpy()
+
+
+class TokenNames:
+    """Token texts, each id decoded once."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.decoded: dict[int, str] = {}
+
+    def one(self, i: int) -> str:
+        if i not in self.decoded:
+            self.decoded[i] = self.tokenizer.decode([i])
+        return self.decoded[i]
+
+    def __call__(self, ids: torch.Tensor) -> list[str]:
+        return [self.one(i) for i in ids.tolist()]
+
+
+def prompt_token_ids(model: Any, enc: Encoded) -> list[int]:
+    """The prompt's distinct tokens, in order, special tokens left out (unless there is nothing else)."""
+    ids = enc.input_ids[0, : enc.prompt_len].tolist() if model.kind != "masked" else enc.input_ids[0].tolist()
+    special = set(model.tokenizer.all_special_ids)
+    return list(dict.fromkeys(i for i in ids if i not in special)) or list(dict.fromkeys(ids))
+
+
+def answer_ranks(logits: torch.Tensor, target: int) -> list[int]:
+    """The rank (1 = top) of token `target` in each row of `logits` [L, vocab]."""
+    return ((logits > logits[:, target][:, None]).sum(-1, dtype=torch.int32) + 1).tolist()
+
+
+@dataclass
+class RankTables:
+    """The answer's rank and score in every layer's projection, each layer's top tokens, and the rank of the
+    answer and the final layer's top tokens in every layer (`rank_grid` [L, len(shown)])."""
+
+    target: int
+    target_rank: list[int]
+    target_score: list[float]
+    layer_top: torch.Tensor
+    first_top: int | None
+    shown: list[int]
+    rank_grid: list[list[int]]
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, target: int, k: int) -> RankTables:
+        target_score = logits[:, target]
+        target_rank = answer_ranks(logits, target)
+        layer_top = logits.topk(k, dim=-1).indices
+        final_top = logits[-1].topk(k).indices.tolist()
+        shown = [target] + [i for i in final_top if i != target][: max(0, k - 1)]
+        shown_scores = logits[:, torch.tensor(shown, device=logits.device)]  # [L, S]
+        rank_grid = ((logits[:, None, :] > shown_scores[:, :, None]).sum(-1, dtype=torch.int32) + 1).tolist()
+        first_top = next((i for i, r in enumerate(target_rank) if r == 1), None)
+        return cls(target, target_rank, [float(s) for s in target_score], layer_top, first_top, shown, rank_grid)
+
+
+def head_table(chosen: list[tuple[int, int]], head_norms: torch.Tensor, token_ids: list[int], ov_ids: torch.Tensor,
+               names: TokenNames) -> list[dict[str, Any]]:
+    """Per chosen head: its output norm, which token it writes for each prompt token, and how many map to themselves."""
+    head_rows = []
+    n_ids = len(token_ids)
+    for j, (layer, head) in enumerate(chosen):
+        rows = ov_ids[j * n_ids: (j + 1) * n_ids]
+        copies = [{"token": names.one(t), "writes": names(row)} for t, row in zip(token_ids, rows)]
+        copying = float(np.mean([t in row.tolist() for t, row in zip(token_ids, rows)]))
+        head_rows.append(
+            {
+                "layer": layer,
+                "head": head,
+                "score": float(head_norms[layer, head]),
+                "copying": copying,
+                "copies": copies,
+            }
+        )
+    return head_rows
+
+
+def neighbour_map(
+    emb: torch.Tensor, row_norms: torch.Tensor, ids: list[int], nb_ids: torch.Tensor, tok: Any, dims: int
+) -> Any:
+    """A PCA scatter of the prompt's tokens and their nearest neighbours."""
+    groups = {t: [t] + [int(i) for i in row] for t, row in zip(ids, nb_ids.tolist())}
+    order = list(dict.fromkeys(i for members in groups.values() for i in members))
+    index_t = torch.tensor(order, device=emb.device)
+    points = (emb[index_t].double() / row_norms[index_t, None].double()).cpu()  # unit vectors
+    coords = pca_coords(points - points.mean(0, keepdim=True), dims)
+    if coords.shape[1] < dims:
+        coords = np.pad(coords, ((0, 0), (0, dims - coords.shape[1])))
+    index = {i: n for n, i in enumerate(order)}
+    decoded = {i: tok.decode([i]) for i in order}
+    traces = []
+    for t, members in groups.items():
+        rows = [index[i] for i in members]
+        trace: dict[str, Any] = {
+            "marker": {"size": [14] + [8] * (len(members) - 1)},
+            "mode": "markers+text",
+            "name": repr(decoded[t]),
+            "text": [decoded[i] for i in members],
+            "textposition": "top center",
+            "x": coords[rows, 0].tolist(),
+            "y": coords[rows, 1].tolist(),
+        }
+        if dims == 3:
+            trace["z"] = coords[rows, 2].tolist()
+        trace["type"] = "scatter3d" if dims == 3 else "scatter"
+        traces.append(trace)
+    return figures.figure(
+        traces,
+        title="Prompt tokens (large) and their nearest neighbours in the input embedding space (PCA)",
+        x_title="PC 1",
+        y_title="PC 2",
+        legend={"title": {"text": "token"}},
+    )

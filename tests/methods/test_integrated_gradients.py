@@ -155,6 +155,20 @@ def test_stopped_short_is_a_warning():
     assert "its share of tokens" in result.summary
 
 
+def test_estimate_counts_the_expected_doubling():
+    from knowmri.methods.integrated_gradients import ADAPTIVE_POINTS, IntegratedGradientsParams, expected_points
+
+    P = IntegratedGradientsParams
+    assert expected_points(P(steps=20, max_steps=20)) == 20  # no doubling allowed
+    assert expected_points(P(steps=20, max_steps=160)) == round(ADAPTIVE_POINTS * 20)
+    assert expected_points(P(steps=20, max_steps=40)) <= 40  # never beyond what the doubling reaches
+    assert expected_points(P(steps=20, max_steps=160, method="gausslegendre")) > expected_points(P(steps=20, max_steps=160))
+    model = tiny_model("gpt2")
+    method = get_method("integrated_gradients")
+    sample = km.Sample(prompt=FACT["prompt"], ground_truth=" Paris")
+    fixed, adaptive = (method.estimate(model, sample, P(steps=20, max_steps=m)) for m in (20, 160))
+    assert adaptive.seconds > fixed.seconds
+
 KNOWN_1000 = Path("/work/shared/data/known_1000/known_1000.json")
 
 

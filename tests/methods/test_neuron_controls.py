@@ -47,6 +47,23 @@ def test_the_generic_neuron_matters_to_every_fact_the_fact_neuron_to_its_own(gen
     assert generic_neuron["effect"] < -0.5 and generic_neuron["control_effect"] < -0.5 and generic_neuron["generic"]
 
 
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "falcon"])
+def test_edits_replayed_from_their_first_layer_equal_whole_forwards(family) -> None:
+    from knowmri.testing import tiny_model
+
+    model = tiny_model(family)
+    sample = Sample(prompt="The Eiffel Tower is located in the city of", ground_truth=" Paris")
+    fact = nc.encode_prompt(model, sample["prompt"], " Paris")
+    prompts = [fact, *nc.control_prompts(model, sample, 3)]
+    last = model.n_layers - 1
+    edits = [nc.neuron_edit([(last, 3)], 0.0), nc.neuron_edit([(0, 5)], 0.0), nc.neuron_edit([(1, 2), (last, 7)], 2.0), {}]
+    rows = [(i, edit) for edit in edits for i in range(len(prompts))][::-1]  # mixed order, unedited rows included
+    whole = nc.answer_probs(model, prompts, rows, replay=False)
+    assert nc.answer_probs(model, prompts, rows) == pytest.approx(whole, rel=1e-4, abs=1e-7)
+    replayed = nc.replayed_probs(model, prompts, rows)
+    assert replayed is None or replayed == pytest.approx(whole, rel=1e-4, abs=1e-7)
+
 def test_knowledge_neurons_rank_the_fact_neuron_and_flag_the_generic_one(generic) -> None:
     result = run("knowledge_neurons", generic.model, generic.sample, steps=8)
     f = result.findings
