@@ -18,7 +18,7 @@ from knowmri.testing import tiny_model
 pytest.importorskip("benchmarks.reproduce")
 
 from benchmarks.reproduce import common, page  # noqa: E402
-from benchmarks.reproduce.claims import CLAIMS, capability, circuits, dominance, neurons, patchscopes, tracing  # noqa: E402
+from benchmarks.reproduce.claims import CLAIMS, circuits, dominance, neurons, patchscopes, tracing  # noqa: E402
 
 FAST = {"causal_tracing": {"samples": 2}, "integrated_gradients": {"steps": 4, "max_steps": 4},
         "knowledge_neurons": {"steps": 2, "controls": 0, "paraphrases": 0},

@@ -27,7 +27,8 @@ TEMPLATE = "Question: {prompt}\nAnswer:"
 
 
 def plan(ctx: c.Ctx) -> dict[str, Any]:
-    return {"samples": ctx.n(200, 16)}
+    cap = c.MODELS.get(ctx.model, {}).get("capability")  # no resume for a localisation: sized to finish
+    return {"samples": ctx.n(200, 16) if ctx.quick or not cap else cap}
 
 
 def commands(ctx: c.Ctx) -> dict[str, list[str]]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import numpy as np
+
 from benchmarks.reproduce import common as c
 
 NAME = "neurons"
@@ -58,7 +60,9 @@ def compute(ctx: c.Ctx) -> dict[str, Any]:
         "command": c.shown(command(ctx)), "compute_seconds": c.seconds(runs),
         "neurons_per_fact": c.ci([r["neurons"] for r in measured]),
         "facts_without_neurons": len(rows) - len(measured),
-        **{k: c.ci([r[k] for r in measured]) for k in keys}, "rows": rows}
+        **{k: c.ci([r[k] for r in measured]) for k in keys},
+        "median": {k: float(np.median([r[k] for r in measured if r[k] is not None])) if measured else None
+                   for k in keys}, "rows": rows}
     result["verdict"], result["why"] = verdict(result)
     return result
 
@@ -119,5 +123,7 @@ def details(r: dict[str, Any]) -> list[str]:
             f"| the fact's neurons zeroed, on {CONTROLS} facts of other relations | "
             f"{pct(r['other_suppress'], signed=True)} | small |",
             f"| the fact's neurons doubled, on those facts | {pct(r['other_amplify'], signed=True)} | small |",
+            "", "Medians (a relative change is heavy-tailed when P(correct) starts low): "
+            + ", ".join(f"{k.replace('_', ' ')} {v:+.0%}" for k, v in r["median"].items() if v is not None) + ".",
             "", f"Neurons per fact: {num(r['neurons_per_fact'], 1)}; facts where no neuron survived the refinement "
             f"and the generic-neuron screen: {r['facts_without_neurons']} of {r['ran']}."]
