@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: The presets measured, with the dtype each runs in on CPU and the issue's fact target (ROME's tracing).
 MODELS: dict[str, dict[str, Any]] = {
     "smollm2-135m": {"title": "SmolLM2-135M", "dtype": None, "target": 100},
-    "gemma3-270m": {"title": "Gemma-3-270M", "dtype": None, "target": 100},
+    "gemma3-270m": {"title": "Gemma-3-270M", "dtype": None, "target": 100, "capability": 100},
     "qwen2.5-coder-1.5b": {"title": "Qwen2.5-Coder-1.5B", "dtype": "bfloat16", "target": 50, "capability": 48},
 }
 

@@ -57,13 +57,18 @@ def pararel(model: Any, folder: Path, want: int, out: Path, prompts: int = 3, tr
         by_relation.setdefault(s["relation_id"], []).append(s)
     queues = [list(v) for _, v in sorted(by_relation.items())]
     kept, scanned, depth = [], 0, 0
-    while len(kept) < want and any(depth < len(q) for q in queues) and depth < 40:
+    while len(kept) < want and any(depth < len(q) for q in queues) and depth < 25:
         for q in queues:
             if depth >= len(q) or len(kept) >= want:
                 continue
             s = q[depth]
             scanned += 1
-            good = [p for p in s["prompts"][:tries] if answers(model, p, s["ground_truth"])]
+            good, asked = [], s["prompts"][:tries]
+            for j, p in enumerate(asked):  # stop once 2 right answers are out of reach, or `prompts` are found
+                if len(good) + len(asked) - j < 2 or len(good) >= prompts:
+                    break
+                if answers(model, p, s["ground_truth"]):
+                    good.append(p)
             if len(good) >= 2:
                 good = good[:prompts]
                 kept.append({"prompt": good[0], "prompts": good, "ground_truth": s["ground_truth"],
