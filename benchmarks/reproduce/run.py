@@ -38,7 +38,7 @@ def prepare(ctx: c.Ctx, claims: list[str]) -> dict:
                                            ctx.n(100, 4), folder / "known_1000.json")}
     facts.prompts_only(folder / "known_1000.json", folder / "known_1000_prompts.json")
     if "neurons" in claims:
-        meta["pararel"] = facts.pararel(model, ctx.data / "pararel", ctx.n(60, 4), folder / "pararel.json")
+        meta["pararel"] = facts.pararel(model, ctx.data / "pararel", ctx.n(30, 4), folder / "pararel.json")
     meta["seconds"] = round(time.perf_counter() - start, 1)
     return meta
 

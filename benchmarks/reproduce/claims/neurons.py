@@ -27,7 +27,7 @@ CONTROLS = 5
 
 
 def plan(ctx: c.Ctx) -> dict[str, Any]:
-    return {"samples": ctx.n(50, 3), "dataset": str(ctx.dir / "facts" / "pararel.json"), "path": None}
+    return {"samples": ctx.n(30, 3), "dataset": str(ctx.dir / "facts" / "pararel.json"), "path": None}
 
 
 def command(ctx: c.Ctx) -> list[str]:
@@ -95,7 +95,7 @@ def verdict(r: dict[str, Any]) -> tuple[str, str]:
         "suppressing lowers P(correct) (CI below 0)": s["high"] < 0,
         "amplifying raises it (CI above 0)": a["low"] > 0,
         "random units change it by under 5%": abs(rnd["mean"]) < 0.05,
-        "other relations' facts move less than the fact itself": o["mean"] is None or abs(o["mean"]) < abs(s["mean"]),
+        "other relations' facts move by under 10% (small)": o["mean"] is None or abs(o["mean"]) < 0.1,
     }
     failed = [k for k, v in checks.items() if not v]
     if failed:
