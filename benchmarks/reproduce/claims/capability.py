@@ -75,6 +75,7 @@ def compute(ctx: c.Ctx) -> dict[str, Any]:
         k = min(len(s) for s in sets.values())
         out["cross_overlap"] = {**c.share(len(sets["gsm8k"] & sets["emotion"]), k)}
     out["n"] = min((d["n"] for d in out["datasets"].values()), default=0)
+    out["compute_seconds"] = round(sum(float(d["seconds"] or 0.0) for d in out["datasets"].values()), 1)
     out["verdict"], out["why"] = verdict(out)
     return out
 
