@@ -14,8 +14,9 @@ from typing import Any
 
 from knowmri.stats import mean_ci, proportion_ci
 
-DATA = Path(os.environ.get("KNOWMRI_DATA", "/work/shared/data"))
 ROOT = Path(__file__).resolve().parents[2]
+#: The real data files: `$KNOWMRI_DATA`, else the `shared/data` folder beside the repository.
+DATA = Path(os.environ.get("KNOWMRI_DATA", ROOT.parent / "shared" / "data"))
 
 #: The presets measured, with the dtype each runs in on CPU and the issue's fact target (ROME's tracing).
 MODELS: dict[str, dict[str, Any]] = {
@@ -70,8 +71,10 @@ class Ctx:
 
 
 def shown(cmd: list[str]) -> str:
-    """The command as a reader types it from the repository root (`knowmri ...`, paths inside it made relative)."""
-    return "knowmri " + " ".join(shlex.quote(c.replace(f"{ROOT}/", "")) for c in cmd)
+    """The command as a reader types it from the repository root (`knowmri ...`, paths inside it and beside it
+    made relative)."""
+    return "knowmri " + " ".join(shlex.quote(c.replace(f"{ROOT}/", "").replace(f"{ROOT.parent}/", "../"))
+                                 for c in cmd)
 
 
 def run_cli(ctx: Ctx, cmd: list[str], done: Path | None = None, timeout: float | None = None) -> dict[str, Any]:
@@ -96,6 +99,8 @@ def run_cli(ctx: Ctx, cmd: list[str], done: Path | None = None, timeout: float |
                 proc.wait()
             rc = "stopped (time budget)"
         entry.update(seconds=round(time.perf_counter() - start, 1), rc=rc)
+        if rc not in (0, "stopped (time budget)"):
+            print(f"[reproduce] failed (exit {rc}): {entry['command']}", flush=True)
     ctx.log.append(entry)
     return entry
 

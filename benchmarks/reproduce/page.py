@@ -125,7 +125,7 @@ def _head(out: Path, models: list[str], quick: bool) -> list[str]:
         "",
         "Facts: each model is asked each fact first (one forward); only the facts whose top-1 next token is the "
         "answer's first token are kept and written to `<model>/facts/`, and every run reads that file. The real "
-        "data files come from `--data` (default `$KNOWMRI_DATA`, else `/work/shared/data`: ROME's known_1000, "
+        "data files come from `--data` (default `$KNOWMRI_DATA`, else `../shared/data` beside the repository: ROME's known_1000, "
         "PARAREL, GSM8K, emotion).",
         "",
         "| model | dtype (CPU) | known_1000 facts answered top-1 | PARAREL facts kept |",

@@ -1,11 +1,11 @@
 """The runner: for each model, keep the facts it answers, run each claim's dataset runs, compute, write the page.
 
     python -m benchmarks.reproduce [--quick] [--models smollm2-135m,...] [--claims tracing,...] [--out DIR]
-                                   [--page docs/validity.md] [--page-only] [--budget SECONDS]
+                                   [--page docs/validity.md] [--page-only | --no-run] [--budget SECONDS]
 
 Everything is resumable: the fact subsets, each dataset run (`--resume`) and each claim's JSON are kept
 under `--out`; a second invocation continues where the first stopped, and `--page-only` rebuilds the page
-from the JSON files alone.
+from the JSON files alone; `--no-run` recomputes each claim from the samples saved so far.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="default benchmarks/results/reproduce (…/reproduce_quick with --quick)")
     ap.add_argument("--page", default=None, help="default docs/validity.md (the out folder's validity.md with --quick)")
     ap.add_argument("--page-only", action="store_true", help="rebuild the page from the saved claim results")
+    ap.add_argument("--no-run", action="store_true",
+                    help="recompute the claims from the samples the runs saved so far (a stopped run too), then the page")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds each dataset run may take in this session (it resumes on the next); default no limit")
     ap.add_argument("--data", default=str(c.DATA), help="the real data folder (known_1000/, pararel/, gsm8k/, emotion/)")
@@ -68,13 +70,18 @@ def main(argv: list[str] | None = None) -> None:
             ctx.dir.mkdir(parents=True, exist_ok=True)
             timing_file = ctx.dir / "timing.json"
             timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
-            try:
-                meta = prepare(ctx, claims)
-            except Exception as err:  # a model that cannot load (package missing) leaves its column "not run"
-                print(f"[reproduce] {model}: skipped, it did not load: {type(err).__name__}: {err}", flush=True)
+            if not args.no_run:
+                try:
+                    meta = prepare(ctx, claims)
+                except Exception as err:  # a model that cannot load (package missing) leaves its column "not run"
+                    print(f"[reproduce] {model}: skipped, it did not load: {type(err).__name__}: {err}", flush=True)
+                    continue
+                meta_file = ctx.dir / "facts.json"  # a run of some claims keeps the other subsets' record
+                old = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+                meta_file.write_text(json.dumps({**old, **meta}, indent=1) + "\n")
+            elif not (ctx.dir / "runs").is_dir():
                 continue
-            (ctx.dir / "facts.json").write_text(json.dumps(meta, indent=1) + "\n")
-            for name in sorted(claims, key=ORDER.index):  # cheapest first, tracing (the slowest) last
+            for name in sorted(claims, key=ORDER.index) if not args.no_run else []:  # cheapest first, tracing last
                 start = time.perf_counter()
                 CLAIMS[name].run(ctx)
                 timing[name] = round(timing.get(name, 0.0) + time.perf_counter() - start, 1)
@@ -83,5 +90,6 @@ def main(argv: list[str] | None = None) -> None:
                 result = CLAIMS[name].compute(ctx)
                 c.save(ctx, name, result)
                 print(f"[reproduce] {model} {name}: n={result.get('n')} {result.get('verdict')}", flush=True)
-    page.write(out, page_path, models, claims, quick=args.quick)
+    shown_models = list(dict.fromkeys([*c.MODELS, *models]))  # the page shows every model and claim measured so far
+    page.write(out, page_path, shown_models, list(CLAIMS), quick=args.quick)
     print(f"[reproduce] wrote {page_path}")
