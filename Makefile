@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.knowmri-installed
 TORCH_CPU := torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,docs
 
 .PHONY: setup demo test lint bench serve clean docs wheel wheel-check examples reproduce reproduce-quick reproduce-setup
 
