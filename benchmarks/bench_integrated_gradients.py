@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 from _harness import allclose, alternate, parser, print_rows, row, setup, tolerance, write_result  # noqa: E402
 
-from knowmri.methods.integrated_gradients import input_embedding_module, integrated_gradients  # noqa: E402
+from knowmri.methods.ig_engine import input_embedding_module, integrated_gradients  # noqa: E402
 
 PROMPT = "The Eiffel Tower is located in the city of"
 

@@ -9,7 +9,8 @@ import torch
 
 import knowmri as km
 from knowmri.methods.base import RunContext, get_method
-from knowmri.methods.integrated_gradients import CACHE_KEY, input_embedding_module, integrated_gradients, quadrature
+from knowmri.methods.ig_engine import input_embedding_module, integrated_gradients, quadrature
+from knowmri.methods.integrated_gradients import CACHE_KEY
 from knowmri.testing import tiny_model
 
 FACT = km.Sample(prompt="The Eiffel Tower is located in the city of", ground_truth=" Paris France",
@@ -199,7 +200,7 @@ def test_smollm2_eiffel_subject_dominates(smollm2):
 def test_several_inputs_together_equal_one_at_a_time():
     """`integrated_gradients_many` (a dataset run's batches): each input's steps, points and attributions are its own."""
     from knowmri.methods.common import prepare
-    from knowmri.methods.integrated_gradients import PathIntegral, compute_together, integrated_gradients_many
+    from knowmri.methods.ig_engine import PathIntegral, compute_together, integrated_gradients_many
 
     model = tiny_model("llama")
     facts = km.load_dataset("known_1000")

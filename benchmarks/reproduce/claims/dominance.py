@@ -29,13 +29,11 @@ def plan(ctx: c.Ctx) -> dict[str, Any]:
 
 
 def command(ctx: c.Ctx) -> list[str]:
-    p = plan(ctx)
-    return c.diagnose_cmd(ctx, NAME, p["dataset"], p["path"], p["samples"], METHOD)
+    return c.diagnose_cmd(ctx, NAME, methods=METHOD, **plan(ctx))
 
 
 def run(ctx: c.Ctx) -> None:
-    p = plan(ctx)
-    c.run_diagnose(ctx, NAME, p["dataset"], p["path"], p["samples"], METHOD, timeout=ctx.budget)
+    c.run_diagnose(ctx, NAME, methods=METHOD, timeout=ctx.budget, **plan(ctx))
 
 
 def dominance(scores: list[dict[str, Any]], start: int, stop: int) -> tuple[float, float, float] | None:

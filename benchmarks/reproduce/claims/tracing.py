@@ -30,13 +30,11 @@ def plan(ctx: c.Ctx) -> dict[str, Any]:
 
 
 def command(ctx: c.Ctx) -> list[str]:
-    p = plan(ctx)
-    return c.diagnose_cmd(ctx, NAME, p["dataset"], p["path"], p["samples"], METHOD)
+    return c.diagnose_cmd(ctx, NAME, methods=METHOD, **plan(ctx))
 
 
 def run(ctx: c.Ctx) -> None:
-    p = plan(ctx)
-    c.run_diagnose(ctx, NAME, p["dataset"], p["path"], p["samples"], METHOD, timeout=2 * ctx.budget if ctx.budget else None)  # the headline row gets twice the time
+    c.run_diagnose(ctx, NAME, methods=METHOD, timeout=2 * ctx.budget if ctx.budget else None, **plan(ctx))  # the headline row gets twice the time
 
 
 def compute(ctx: c.Ctx) -> dict[str, Any]:
