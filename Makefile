@@ -83,8 +83,11 @@ $(REPRODUCE_STAMP): $(STAMP)
 
 reproduce-setup: $(REPRODUCE_STAMP)
 
+# Dataset runs deal their records over REPRODUCE_PROCESSES CPU processes (Accelerate; one thread each).
+REPRODUCE_PROCESSES ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+
 reproduce: reproduce-setup
-	OMP_NUM_THREADS=1 $(PY) -m benchmarks.reproduce $(REPRODUCE_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.reproduce --processes $(REPRODUCE_PROCESSES) $(REPRODUCE_ARGS)
 
 reproduce-quick: reproduce-setup
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.reproduce --quick $(REPRODUCE_ARGS)

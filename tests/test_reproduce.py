@@ -80,3 +80,10 @@ def test_page_renders_every_row(saved: tuple[common.Ctx, Path], tmp_path: Path) 
         assert f"## {mod.TITLE}" in text
     assert "n=3 of 4 targeted" in text  # known_1000 rows: 3 facts run, 4 targeted under --quick
     assert "knowmri diagnose --model tiny" in text and "## How long each model took" in text
+
+
+def test_data_parallel_runs_use_accelerate_cpu_processes() -> None:
+    assert common.launcher(1)[1:] == ["-m", "knowmri"]
+    cmd = common.launcher(2)
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" in cmd and "--cpu" not in cmd
+    assert cmd[cmd.index("--num_processes") + 1] == "2" and cmd[-2:] == ["-m", "knowmri"]

@@ -35,6 +35,7 @@ class Ctx:
     quick: bool = False
     data: Path = DATA
     budget: float | None = None  # seconds each run may take in this session (it resumes later); None: no limit
+    processes: int = 1  # CPU processes per dataset run (Accelerate's data-parallel launch), one torch thread each
     log: list[dict[str, Any]] = field(default_factory=list)
     _model: Any = None
 
@@ -77,17 +78,28 @@ def shown(cmd: list[str]) -> str:
                                  for c in cmd)
 
 
-def run_cli(ctx: Ctx, cmd: list[str], done: Path | None = None, timeout: float | None = None) -> dict[str, Any]:
+def launcher(processes: int) -> list[str]:
+    """What runs `knowmri`: Python itself, or Accelerate's data-parallel launch of `processes` CPU processes
+    (gloo; `accelerate launch --cpu` would start one process only, see docs/datasets.md)."""
+    if processes <= 1:
+        return [sys.executable, "-m", "knowmri"]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_cpu_threads_per_process", os.environ.get("OMP_NUM_THREADS", "1"), "-m", "knowmri"]
+
+
+def run_cli(ctx: Ctx, cmd: list[str], done: Path | None = None, timeout: float | None = None,
+            processes: int = 1) -> dict[str, Any]:
     """Run `knowmri CMD` in a child process (one torch thread) unless `done` exists; log what ran and how long.
 
     With `timeout`, the child is stopped after that many seconds: a dataset run keeps the samples it saved
-    and the next session resumes it."""
-    entry = {"command": shown(cmd), "seconds": 0.0, "rc": 0}
+    and the next session resumes it. With `processes` > 1, a dataset run's records are dealt over that many
+    CPU processes (`--device cpu` under Accelerate's launch); the report is the one process's."""
+    entry = {"command": shown(cmd), "seconds": 0.0, "rc": 0, "processes": processes}
     if done is None or not done.exists():
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", "1")}
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "knowmri", *cmd], env=env)
+        proc = subprocess.Popen([*launcher(processes), *cmd, *(["--device", "cpu"] if processes > 1 else [])], env=env)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -121,7 +133,7 @@ def run_diagnose(ctx: Ctx, name: str, dataset: str, path: Path | None, samples: 
                  params: list[str] = (), timeout: float | None = None) -> dict[str, Any]:
     """Run (or resume, or just find finished) one dataset run; returns the log entry."""
     cmd = diagnose_cmd(ctx, name, dataset, path, samples, methods, params)
-    return run_cli(ctx, cmd, done=ctx.run_dir(name) / "report.json", timeout=timeout)
+    return run_cli(ctx, cmd, done=ctx.run_dir(name) / "report.json", timeout=timeout, processes=ctx.processes)
 
 
 def samples(run_dir: Path) -> list[dict[str, Any]]:

