@@ -1,8 +1,8 @@
 """Causal tracing (Meng et al. 2022, ROME): corrupt the subject, restore one clean state at a time,
 and see which (token, layer) states bring the answer back.
 
-The subject tokens' embeddings get Gaussian noise (`noise` x the std of the token-embedding
-matrix's entries; ROME uses 3 x the std of subject-token embeddings), `samples` draws with a
+The subject tokens' embeddings get Gaussian noise (`noise` x the std of the token embeddings as the
+embedding module outputs them, scale included; ROME uses 3 x the std of subject-token embeddings), `samples` draws with a
 fixed seed shared by every cell. For every token and layer, the clean hidden state (the block's
 output), or the clean MLP / attention output over a `window` of layers centred like ROME (by default
 scaled to depth as ROME's 10 of 48 layers), is put back into the corrupted run; the score is
@@ -36,8 +36,9 @@ from knowmri.hooks import expert_site, site
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
 from knowmri.methods.common import prepare
 from knowmri.methods.expert_tracing import expert_findings, trace_experts
-from knowmri.methods.tracing_engine import auto_window, embedding_std, subject_noise, trace
+from knowmri.methods.tracing_engine import auto_window, subject_noise, trace
 from knowmri.methods.tracing_evidence import Evidence
+from knowmri.methods.weight_cache import embedding_std
 from knowmri.report import figures
 from knowmri.sample import Sample
 from knowmri.stats import LEVEL
@@ -51,8 +52,8 @@ _SITES = {"mlp": "mlp.out", "attn": "attn.out", "hidden": "resid_post"}  # hook 
 
 @dataclass
 class CausalTracingParams(Params):
-    noise: float = field(default=3.0, metadata={"help": "noise std, in units of the std of the token-embedding "
-                                                        "matrix's entries (ROME: 3)"})
+    noise: float = field(default=3.0, metadata={"help": "noise std, in units of the std of the token embeddings "
+                                                        "as the embedding outputs them (ROME: 3)"})
     samples: int = field(default=10, metadata={"help": "noise samples averaged per cell"})
     window: int = field(default=0, metadata={"help": "layers restored around each layer for MLP and attention; "
                                                      "0: scaled to depth like ROME's 10 of 48, round(L x 10/48)"})

@@ -32,6 +32,7 @@ import torch
 
 from knowmri.hooks import Hooks
 from knowmri.methods.circuits_engine import forward_logits
+from knowmri.methods.weight_cache import embedding_std
 
 #: Well-known subjects of several kinds, to swap for the sample's subject (same token length).
 SUBJECTS: tuple[str, ...] = (
@@ -167,10 +168,11 @@ def counterfactual(model: Any, prompt: str, subject: str, clean_ids: list[int], 
 @torch.no_grad()
 def noise(model: Any, clean: torch.Tensor, positions: list[int], scale: float, seed: int, answer: int,
           contrast: int | None = None) -> Corruption:
-    """Gaussian noise (`scale` x the embedding std) on the token embeddings at `positions`; the contrast
+    """Gaussian noise (`scale` x the std of the embedding module's output, `weight_cache.embedding_std`) on
+    the token embeddings at `positions`; the contrast
     answer is `contrast`, else the noised run's most likely real word other than the answer."""
     gen = torch.Generator().manual_seed(seed)
-    std = float(model.embed_module.weight.detach().float().std())
+    std = embedding_std(model)
     delta = torch.randn(len(positions), model.d_model, generator=gen) * scale * std
     with Hooks(model) as h:
         h.add("embed", delta, positions=positions)

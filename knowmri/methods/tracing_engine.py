@@ -41,22 +41,6 @@ from knowmri.sample import Span
 KIND_SITES = {"hidden": "resid_post", "mlp": "mlp.out", "attn": "attn.out"}
 
 
-def embedding_std(model: Any) -> float:
-    """The standard deviation of the token-embedding matrix's entries (the noise unit).
-
-    ROME measures the std of the embeddings of a body of subject tokens; the whole embedding
-    matrix is a sample-independent, deterministic stand-in (computed in chunks, in float64).
-    """
-    weight = model.embed_module.weight
-    total = total_sq = 0.0
-    for chunk in weight.detach().split(8192):
-        c = chunk.double()
-        total += float(c.sum())
-        total_sq += float((c * c).sum())
-    n = weight.numel()
-    return max(total_sq / n - (total / n) ** 2, 0.0) ** 0.5 * (n / max(n - 1, 1)) ** 0.5
-
-
 def subject_noise(model: Any, samples: int, n_tokens: int, scale: float, seed: int) -> torch.Tensor:
     """[samples, n_tokens, d_model] Gaussian noise of std `scale`, the same for every cell (fixed seed)."""
     gen = torch.Generator().manual_seed(seed)

@@ -46,6 +46,31 @@ def row_norms(weight: torch.Tensor) -> torch.Tensor:
     return weight_derived(weight, "row_norms", lambda w: torch.linalg.vector_norm(w, dim=-1, dtype=torch.float32))
 
 
+def embedding_std(model: Any) -> float:
+    """The standard deviation of the token embeddings' entries as the embedding module outputs them (the
+    noise unit of causal tracing and noise corruptions), over the whole vocabulary.
+
+    ROME measures the std of the embeddings of a body of subject tokens; the whole vocabulary is a
+    sample-independent, deterministic stand-in (computed in chunks, in float64). It is read from the
+    module's output, not its weight, because the noise is added to that output: Gemma's embedding scales
+    its rows by sqrt(d_model) (about 25x for Gemma-3-270M), so the weight's std would make the noise that
+    much too weak to corrupt the subject.
+    """
+    module = model.embed_module
+
+    def std(weight: torch.Tensor) -> float:
+        total = total_sq = 0.0
+        for start in range(0, weight.shape[0], 8192):
+            ids = torch.arange(start, min(start + 8192, weight.shape[0]), device=weight.device)
+            c = module(ids).double()
+            total += float(c.sum())
+            total_sq += float((c * c).sum())
+        n = weight.numel()
+        return max(total_sq / n - (total / n) ** 2, 0.0) ** 0.5 * (n / max(n - 1, 1)) ** 0.5
+
+    return weight_derived(module.weight, "embedding_std", std)
+
+
 def clear() -> None:
     """Forget every derived value (the next use computes it again, as in a fresh process)."""
     _DERIVED.clear()

@@ -16,7 +16,8 @@ import torch
 
 from knowmri.hooks import Hooks, site
 from knowmri.methods.common import prepare
-from knowmri.methods.tracing_engine import KIND_SITES, embedding_std, subject_noise, window_layers
+from knowmri.methods.tracing_engine import KIND_SITES, subject_noise, window_layers
+from knowmri.methods.weight_cache import embedding_std
 from knowmri.sample import Sample, Span
 
 

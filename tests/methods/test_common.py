@@ -169,3 +169,16 @@ def test_clean_passes_of_a_batch_fill_each_sample_cache_with_its_own_pass():
         torch.testing.assert_close(cached.heads[:, rows], fresh.heads, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(cached.logits[rows], fresh.logits, rtol=1e-5, atol=1e-5)
         assert clean_pass(model, enc, ctx, positions=range(enc.input_ids.shape[1])) is cached
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma", "gemma3"])
+def test_embedding_std_is_that_of_the_module_output(family):
+    """The noise unit is the std of what the embedding module outputs (where the noise is added): Gemma
+    scales its rows by sqrt(d_model), and the weight's std would make the noise that much too weak."""
+    from knowmri.methods.weight_cache import embedding_std
+
+    model = tiny_model(family)
+    weight = model.embed_module.weight.detach().double()
+    scale = float(getattr(model.embed_module, "embed_scale", 1.0))
+    assert (scale > 1) == family.startswith("gemma")
+    assert embedding_std(model) == pytest.approx(scale * float(weight.std()), rel=1e-4)
