@@ -1,6 +1,6 @@
 """Benchmark: knowmri's batched Patchscopes decoding (Ghandeharioun et al. 2024) against
 
-- the straightforward per-layer loop (`knowmri.methods.patchscopes.decode_per_layer`: for each source
+- the straightforward per-layer loop (`knowmri.methods.patchscope_engine.decode_per_layer`: for each source
   layer, re-run the patched target prompt at every greedy step, no cache), and
 - a per-layer loop that already uses a KV cache and the shared target prefix (the batched code run
   one layer at a time), which isolates what batching the layers adds.
@@ -41,7 +41,8 @@ from _harness import (  # noqa: E402
 )
 
 from knowmri.hooks import Hooks, site  # noqa: E402
-from knowmri.methods.patchscopes import IDENTITY_PROMPT, decode_batched, decode_per_layer, target_ids  # noqa: E402
+from knowmri.methods.patchscope_engine import decode_batched, decode_per_layer, target_ids  # noqa: E402
+from knowmri.methods.patchscopes import IDENTITY_PROMPT  # noqa: E402
 
 
 def source_states(model: Any, prompt: str, subject: str) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 
 import knowmri as km
 from knowmri.methods.base import RunContext, get_method
-from knowmri.methods.patchscopes import first_line, is_echo, names_entity
+from knowmri.methods.patchscope_text import first_line, is_echo, names_entity
 
 
 def run(model, name, sample):

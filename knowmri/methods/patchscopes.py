@@ -8,12 +8,12 @@ name) then runs once as a batch of n_layers rows: row l has the source's layer-l
 placeholder's layer-l output (or over a fixed target layer). The target tokens before the patched position
 cannot see the patch, so they run once and their KV cache is shared by all rows; the patched pass fills the
 cache and greedy decoding goes on from it, all rows at once. Since the patch touches only a prompt
-position, this equals re-running the patched prompt at every step (`decode_per_layer`, the straightforward
-loop, kept as the reference for tests and benchmarks).
+position, this equals re-running the patched prompt at every step (`patchscope_engine.decode_per_layer`,
+the straightforward loop, kept as the reference for tests and benchmarks).
 
 A decode counts as naming the subject only when its first line names a word of the subject that the source
 token's own text does not contain (`names_entity`): the source state of " Islands" decoding to "Islands" is
-an echo of the token (`is_echo`), not evidence that "Marshall Islands" was resolved.
+an echo of the token (`is_echo`; both in `patchscope_text`), not evidence that "Marshall Islands" was resolved.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import torch
 from knowmri.hooks import Hooks, site
 from knowmri.methods.base import Estimate, Method, MethodResult, Params, RunContext, register_method
 from knowmri.methods.common import prepare
+from knowmri.methods.patchscope_engine import decode_batched, target_ids
+from knowmri.methods.patchscope_text import entity_words, expected_tokens, first_line, is_echo, mentions, names_entity
 from knowmri.models.attention import uses_short_attention
 from knowmri.report import figures
 from knowmri.sample import Sample
@@ -71,161 +73,10 @@ class PatchscopesParams(Params):
             raise ValueError("target_layer must be 'same' or a layer number")
 
 
-def target_ids(model: Any, text: str) -> tuple[list[int], str]:
-    """The target prompt's token ids and the text used; words the tokenizer cannot represent are dropped."""
-    tok = model.tokenizer
-    ids = list(tok(text, add_special_tokens=True)["input_ids"])
-    unk = tok.unk_token_id
-    if unk is None or unk not in ids:
-        return ids, text
-    pieces = re.findall(r"\w+|[^\w\s]+", text)
-    known = [p for p in pieces if unk not in tok(p, add_special_tokens=False)["input_ids"]]
-    if not known:
-        return ids, text
-    cleaned = " ".join(known)
-    return list(tok(cleaned, add_special_tokens=True)["input_ids"]), cleaned
-
-
 def _position(index: int, length: int, what: str) -> int:
     if not -length <= index < length:
         raise ValueError(f"{what} {index} is out of range for {length} tokens")
     return index % length
-
-
-def _patch(h: Hooks, states: torch.Tensor, position: int, target_layer: int | None) -> None:
-    """Row l of the batch gets states[l] at `position`: at layer l (target_layer None) or at target_layer."""
-    if target_layer is None:
-        for layer in range(states.shape[0]):
-            h.replace(site(layer, "resid_post"), states[layer], rows=[layer], positions=[position])
-    else:
-        h.replace(site(target_layer, "resid_post"), states[:, None, :], positions=[position])
-
-
-def _forward(model: Any, past: Any = None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-    """Last-position logits and the KV cache of an HF forward that continues `past`.
-
-    Logits are computed only at the last position where the model allows it (`Model.run`'s `keep`).
-    """
-    out = model.run(**kwargs, keep=1, cache=past, use_cache=True)
-    return out.logits[:, -1].float(), model.output_cache(out)
-
-
-@torch.inference_mode()
-def decode_batched(
-    model: Any, states: torch.Tensor, ids: list[int], position: int, target_layer: int | None, steps: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy tokens [rows, steps] and next-token distributions [rows, steps, vocab], all rows at once.
-
-    The target tokens before `position` do not see the patch (causal attention), so they run once and
-    their KV cache is shared by every row; only the tokens from `position` on run per row.
-    """
-    rows = states.shape[0]
-    device = model.device
-    past = None
-    if position > 0:
-        prefix = torch.tensor([ids[:position]], device=device)
-        _, past = _forward(model, input_ids=prefix, attention_mask=torch.ones_like(prefix))
-        past.batch_repeat_interleave(rows)
-    mask = torch.ones(rows, len(ids), dtype=torch.long, device=device)
-    with Hooks(model) as h:
-        _patch(h, states, 0, target_layer)
-        rest = torch.tensor([ids[position:]], device=device).repeat(rows, 1)
-        logits, past = _forward(model, past, input_ids=rest, attention_mask=mask)
-    tokens, probs = [], []
-    for step in range(steps):
-        p = logits.softmax(-1)
-        nxt = p.argmax(-1)
-        tokens.append(nxt)
-        probs.append(p)
-        if step + 1 == steps:
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits, past = _forward(model, past, input_ids=nxt[:, None], attention_mask=mask)
-    return torch.stack(tokens, 1), torch.stack(probs, 1)
-
-
-@torch.inference_mode()
-def decode_per_layer(
-    model: Any, states: torch.Tensor, ids: list[int], position: int, target_layer: int | None, steps: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The straightforward loop (reference): for each layer, re-run the patched target at every step, no cache."""
-    all_tokens, all_probs = [], []
-    for layer in range(states.shape[0]):
-        seq = list(ids)
-        tokens, probs = [], []
-        for _ in range(steps):
-            with Hooks(model) as h:
-                tl = layer if target_layer is None else target_layer
-                h.replace(site(tl, "resid_post"), states[layer], positions=[position])
-                logits = model.forward(
-                    input_ids=torch.tensor([seq], device=model.device),
-                    attention_mask=torch.ones(1, len(seq), dtype=torch.long, device=model.device),
-                )
-            p = logits[0, -1].float().softmax(-1)
-            tokens.append(p.argmax())
-            probs.append(p)
-            seq.append(int(p.argmax()))
-        all_tokens.append(torch.stack(tokens))
-        all_probs.append(torch.stack(probs))
-    return torch.stack(all_tokens), torch.stack(all_probs)
-
-
-def expected_tokens(model: Any, text: str) -> list[int]:
-    """The first token of each word of `text`, with and without a leading space (what decoding may produce)."""
-    words = re.findall(r"\w+", text) or [text.strip()]
-    tok = model.tokenizer
-    ids = {
-        tok(form, add_special_tokens=False)["input_ids"][:1][0]
-        for w in words
-        for form in (w, " " + w)
-        if tok(form, add_special_tokens=False)["input_ids"]
-    }
-    return sorted(ids - set(tok.all_special_ids)) or sorted(ids)
-
-
-def mentions(text: str, reference: str) -> bool:
-    """Whether decoded `text` names `reference`: one of its words (3+ characters, or the whole of it) appears."""
-    words = [w for w in re.findall(r"\w+", reference.lower()) if len(w) >= 3] or [reference.strip().lower()]
-    low = text.lower()
-    return any(w and re.search(rf"(?<!\w){re.escape(w)}", low) for w in words)
-
-
-def words(text: str) -> list[str]:
-    """The lower-cased words of `text` with 3+ characters (shorter ones are too common to name anything)."""
-    return [w for w in re.findall(r"\w+", text.lower()) if len(w) >= 3]
-
-
-def first_line(text: str) -> str:
-    """The decode's first non-empty line: the description; later lines are the model inventing more examples."""
-    return next((line for line in text.split("\n") if line.strip()), "")
-
-
-def entity_words(reference: str, source_token: str, target_prompt: str = "") -> list[str]:
-    """The words of `reference` a decode must name to show more than the source token: words that the source
-    token's text does not contain (" Islands" contains "islands") and that the target prompt does not offer."""
-    own = source_token.strip().lower()
-    offered = set(words(target_prompt))
-    return [w for w in dict.fromkeys(words(reference)) if w not in own and w not in offered]
-
-
-def _names_word(text: str, word: str) -> bool:
-    return re.search(rf"(?<!\w){re.escape(word)}(?:'?s)?(?!\w)", text.lower()) is not None
-
-
-def names_entity(decoded: str, reference: str, source_token: str, target_prompt: str = "") -> bool:
-    """Whether the decode's first line names `reference` beyond the source token's own text: it contains a
-    whole word of `reference` (plural or possessive allowed) from `entity_words`."""
-    line = first_line(decoded)
-    return any(_names_word(line, w) for w in entity_words(reference, source_token, target_prompt))
-
-
-def is_echo(decoded: str, reference: str, source_token: str, target_prompt: str = "") -> bool:
-    """Whether the decode's first line only repeats the source token's text: a word there starts with the
-    token's text but no word of `reference` beyond it is named (`names_entity` is False)."""
-    own = source_token.strip().lower()
-    line = first_line(decoded).lower()
-    starts_a_word = own and re.search(rf"(?<!\w){re.escape(own)}", line) is not None
-    return bool(starts_a_word) and not names_entity(decoded, reference, source_token, target_prompt)
 
 
 @register_method

@@ -11,17 +11,9 @@ import torch
 import knowmri as km
 from knowmri.hooks import Hooks, site
 from knowmri.methods.base import RunContext, get_method
-from knowmri.methods.patchscopes import (
-    ENTITY_PROMPT,
-    IDENTITY_PROMPT,
-    decode_batched,
-    decode_per_layer,
-    entity_words,
-    is_echo,
-    mentions,
-    names_entity,
-    target_ids,
-)
+from knowmri.methods.patchscope_engine import decode_batched, decode_per_layer, target_ids
+from knowmri.methods.patchscope_text import entity_words, is_echo, mentions, names_entity
+from knowmri.methods.patchscopes import ENTITY_PROMPT, IDENTITY_PROMPT
 from knowmri.testing import FAMILIES, tiny_model
 from knowmri.testing.tiny import kind_of
 
