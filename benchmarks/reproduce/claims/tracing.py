@@ -96,8 +96,8 @@ def verdict(r: dict[str, Any]) -> tuple[str, str]:
                 "every qualitative pattern holds" + ("" if close else "; the magnitudes differ from GPT-2 XL's "
                                                      "(another model and size), so only the shape is compared"))
     if len(failed) <= 2:
-        return "partly reproduced", "holds except: " + "; ".join(failed)
-    return "not reproduced", "fails: " + "; ".join(failed)
+        return "partly reproduced", "the rest holds; not true here: " + "; ".join(failed)
+    return "not reproduced", "not true here: " + "; ".join(failed)
 
 
 def cell(r: dict[str, Any]) -> str:
