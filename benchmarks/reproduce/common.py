@@ -71,6 +71,11 @@ class Ctx:
         return ["--model", self.model, *(["--dtype", self.dtype] if self.dtype else [])]
 
 
+def not_true(failed: list[str], checks: int) -> str:
+    """A verdict's reason when some of a claim's `checks` failed: the ones that failed, named as not true here."""
+    return ("the rest holds; " if len(failed) < checks else "") + "not true here: " + "; ".join(failed)
+
+
 def shown(cmd: list[str]) -> str:
     """The command as a reader types it from the repository root (`knowmri ...`, paths inside it and beside it
     made relative)."""

@@ -26,9 +26,9 @@ def expected_tokens(model: Any, text: str) -> list[int]:
 
 def mentions(text: str, reference: str) -> bool:
     """Whether decoded `text` names `reference`: one of its words (3+ characters, or the whole of it) appears."""
-    words = [w for w in re.findall(r"\w+", reference.lower()) if len(w) >= 3] or [reference.strip().lower()]
+    named = words(reference) or [reference.strip().lower()]
     low = text.lower()
-    return any(w and re.search(rf"(?<!\w){re.escape(w)}", low) for w in words)
+    return any(w and re.search(rf"(?<!\w){re.escape(w)}", low) for w in named)
 
 
 def words(text: str) -> list[str]:

@@ -97,8 +97,7 @@ def verdict(r: dict[str, Any]) -> tuple[str, str]:
     }
     failed = [k for k, v in checks.items() if not v]
     if failed:
-        return ("partly reproduced" if len(failed) <= 1 else "not reproduced"), (
-            "the rest holds; " if len(failed) < len(checks) else "") + "not true here: " + "; ".join(failed)
+        return ("partly reproduced" if len(failed) <= 1 else "not reproduced"), c.not_true(failed, len(checks))
     near = s["low"] <= -0.29 <= s["high"] and a["low"] <= 0.31 <= a["high"]
     return ("reproduced" if near else "reproduced in shape",
             "every direction holds" + ("" if near else f"; the sizes differ from BERT-base's (suppress "

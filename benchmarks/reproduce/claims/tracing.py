@@ -95,9 +95,7 @@ def verdict(r: dict[str, Any]) -> tuple[str, str]:
         return ("reproduced" if close else "reproduced in shape",
                 "every qualitative pattern holds" + ("" if close else "; the magnitudes differ from GPT-2 XL's "
                                                      "(another model and size), so only the shape is compared"))
-    if len(failed) <= 2:
-        return "partly reproduced", "the rest holds; not true here: " + "; ".join(failed)
-    return "not reproduced", "not true here: " + "; ".join(failed)
+    return ("partly reproduced" if len(failed) <= 2 else "not reproduced"), c.not_true(failed, len(checks))
 
 
 def cell(r: dict[str, Any]) -> str:
